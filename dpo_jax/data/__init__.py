@@ -1,0 +1,1 @@
+"""Preference data: row formats, tokenization, the grain pipeline, the synthetic world."""

@@ -1,0 +1,1 @@
+"""Flax NNX decoder models, Hugging Face checkpoint import/export, sampling."""

@@ -1,0 +1,1 @@
+"""Launchers: sweeps, TPU pods, GPU clusters, aggregation of runs."""
