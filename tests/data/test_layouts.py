@@ -1,0 +1,205 @@
+"""Batch layouts: hand-made examples, cross-layout equivalence, the attention rule, errors."""
+
+import collections
+
+import numpy as np
+import pytest
+
+from dpo_jax.data import layouts as L
+
+PAIR = {
+    "prompt_ids": np.array([5, 6, 7], np.int32),
+    "chosen_ids": np.array([8, 9], np.int32),
+    "rejected_ids": np.array([10, 11, 12], np.int32),
+}
+
+
+def _pair(prompt, chosen, rejected):
+    return {
+        "prompt_ids": np.asarray(prompt, np.int32),
+        "chosen_ids": np.asarray(chosen, np.int32),
+        "rejected_ids": np.asarray(rejected, np.int32),
+    }
+
+
+def _random_pairs(n, seed=0):
+    rng = np.random.default_rng(seed)
+    draw = lambda lo, hi: rng.integers(1, 100, rng.integers(lo, hi)).astype(np.int32)  # noqa: E731
+    return [_pair(draw(1, 7), draw(1, 6), draw(1, 6)) for _ in range(n)]
+
+
+def _check_dtypes(batch, rows, length, pairs):
+    assert set(batch) == set(L.BATCH_KEYS)
+    for key in L.BATCH_KEYS[:-1]:
+        assert batch[key].shape == (rows, length), key
+        assert batch[key].dtype == (np.float32 if key == "loss_mask_BxT" else np.int32), key
+    assert batch["pair_mask_P"].shape == (pairs,) and batch["pair_mask_P"].dtype == np.float32
+
+
+def test_standard_layout_by_hand():
+    batch = L.standard_batch([PAIR], num_pairs=2, buckets=(4, 8, 16))
+    _check_dtypes(batch, 4, 8, 2)
+    z = [0] * 8
+    np.testing.assert_array_equal(batch["tokens_BxT"], [[5, 6, 7, 8, 9, 0, 0, 0], z, [5, 6, 7, 10, 11, 12, 0, 0], z])
+    np.testing.assert_array_equal(batch["positions_BxT"][0], [0, 1, 2, 3, 4, 0, 0, 0])
+    np.testing.assert_array_equal(batch["positions_BxT"][2], [0, 1, 2, 3, 4, 5, 0, 0])
+    np.testing.assert_array_equal(batch["segment_ids_BxT"], [[1] * 5 + [0] * 3, z, [1] * 6 + [0] * 2, z])
+    np.testing.assert_array_equal(batch["branch_ids_BxT"], [[0, 0, 1, 1, 1, 0, 0, 0], z, [0, 0, 2, 2, 2, 2, 0, 0], z])
+    np.testing.assert_array_equal(batch["targets_BxT"], [[6, 7, 8, 9, 0, 0, 0, 0], z, [6, 7, 10, 11, 12, 0, 0, 0], z])
+    np.testing.assert_array_equal(batch["loss_mask_BxT"], [[0, 0, 1, 1, 0, 0, 0, 0], z, [0, 0, 1, 1, 1, 0, 0, 0], z])
+    np.testing.assert_array_equal(batch["pair_mask_P"], [1, 0])
+
+
+def test_prefix_layout_by_hand():
+    batch = L.prefix_batch([PAIR, PAIR], num_pairs=2, buckets=(4, 16))
+    _check_dtypes(batch, 2, 16, 2)
+    pad = [0] * 7
+    np.testing.assert_array_equal(batch["tokens_BxT"][1], [5, 6, 7, 8, 9, 7, 10, 11, 12] + pad)
+    np.testing.assert_array_equal(batch["positions_BxT"][1], [0, 1, 2, 3, 4, 2, 3, 4, 5] + pad)
+    np.testing.assert_array_equal(batch["branch_ids_BxT"][1], [0, 0, 1, 1, 1, 2, 2, 2, 2] + pad)
+    np.testing.assert_array_equal(batch["targets_BxT"][1], [6, 7, 8, 9, 0, 10, 11, 12, 0] + pad)
+    np.testing.assert_array_equal(batch["loss_mask_BxT"][1], [0, 0, 1, 1, 0, 1, 1, 1, 0] + pad)
+    np.testing.assert_array_equal(batch["segment_ids_BxT"][1], [1] * 9 + pad)
+    np.testing.assert_array_equal(batch["pair_ids_BxT"][1], [1] * 9 + pad)
+    np.testing.assert_array_equal(batch["pair_mask_P"], [1, 1])
+
+
+def test_packed_layout_by_hand():
+    short = _pair([3], [4], [5, 6])  # segments of length 2 and 3
+    # First-fit into 2 rows of 8: PAIR's chosen (5) -> row 0, its rejected (6) -> row 1, short's
+    # chosen (2) -> row 0 (1 left), short's rejected (3) fits nowhere: the pair does not fit.
+    with pytest.raises(ValueError, match="example 1"):
+        L.packed_batch([PAIR, short], num_pairs=3, num_rows=2, row_length=8)
+    # Rows of 9: short's rejected goes to row 1 (3 left there).
+    batch = L.packed_batch([PAIR, short], num_pairs=3, num_rows=2, row_length=9)
+    np.testing.assert_array_equal(batch["tokens_BxT"], [[5, 6, 7, 8, 9, 3, 4, 0, 0], [5, 6, 7, 10, 11, 12, 3, 5, 6]])
+    np.testing.assert_array_equal(batch["segment_ids_BxT"], [[1, 1, 1, 1, 1, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 2, 2, 2]])
+    np.testing.assert_array_equal(batch["positions_BxT"], [[0, 1, 2, 3, 4, 0, 1, 0, 0], [0, 1, 2, 3, 4, 5, 0, 1, 2]])
+    np.testing.assert_array_equal(batch["branch_ids_BxT"], [[0, 0, 1, 1, 1, 1, 1, 0, 0], [0, 0, 2, 2, 2, 2, 2, 2, 2]])
+    np.testing.assert_array_equal(batch["targets_BxT"], [[6, 7, 8, 9, 0, 4, 0, 0, 0], [6, 7, 10, 11, 12, 0, 5, 6, 0]])
+    np.testing.assert_array_equal(batch["loss_mask_BxT"], [[0, 0, 1, 1, 0, 1, 0, 0, 0], [0, 0, 1, 1, 1, 0, 1, 1, 0]])
+    np.testing.assert_array_equal(batch["pair_ids_BxT"], [[0, 0, 0, 0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0, 1, 1, 1]])
+    np.testing.assert_array_equal(batch["pair_mask_P"], [1, 1, 0])
+
+
+def _loss_triples(batch):
+    """Multiset of (pair, branch, position, target) over loss-masked positions of real pairs."""
+    keep = (batch["loss_mask_BxT"] > 0) & (batch["pair_mask_P"][batch["pair_ids_BxT"]] > 0)
+    cols = [batch[k][keep] for k in ("pair_ids_BxT", "branch_ids_BxT", "positions_BxT", "targets_BxT")]
+    return collections.Counter(zip(*(c.tolist() for c in cols)))
+
+
+def _all_layouts(pairs, num_pairs):
+    buckets = L.power_of_two_buckets(32, 4)
+    return {
+        "standard": L.standard_batch(pairs, num_pairs=num_pairs, buckets=buckets),
+        "prefix": L.prefix_batch(pairs, num_pairs=num_pairs, buckets=buckets),
+        "packed": L.packed_batch(pairs, num_pairs=num_pairs, num_rows=num_pairs, row_length=32),
+        "packed_prefix": L.packed_batch(
+            pairs, num_pairs=num_pairs, num_rows=num_pairs, row_length=32, share_prefix=True
+        ),
+    }
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_layouts_give_the_same_loss_triples(seed):
+    pairs = _random_pairs(5, seed)
+    expected = collections.Counter()
+    for p, pair in enumerate(pairs):
+        n = len(pair["prompt_ids"])
+        for branch, key in ((1, "chosen_ids"), (2, "rejected_ids")):
+            for k, tok in enumerate(pair[key].tolist()):
+                expected[(p, branch, n - 1 + k, tok)] += 1
+    for name, batch in _all_layouts(pairs, num_pairs=6).items():
+        assert _loss_triples(batch) == expected, name
+
+
+def _visible_context(batch, row, i):
+    """Tokens query i attends to under the design's mask rule, ordered by position."""
+    seg, pos, br = (batch[k][row] for k in ("segment_ids_BxT", "positions_BxT", "branch_ids_BxT"))
+    keys = np.flatnonzero((seg == seg[i]) & (pos <= pos[i]) & ((br == 0) | (br == br[i])))
+    keys = keys[np.argsort(pos[keys], kind="stable")]
+    assert len(set(pos[keys].tolist())) == len(keys), "two visible keys share a position"
+    return batch["tokens_BxT"][row, keys].tolist()
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_every_target_sees_exactly_its_own_prefix(seed):
+    """Under the attention rule of docs/design.md each loss position sees prompt + completion[:k]."""
+    pairs = _random_pairs(4, seed)
+    for name, batch in _all_layouts(pairs, num_pairs=4).items():
+        for row, i in zip(*np.nonzero(batch["loss_mask_BxT"])):
+            pair = pairs[batch["pair_ids_BxT"][row, i]]
+            completion = pair["chosen_ids" if batch["branch_ids_BxT"][row, i] == 1 else "rejected_ids"]
+            k = batch["positions_BxT"][row, i] - (len(pair["prompt_ids"]) - 1)
+            want = pair["prompt_ids"].tolist() + completion[:k].tolist()
+            assert _visible_context(batch, row, i) == want, (name, row, i)
+            assert batch["targets_BxT"][row, i] == completion[k], (name, row, i)
+
+
+def test_unpaired_one_row_per_example():
+    good = {"prompt_ids": np.array([1, 2]), "completion_ids": np.array([3, 4]), "label": True}
+    bad = {"prompt_ids": np.array([1]), "completion_ids": np.array([5]), "label": False}
+    for build in (L.standard_batch, L.prefix_batch):
+        batch = build([good, bad], num_pairs=3, buckets=(8,))
+        _check_dtypes(batch, 3, 8, 3)
+        np.testing.assert_array_equal(batch["branch_ids_BxT"][:2, :4], [[0, 1, 1, 1], [2, 2, 0, 0]])
+        np.testing.assert_array_equal(batch["loss_mask_BxT"][:2, :4], [[0, 1, 1, 0], [1, 0, 0, 0]])
+        np.testing.assert_array_equal(batch["pair_mask_P"], [1, 1, 0])
+    packed = L.packed_batch([good, bad], num_pairs=2, num_rows=1, row_length=8)
+    np.testing.assert_array_equal(packed["segment_ids_BxT"], [[1, 1, 1, 1, 2, 2, 0, 0]])
+    np.testing.assert_array_equal(packed["pair_ids_BxT"], [[0, 0, 0, 0, 1, 1, 0, 0]])
+    with pytest.raises(ValueError, match="label"):
+        L.standard_batch([dict(good, label="yes")], num_pairs=1, buckets=(8,))
+
+
+def test_buckets():
+    assert L.power_of_two_buckets(100, 16) == (16, 32, 64, 100)
+    assert L.power_of_two_buckets(64, 16) == (16, 32, 64)
+    assert L.bucket_length(17, (16, 32, 64)) == 32
+    assert L.bucket_length(16, (16, 32, 64)) == 16
+    with pytest.raises(ValueError, match="exceeds the largest length bucket 64"):
+        L.bucket_length(65, (16, 32, 64))
+    long_pair = _pair(np.ones(40), np.ones(30), [1])
+    with pytest.raises(ValueError, match="length 70"):
+        L.standard_batch([long_pair], num_pairs=1, buckets=(16, 32, 64))
+    spec = L.LayoutSpec(layout="standard", num_pairs=2, buckets=(16, 64))
+    assert not spec.fits(long_pair) and spec.fits(PAIR)
+    assert spec([PAIR])["tokens_BxT"].shape == (4, 16)
+    assert spec([])["tokens_BxT"].shape == (4, 16)
+
+
+def test_bad_examples_name_the_field():
+    with pytest.raises(ValueError, match="example 0: 'prompt_ids' must be a non-empty"):
+        L.standard_batch([_pair([], [1], [2])], num_pairs=1, buckets=(8,))
+    with pytest.raises(ValueError, match="missing key 'rejected_ids'"):
+        L.prefix_batch([{"prompt_ids": [1], "chosen_ids": [2]}], num_pairs=1, buckets=(8,))
+    with pytest.raises(ValueError, match="example 1: 'chosen_ids'"):
+        L.standard_batch([PAIR, dict(PAIR, chosen_ids=[0.5])], num_pairs=2, buckets=(8,))
+    with pytest.raises(ValueError, match="pair capacity"):
+        L.standard_batch([PAIR, PAIR], num_pairs=1, buckets=(16,))
+    unpaired = {"prompt_ids": [1], "completion_ids": [2], "label": True}
+    with pytest.raises(ValueError, match="mixes paired"):
+        L.standard_batch([PAIR, unpaired], num_pairs=2, buckets=(16,))
+    with pytest.raises(ValueError, match="layout must be one of"):
+        L.LayoutSpec(layout="ragged")
+    with pytest.raises(ValueError, match="num_rows"):
+        L.LayoutSpec(layout="packed", num_rows=0, row_length=8)
+
+
+def test_pack_groups_respect_capacity_and_fit():
+    pairs = _random_pairs(40, seed=5)
+    spec = L.LayoutSpec(layout="packed", num_pairs=6, num_rows=3, row_length=24)
+    groups = list(L.pack_groups(pairs, spec))
+    assert [id(p) for g in groups for p in g] == [id(p) for p in pairs]
+    assert all(1 <= len(g) <= 6 for g in groups)
+    for i, g in enumerate(groups):
+        batch = spec(g)  # raises if the group does not fit
+        if i + 1 < len(groups) and len(g) < 6:  # closed early: the next example must not fit
+            packer = L.FirstFitPacker(3, 24)
+            for p in g + [groups[i + 1][0]]:
+                placed = packer.add(spec.segment_lengths(p))
+            assert placed is None
+        assert batch["pair_mask_P"].sum() == len(g)
+    std = L.LayoutSpec(layout="standard", num_pairs=6, buckets=(32,))
+    assert [len(g) for g in L.pack_groups(pairs, std)] == [6] * 6 + [4]
