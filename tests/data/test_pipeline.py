@@ -1,0 +1,256 @@
+"""Data pipeline: sources, splits, checkpointable grain iterator, process shards, buckets, eval."""
+
+import json
+
+import numpy as np
+import pytest
+
+from dpo_jax.data import pipeline as P
+
+ID0 = 1000  # row i's prompt starts with token ID0 + i: the id a batch carries back
+
+
+def _rows(n, seed=0, long_every=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        draw = lambda hi: rng.integers(1, 50, rng.integers(1, hi)).tolist()  # noqa: E731
+        rows.append({"prompt": [ID0 + i] + draw(6), "chosen": draw(9), "rejected": draw(9)})
+        if long_every and i % long_every == long_every - 1:
+            rows[-1]["chosen"] = [7] * 60
+    return rows
+
+
+def keep_all(row):
+    """A row -> example step: int32 arrays, completions with an EOS (2) appended."""
+    return {
+        "prompt_ids": np.asarray(row["prompt"], np.int32),
+        "chosen_ids": np.asarray(list(row["chosen"]) + [2], np.int32),
+        "rejected_ids": np.asarray(list(row["rejected"]) + [2], np.int32),
+    }
+
+
+def tokenize(row):
+    """``keep_all``, but drops (returns None for) rows whose id is 3 mod 7."""
+    return None if (row["prompt"][0] - ID0) % 7 == 3 else keep_all(row)
+
+
+def _kept_ids(n):
+    return [i for i in range(n) if i % 7 != 3]
+
+
+def _batch_ids(batch):
+    """Row ids of the real pairs of a batch, in pair order (any layout)."""
+    ids = {}
+    first = batch["positions_BxT"] == 0
+    for row, col in zip(*np.nonzero(first & (batch["segment_ids_BxT"] > 0))):
+        p = int(batch["pair_ids_BxT"][row, col])
+        ids.setdefault(p, int(batch["tokens_BxT"][row, col]) - ID0)
+    real = np.flatnonzero(batch["pair_mask_P"])
+    assert sorted(ids) == real.tolist()
+    return [ids[p] for p in real]
+
+
+def _same(batches_a, batches_b):
+    assert len(batches_a) == len(batches_b)
+    for a, b in zip(batches_a, batches_b):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def _config(**kw):
+    base = dict(pairs_per_batch=4, max_length=32, min_bucket=8, num_epochs=3, seed=3)
+    return P.DataConfig(**{**base, **kw})
+
+
+def _iterator(rows, config, pi=0, pc=1):
+    return P.make_train_iterator(rows, tokenize, config, process_index=pi, process_count=pc)
+
+
+@pytest.mark.parametrize(
+    "layout,kw",
+    [("standard", {}), ("prefix", {"num_threads": 2}), ("packed", {"pack_rows": 2, "pack_length": 24})],
+)
+def test_checkpoint_restore_mid_epoch_and_across_epochs(layout, kw):
+    rows = _rows(30)
+    config = _config(layout=layout, **kw)
+    full = list(_iterator(rows, config))
+    per_epoch = len(_kept_ids(30)) / 4
+    assert len(full) >= 2 * per_epoch
+    # Mid-epoch 1, just before the first epoch boundary, inside epoch 2.
+    for k in (2, int(per_epoch), int(per_epoch) + 3):
+        it = _iterator(rows, config)
+        for _ in range(k):
+            next(it)
+        state = json.loads(json.dumps(it.get_state()))  # what grain's orbax handler stores
+        restored = _iterator(rows, config)
+        restored.set_state(state)
+        _same(list(restored), full[k:])
+
+
+def test_epochs_reshuffle_and_cover_every_kept_row():
+    rows = _rows(24)
+    config = _config(pairs_per_batch=5, num_epochs=2, drop_remainder=False)
+    ids = [i for b in _iterator(rows, config) for i in _batch_ids(b)]
+    kept = _kept_ids(24)
+    first, second = ids[: len(kept)], ids[len(kept) :]
+    assert sorted(first) == kept and sorted(second) == kept
+    assert first != second, "each epoch must be a new permutation"
+    assert first != kept, "rows must be shuffled"
+    again = [i for b in _iterator(rows, config) for i in _batch_ids(b)]
+    assert again == ids, "same seed, same order"
+    other = [i for b in _iterator(rows, _config(pairs_per_batch=5, num_epochs=2, drop_remainder=False, seed=4)) for i in _batch_ids(b)]
+    assert other != ids
+
+
+@pytest.mark.parametrize("layout", ["standard", "packed"])
+def test_two_processes_see_disjoint_shards_covering_each_epoch(layout):
+    n, epochs, pairs = 48, 3, 3  # 24 rows per process and epoch = 8 full batches of 3 pairs
+    rows = _rows(n)
+    config = _config(layout=layout, pairs_per_batch=pairs, num_epochs=epochs, num_threads=2)
+    per_process = []
+    for pi in range(2):
+        it = P.make_train_iterator(rows, keep_all, config, process_index=pi, process_count=2)
+        per_process.append([i for b in it for i in _batch_ids(b)])
+        assert len(per_process[-1]) == epochs * n // 2
+    for epoch in range(epochs):
+        part = [ids[epoch * n // 2 : (epoch + 1) * n // 2] for ids in per_process]
+        assert not set(part[0]) & set(part[1]), f"epoch {epoch}: shards overlap"
+        assert sorted(part[0] + part[1]) == list(range(n)), f"epoch {epoch}: not covered once"
+    assert per_process[0][: n // 2] != per_process[0][n // 2 : n], "epochs reshuffle"
+
+
+def test_uneven_rows_give_equal_shards():
+    rows = _rows(11)
+    shards = [P.shard_rows(rows, seed=0, shuffle=True, num_epochs=1, process_index=i, process_count=3) for i in range(3)]
+    ids = [[r["prompt"][0] - ID0 for r in s] for s in shards]
+    assert [len(s) for s in ids] == [3, 3, 3]
+    assert len(set(sum(ids, []))) == 9
+
+
+def test_length_buckets_bound_the_number_of_shapes():
+    rng = np.random.default_rng(1)
+    rows = [
+        {"prompt": [ID0 + i], "chosen": [5] * int(rng.integers(1, 20)), "rejected": [6] * int(2 ** rng.integers(0, 5))}
+        for i in range(200)
+    ]
+    for layout in ("standard", "prefix"):
+        config = _config(layout=layout, max_length=64, min_bucket=8, num_epochs=1)
+        shapes = {b["tokens_BxT"].shape for b in _iterator(rows, config)}
+        buckets = config.layout_spec().buckets
+        assert buckets == (8, 16, 32, 64)
+        assert 1 < len(shapes) <= len(buckets), shapes
+        assert {s[1] for s in shapes} <= set(buckets)
+        assert {s[0] for s in shapes} == {8 if layout == "standard" else 4}
+    packed = _config(layout="packed", pack_rows=2, pack_length=40, num_epochs=1)
+    assert {b["tokens_BxT"].shape for b in _iterator(rows, packed)} == {(2, 40)}
+
+
+def test_too_long_examples_are_dropped_and_reported():
+    rows = _rows(20, long_every=5)
+    config = _config(max_length=32, num_epochs=1, drop_remainder=False)
+    ids = [i for b in _iterator(rows, config) for i in _batch_ids(b)]
+    too_long = {4, 9, 14, 19}
+    assert sorted(ids) == sorted(set(_kept_ids(20)) - too_long)
+    report = P.data_report(rows, tokenize, config)
+    assert report["rows_read"] == 20
+    assert report["dropped"] == {"tokenize": 3, "too_long": 4}
+    assert report["kept"] == 13
+
+
+@pytest.mark.parametrize("layout", ["standard", "prefix", "packed"])
+def test_eval_batches_cover_every_example_once(layout):
+    rows = _rows(23)
+    config = _config(layout=layout, pairs_per_batch=4, pack_rows=2, pack_length=24)
+    all_ids, counts = [], []
+    for pi in range(2):
+        batches, report = P.make_eval_batches(rows, tokenize, config, process_index=pi, process_count=2)
+        counts.append(len(batches))
+        ids = [i for b in batches for i in _batch_ids(b)]
+        assert ids == sorted(ids), "eval keeps row order"
+        all_ids += ids
+        shapes = {b["pair_mask_P"].shape for b in batches}
+        assert shapes == {(4,)}
+    assert counts[0] == counts[1], "every process runs the same number of eval batches"
+    assert sorted(all_ids) == _kept_ids(23)
+    assert report == {"rows_read": 23, "kept": 20, "dropped": {"tokenize": 3}, "layout_tokens": report["layout_tokens"]}
+    single, _ = P.make_eval_batches(rows, tokenize, config, process_index=0, process_count=1)
+    assert [i for b in single for i in _batch_ids(b)] == _kept_ids(23)
+    if layout == "standard":
+        assert len(single) == 5 and single[-1]["pair_mask_P"].tolist() == [1, 1, 1, 1]
+        padded, _ = P.make_eval_batches(rows[:20], tokenize, config, process_index=0, process_count=1)
+        assert padded[-1]["pair_mask_P"].tolist() == [1, 0, 0, 0]  # 17 kept rows = 4 * 4 + 1
+
+
+def _write_sources(tmp_path, rows):
+    import datasets
+
+    ds = datasets.Dataset.from_list(rows)
+    paths = {}
+    paths["jsonl"] = tmp_path / "pairs.jsonl"
+    paths["jsonl"].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    paths["parquet"] = tmp_path / "pairs.parquet"
+    ds.to_parquet(str(paths["parquet"]))
+    paths["saved"] = tmp_path / "saved"
+    ds.save_to_disk(str(paths["saved"]))
+    paths["saved_dict"] = tmp_path / "saved_dict"
+    datasets.DatasetDict({"train": ds.select(range(8)), "test": ds.select(range(8, 10))}).save_to_disk(
+        str(paths["saved_dict"])
+    )
+    return paths
+
+
+def test_sources_read_local_files_and_saved_datasets(tmp_path):
+    rows = _rows(10)
+    paths = _write_sources(tmp_path, rows)
+    cache = str(tmp_path / "cache")
+    for kind in ("jsonl", "parquet", "saved"):
+        loaded = P.load_rows(str(paths[kind]), cache_dir=cache)
+        assert len(loaded) == 10, kind
+        assert [dict(r) for r in loaded] == rows, kind
+    config = P.DataConfig(path=str(paths["saved_dict"]), eval_split="test", cache_dir=cache)
+    train, evaluation = P.load_splits(config)
+    assert [r["prompt"][0] - ID0 for r in train] == list(range(8))
+    assert [r["prompt"][0] - ID0 for r in evaluation] == [8, 9]
+    with pytest.raises(ValueError, match="no split 'validation'"):
+        P.load_rows(str(paths["saved_dict"]), split="validation")
+    bad = tmp_path / "pairs.txt"
+    bad.write_text("x")
+    with pytest.raises(ValueError, match="unknown extension '.txt'"):
+        P.load_rows(str(bad))
+    # The whole path: a jsonl file -> fraction split -> train iterator and eval batches.
+    config = _config(path=str(paths["jsonl"]), eval_fraction=0.2, split_seed=1, cache_dir=cache, num_epochs=1)
+    train, evaluation = P.load_splits(config)
+    assert len(train) == 8 and len(evaluation) == 2
+    train_ids = {r["prompt"][0] - ID0 for r in train}
+    eval_ids = {r["prompt"][0] - ID0 for r in evaluation}
+    assert not train_ids & eval_ids and train_ids | eval_ids == set(range(10))
+    again = P.load_splits(config)
+    assert {r["prompt"][0] - ID0 for r in again[1]} == eval_ids, "split is seeded"
+    ids = [i for b in _iterator(train, config) for i in _batch_ids(b)]
+    assert set(ids) <= train_ids and len(ids) == 4  # 8 rows, drops 3 -> 7 kept -> one full batch
+    batches, report = P.make_eval_batches(evaluation, tokenize, config, process_index=0, process_count=1)
+    assert report["rows_read"] == 2
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="eval_fraction"):
+        P.DataConfig(eval_fraction=1.5).validate()
+    with pytest.raises(ValueError, match="num_epochs"):
+        P.DataConfig(num_epochs=0).validate()
+    with pytest.raises(ValueError, match="layout must be one of"):
+        P.DataConfig(layout="ragged").validate()
+    with pytest.raises(ValueError, match="process_index=2"):
+        P.make_train_iterator(_rows(4), tokenize, _config(), process_index=2, process_count=2)
+    with pytest.raises(ValueError, match="DataConfig.path"):
+        P.load_splits(P.DataConfig())
+
+
+def test_report_counts_by_reason():
+    rows = _rows(14)
+    report = P.data_report(rows, tokenize, _config())
+    assert report["dropped"] == {"tokenize": 2} and report["kept"] == 12
+    spec = _config().layout_spec()
+    tokens = sum(sum(spec.segment_lengths(tokenize(r))) for r in rows if tokenize(r) is not None)
+    assert report["layout_tokens"] == tokens
