@@ -1,0 +1,333 @@
+"""Row schemas of preference data, normalized to one canonical record per row.
+
+A row is a mapping (a dict from HF `datasets`, a JSON line). Four schemas are accepted; the column
+names are configurable (`FormatConfig`):
+
+| format            | columns                          | values                                      |
+| ----------------- | -------------------------------- | ------------------------------------------- |
+| `standard`        | prompt, chosen, rejected         | strings                                     |
+| `implicit_prompt` | chosen, rejected                 | full texts sharing the prompt as a prefix   |
+| `conversational`  | [prompt,] chosen, rejected       | lists of `{"role", "content"}` messages     |
+| `unpaired`        | prompt, completion, label        | strings or message lists; `label` a bool    |
+
+Paired rows become `Pair`, unpaired rows `Unpaired`. Conversational records keep their messages;
+the tokenizer renders them with the chat template (`dpo_jax.data.tokenize`).
+
+Implicit prompts (Anthropic HH and TRL's "implicit prompt" datasets) are split off as the longest
+common prefix P of chosen and rejected:
+- text: if P contains `FormatConfig.assistant_marker` (default `"\\n\\nAssistant:"`), the prompt ends
+  right after the LAST marker in P, so it holds the whole dialogue up to the final assistant header
+  and the completions start with the answers, even when both answers begin with the same words
+  (HH: `prompt = "\\n\\nHuman: ...\\n\\nAssistant:"`, `chosen = " Sure, ..."`). Without the marker,
+  TRL's `extract_prompt` rule: the prompt is P, less a trailing space, which goes to the completions.
+- messages: the prompt is the longest common prefix of the two message lists (TRL's rule).
+
+Bad input: a row that lacks a column its format needs raises `FormatError`, naming the row, the
+columns found and the schemas accepted. A bad value (not a string, an empty or whitespace-only
+string, malformed messages, a non-bool label, chosen == rejected, no shared prompt) drops the row;
+the `DropCounter` counts drops by reason. With `strict=True` a bad value raises `RowError` naming
+the row index and the column.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any, Union
+
+import numpy as np
+
+FORMATS = ("standard", "implicit_prompt", "conversational", "unpaired")
+
+Message = dict  # {"role": str, "content": str, ...}: a chat message, kept as given.
+Text = Union[str, tuple]  # a string, or a tuple of messages for conversational records
+
+
+class FormatError(ValueError):
+    """A row does not fit the schema of its format (a missing column, not a mapping)."""
+
+
+class RowError(ValueError):
+    """A bad value in a row, raised instead of a drop when `strict=True`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FormatConfig:
+    """Which schema the rows follow and the names of its columns.
+
+    `format`: "auto" (from the columns of the first row seen, see `detect_format`) or one of
+    `FORMATS`. `assistant_marker`: where implicit text prompts are split (None: TRL's rule only).
+    """
+
+    format: str = "auto"
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    completion: str = "completion"
+    label: str = "label"
+    assistant_marker: str | None = "\n\nAssistant:"
+
+    def __post_init__(self):
+        if self.format != "auto" and self.format not in FORMATS:
+            raise ValueError(f"FormatConfig.format={self.format!r}: expected 'auto' or one of {FORMATS}")
+
+    def schemas(self) -> str:
+        """The accepted schemas, with this config's column names (for error messages)."""
+        p, c, r = self.prompt, self.chosen, self.rejected
+        return (
+            f"standard: {p}, {c}, {r} (strings); "
+            f"implicit_prompt: {c}, {r} (strings sharing the prompt as a prefix); "
+            f"conversational: [{p},] {c}, {r} (lists of {{role, content}} messages); "
+            f"unpaired: {p}, {self.completion}, {self.label} (strings or messages; {self.label} a bool)"
+        )
+
+    def required(self, fmt: str) -> tuple[str, ...]:
+        """The columns format `fmt` needs."""
+        return {
+            "standard": (self.prompt, self.chosen, self.rejected),
+            "implicit_prompt": (self.chosen, self.rejected),
+            "conversational": (self.chosen, self.rejected),
+            "unpaired": (self.prompt, self.completion, self.label),
+        }[fmt]
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """One preference pair. Texts are strings, or tuples of messages when `conversational`."""
+
+    prompt: Text
+    chosen: Text
+    rejected: Text
+    conversational: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Unpaired:
+    """One unpaired completion with a desirability label (KTO-style losses)."""
+
+    prompt: Text
+    completion: Text
+    label: bool
+    conversational: bool = False
+
+
+Record = Union[Pair, Unpaired]
+
+
+class DropCounter:
+    """Counts rows seen, kept and dropped by reason, plus non-fatal events (e.g. truncations).
+
+    One per transform instance; `merge` adds another's counts (e.g. from several workers) and
+    `as_dict` gives the JSON-ready summary for the run's data report.
+    """
+
+    def __init__(self):
+        self.seen = 0
+        self.kept = 0
+        self.dropped: collections.Counter = collections.Counter()
+        self.events: collections.Counter = collections.Counter()
+        self.first_row: dict[str, int] = {}  # reason -> index of the first row dropped for it
+
+    def drop(self, reason: str, row_index: int | None = None) -> None:
+        self.dropped[reason] += 1
+        if row_index is not None:
+            self.first_row.setdefault(reason, row_index)
+
+    def event(self, name: str, n: int = 1) -> None:
+        self.events[name] += n
+
+    @property
+    def n_dropped(self) -> int:
+        return sum(self.dropped.values())
+
+    def merge(self, other: "DropCounter") -> "DropCounter":
+        self.seen += other.seen
+        self.kept += other.kept
+        self.dropped.update(other.dropped)
+        self.events.update(other.events)
+        for reason, i in other.first_row.items():
+            self.first_row[reason] = min(i, self.first_row.get(reason, i))
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "seen": self.seen,
+            "kept": self.kept,
+            "dropped": dict(sorted(self.dropped.items())),
+            "events": dict(sorted(self.events.items())),
+            "first_row": dict(sorted(self.first_row.items())),
+        }
+
+    def __repr__(self) -> str:
+        return f"DropCounter({self.as_dict()})"
+
+
+class _Bad(Exception):
+    """Internal: a bad value; becomes a drop (or a RowError when strict)."""
+
+    def __init__(self, reason: str, column: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.column, self.detail = reason, column, detail
+
+
+def is_messages(value: Any) -> bool:
+    """True for a non-empty list/tuple whose items are all mappings with a 'role' key."""
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) > 0
+        and all(isinstance(m, Mapping) and "role" in m for m in value)
+    )
+
+
+def detect_format(row: Mapping[str, Any], config: FormatConfig = FormatConfig()) -> str:
+    """The format of `row` from its columns (and, for pairs, whether `chosen` holds messages).
+
+    unpaired if the completion and label columns are present; else, with chosen and rejected:
+    conversational if chosen is a list, standard if there is a prompt column, else implicit_prompt.
+    """
+    if not isinstance(row, Mapping):
+        raise FormatError(f"a row must be a mapping of column -> value, got {type(row).__name__}")
+    keys = set(row.keys())
+    if config.completion in keys and config.label in keys:
+        return "unpaired"
+    if config.chosen in keys and config.rejected in keys:
+        if isinstance(row[config.chosen], (list, tuple)):
+            return "conversational"
+        return "standard" if config.prompt in keys else "implicit_prompt"
+    raise FormatError(
+        f"cannot detect the format: columns found {sorted(keys)}; accepted schemas: {config.schemas()}"
+    )
+
+
+def _text(value: Any, role: str, column: str) -> str:
+    if not isinstance(value, str):
+        raise _Bad(f"{role}_not_string", column, f"is {type(value).__name__}, expected a string")
+    if not value.strip():
+        raise _Bad(f"{role}_empty", column, "is empty")
+    return value
+
+
+def _messages(value: Any, role: str, column: str) -> tuple:
+    if not isinstance(value, (list, tuple)):
+        raise _Bad(f"{role}_not_messages", column, f"is {type(value).__name__}, expected a list of messages")
+    if not value:
+        raise _Bad(f"{role}_empty", column, "is an empty list of messages")
+    out = []
+    for j, m in enumerate(value):
+        ok = isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        if not ok:
+            raise _Bad(f"{role}_bad_message", column, f"message {j} is not {{'role': str, 'content': str}}: {m!r:.80}")
+        out.append(dict(m))
+    return tuple(out)
+
+
+def _value(value: Any, role: str, column: str, conversational: bool) -> Text:
+    return _messages(value, role, column) if conversational else _text(value, role, column)
+
+
+def _label(value: Any, column: str) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and value in (0, 1):
+        return bool(value)
+    raise _Bad("label_not_bool", column, f"is {value!r:.40} ({type(value).__name__}), expected a bool")
+
+
+def split_implicit_text(chosen: str, rejected: str, assistant_marker: str | None) -> tuple[str, str, str]:
+    """(prompt, chosen completion, rejected completion) from two full texts; see the module doc."""
+    n = 0
+    limit = min(len(chosen), len(rejected))
+    while n < limit and chosen[n] == rejected[n]:
+        n += 1
+    common = chosen[:n]
+    cut = common.rfind(assistant_marker) if assistant_marker else -1
+    if cut >= 0:
+        n = cut + len(assistant_marker)
+    elif n > 0 and common[-1] == " ":
+        n -= 1
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def split_implicit_messages(chosen: tuple, rejected: tuple) -> tuple[tuple, tuple, tuple]:
+    """(prompt, chosen, rejected) message tuples: the prompt is the longest common prefix."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+class RowNormalizer:
+    """Callable row -> `Pair` | `Unpaired` | None (dropped); counts drops in `self.drops`.
+
+    The format is fixed by `config.format`, or detected from the first row when "auto". Picklable,
+    so it can run inside a grain `MapTransform` (each worker then holds its own counter).
+    """
+
+    def __init__(self, config: FormatConfig = FormatConfig(), strict: bool = False, drops: DropCounter | None = None):
+        self.config = config
+        self.strict = strict
+        self.drops = drops if drops is not None else DropCounter()
+        self.format = None if config.format == "auto" else config.format
+
+    def __call__(self, row: Mapping[str, Any], index: int | None = None) -> Record | None:
+        cfg = self.config
+        where = f"row {index}" if index is not None else "row"
+        if not isinstance(row, Mapping):
+            raise FormatError(f"{where}: expected a mapping of column -> value, got {type(row).__name__}")
+        if self.format is None:
+            self.format = detect_format(row, cfg)
+        missing = [c for c in cfg.required(self.format) if c not in row]
+        if missing:
+            raise FormatError(
+                f"{where}: missing column(s) {missing} for format {self.format!r}; columns found: "
+                f"{sorted(row.keys())}; accepted schemas: {cfg.schemas()}"
+            )
+        self.drops.seen += 1
+        try:
+            record = self._normalize(row)
+        except _Bad as bad:
+            if self.strict:
+                raise RowError(f"{where}: column {bad.column!r} {bad.detail} ({bad.reason})") from None
+            self.drops.drop(bad.reason, index)
+            return None
+        self.drops.kept += 1
+        return record
+
+    def _normalize(self, row: Mapping[str, Any]) -> Record:
+        cfg, fmt = self.config, self.format
+        if fmt == "unpaired":
+            conv = is_messages(row[cfg.completion])
+            prompt = _value(row[cfg.prompt], "prompt", cfg.prompt, conv)
+            completion = _value(row[cfg.completion], "completion", cfg.completion, conv)
+            return Unpaired(prompt, completion, _label(row[cfg.label], cfg.label), conv)
+        conv = fmt == "conversational"
+        chosen = _value(row[cfg.chosen], "chosen", cfg.chosen, conv)
+        rejected = _value(row[cfg.rejected], "rejected", cfg.rejected, conv)
+        if chosen == rejected:
+            raise _Bad("chosen_equals_rejected", cfg.chosen, f"equals column {cfg.rejected!r}")
+        if fmt == "standard" or (conv and cfg.prompt in row):
+            prompt = _value(row[cfg.prompt], "prompt", cfg.prompt, conv)
+        elif conv:
+            prompt, chosen, rejected = split_implicit_messages(chosen, rejected)
+        else:
+            prompt, chosen, rejected = split_implicit_text(chosen, rejected, cfg.assistant_marker)
+        if not (prompt if conv else prompt.strip()):
+            raise _Bad("no_shared_prompt", cfg.chosen, f"shares no prompt prefix with column {cfg.rejected!r}")
+        for text, role, column in ((chosen, "chosen", cfg.chosen), (rejected, "rejected", cfg.rejected)):
+            if not (text if conv else text.strip()):
+                raise _Bad(f"{role}_empty", column, "is empty once the shared prompt is removed")
+        return Pair(prompt, chosen, rejected, conv)
+
+
+def normalize_rows(
+    rows: Iterable[Mapping[str, Any]],
+    config: FormatConfig = FormatConfig(),
+    strict: bool = False,
+    drops: DropCounter | None = None,
+) -> list[Record]:
+    """Normalize an iterable of rows (row indices count from 0); the dropped rows are left out."""
+    norm = RowNormalizer(config, strict=strict, drops=drops)
+    out = [norm(row, i) for i, row in enumerate(rows)]
+    return [r for r in out if r is not None]
+
