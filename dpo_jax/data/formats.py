@@ -217,7 +217,11 @@ def _messages(value: Any, role: str, column: str) -> tuple:
     for j, m in enumerate(value):
         ok = isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
         if not ok:
-            raise _Bad(f"{role}_bad_message", column, f"message {j} is not {{'role': str, 'content': str}}: {m!r:.80}")
+            raise _Bad(
+                f"{role}_bad_message",
+                column,
+                f"message {j} is not {{'role': str, 'content': str}}: {m!r:.80}",
+            )
         out.append(dict(m))
     return tuple(out)
 
@@ -264,7 +268,9 @@ class RowNormalizer:
     so it can run inside a grain `MapTransform` (each worker then holds its own counter).
     """
 
-    def __init__(self, config: FormatConfig = FormatConfig(), strict: bool = False, drops: DropCounter | None = None):
+    def __init__(
+        self, config: FormatConfig = FormatConfig(), strict: bool = False, drops: DropCounter | None = None
+    ):
         self.config = config
         self.strict = strict
         self.drops = drops if drops is not None else DropCounter()
@@ -313,7 +319,9 @@ class RowNormalizer:
         else:
             prompt, chosen, rejected = split_implicit_text(chosen, rejected, cfg.assistant_marker)
         if not (prompt if conv else prompt.strip()):
-            raise _Bad("no_shared_prompt", cfg.chosen, f"shares no prompt prefix with column {cfg.rejected!r}")
+            raise _Bad(
+                "no_shared_prompt", cfg.chosen, f"shares no prompt prefix with column {cfg.rejected!r}"
+            )
         for text, role, column in ((chosen, "chosen", cfg.chosen), (rejected, "rejected", cfg.rejected)):
             if not (text if conv else text.strip()):
                 raise _Bad(f"{role}_empty", column, "is empty once the shared prompt is removed")
@@ -330,4 +338,3 @@ def normalize_rows(
     norm = RowNormalizer(config, strict=strict, drops=drops)
     out = [norm(row, i) for i, row in enumerate(rows)]
     return [r for r in out if r is not None]
-

@@ -64,7 +64,7 @@ class Dropped(Exception):
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     """The number of leading ids `a` and `b` share."""
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):  # stops at the shorter
         if x != y:
             break
         n += 1
@@ -114,8 +114,12 @@ class PairTokenizer:
         if truncation_mode not in TRUNCATION_MODES:
             raise ValueError(f"truncation_mode={truncation_mode!r}: expected one of {TRUNCATION_MODES}")
         if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
-            raise ValueError(f"max_length={max_length!r}: expected None or an int >= 2 (a prompt and a completion token)")
-        if max_prompt_length is not None and (not isinstance(max_prompt_length, int) or max_prompt_length < 1):
+            raise ValueError(
+                f"max_length={max_length!r}: expected None or an int >= 2 (a prompt and a completion token)"
+            )
+        if max_prompt_length is not None and (
+            not isinstance(max_prompt_length, int) or max_prompt_length < 1
+        ):
             raise ValueError(f"max_prompt_length={max_prompt_length!r}: expected None or an int >= 1")
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -130,22 +134,28 @@ class PairTokenizer:
         elif isinstance(record, Unpaired):
             names, completions = ("completion",), (record.completion,)
         else:
-            raise ValueError(f"PairTokenizer expects a formats.Pair or formats.Unpaired, got {type(record).__name__}")
+            raise ValueError(
+                f"PairTokenizer expects a formats.Pair or formats.Unpaired, got {type(record).__name__}"
+            )
         self.drops.seen += 1
         try:
-            prompt_ids, completion_ids = self._tokenize(record.prompt, completions, record.conversational, names)
+            prompt_ids, completion_ids = self._tokenize(
+                record.prompt, completions, record.conversational, names
+            )
         except Dropped as d:
             self.drops.drop(d.reason, index)
             return None
         self.drops.kept += 1
         out = {"prompt_ids": np.asarray(prompt_ids, np.int32)}
-        for name, ids in zip(names, completion_ids):
+        for name, ids in zip(names, completion_ids, strict=True):
             out[f"{name}_ids"] = np.asarray(ids, np.int32)
         if isinstance(record, Unpaired):
             out["label"] = np.asarray(record.label, np.bool_)
         return out
 
-    def _tokenize(self, prompt, completions, conversational: bool, names) -> tuple[list[int], list[list[int]]]:
+    def _tokenize(
+        self, prompt, completions, conversational: bool, names
+    ) -> tuple[list[int], list[list[int]]]:
         if conversational:
             prompt_ids, joints = self._encode_chat(prompt, completions)
         else:
@@ -158,7 +168,7 @@ class PairTokenizer:
         prompt_ids, completion_ids = prompt_ids[:d], [j[d:] for j in joints]
         if not prompt_ids:
             raise Dropped("prompt_ids_empty")
-        for name, ids in zip(names, completion_ids):
+        for name, ids in zip(names, completion_ids, strict=True):
             if not ids:
                 raise Dropped(f"{name}_ids_empty")
         n_prompt, n_comp = len(prompt_ids), [len(c) for c in completion_ids]
@@ -177,7 +187,9 @@ class PairTokenizer:
         tok = self.tokenizer
         eos = getattr(tok, "eos_token", None)
         if not eos:
-            raise ValueError("the tokenizer has no eos_token: text completions need one appended (set tokenizer.eos_token)")
+            raise ValueError(
+                "the tokenizer has no eos_token: text completions need one appended (set tokenizer.eos_token)"
+            )
         texts = [prompt] + [prompt + (c if c.endswith(eos) else c + eos) for c in completions]
         ids = [self._single_bos(list(x)) for x in tok(texts)["input_ids"]]
         return ids[0], ids[1:]
@@ -189,7 +201,10 @@ class PairTokenizer:
     def _encode_chat(self, prompt: tuple, completions) -> tuple[list[int], list[list[int]]]:
         tok = self.tokenizer
         if getattr(tok, "chat_template", None) is None:
-            raise ValueError("a conversational record needs a tokenizer with a chat_template (tokenizer.chat_template is None)")
+            raise ValueError(
+                "a conversational record needs a tokenizer with a chat template "
+                "(tokenizer.chat_template is None)"
+            )
         render = tok.apply_chat_template
         prompt_ids = render(list(prompt), add_generation_prompt=True, tokenize=True, return_dict=False)
         joints = [list(render(list(prompt) + list(c), tokenize=True, return_dict=False)) for c in completions]
@@ -201,10 +216,10 @@ class PairTokenizer:
         self._warned = True
         d = common_prefix_len(prompt_ids, joint)
         warnings.warn(
-            f"the tokenized prompt ({len(prompt_ids)} ids) is not a prefix of the tokenized prompt + completion: "
-            f"they diverge at id {d} (prompt {prompt_ids[d:d + 3]} vs joint {joint[d:d + 3]}); the completion starts "
-            "there and the prompt is cut to the shared prefix. Counted as event 'prompt_boundary_mismatch'; "
-            "warned once per PairTokenizer.",
+            f"the tokenized prompt ({len(prompt_ids)} ids) is not a prefix of the tokenized "
+            f"prompt + completion: they diverge at id {d} (prompt {prompt_ids[d : d + 3]} vs joint "
+            f"{joint[d : d + 3]}); the completion starts there and the prompt is cut to the shared "
+            "prefix. Counted as event 'prompt_boundary_mismatch'; warned once per PairTokenizer.",
             BoundaryWarning,
             stacklevel=4,
         )
@@ -217,7 +232,9 @@ class RowTokenizer:
     kept by the tokenizer, drops of both stages by reason, the tokenizer's events.
     """
 
-    def __init__(self, tokenizer: Any, config: FormatConfig = FormatConfig(), strict: bool = False, **tokenize_kwargs):
+    def __init__(
+        self, tokenizer: Any, config: FormatConfig = FormatConfig(), strict: bool = False, **tokenize_kwargs
+    ):
         self.normalize = RowNormalizer(config, strict=strict)
         self.tokenize = PairTokenizer(tokenizer, **tokenize_kwargs)
 

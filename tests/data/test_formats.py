@@ -73,7 +73,10 @@ def test_unpaired_text_and_conversational():
     [
         ({"prompt": "p", "chosen": "a", "rejected": "b"}, "standard"),
         ({"chosen": "pa", "rejected": "pb"}, "implicit_prompt"),
-        ({"prompt": [_msg("user", "p")], "chosen": [_msg("assistant", "a")], "rejected": []}, "conversational"),
+        (
+            {"prompt": [_msg("user", "p")], "chosen": [_msg("assistant", "a")], "rejected": []},
+            "conversational",
+        ),
         ({"chosen": [_msg("user", "p")], "rejected": [_msg("user", "q")]}, "conversational"),
         ({"prompt": "p", "completion": "a", "label": True}, "unpaired"),
     ],
@@ -91,7 +94,13 @@ def test_custom_column_names():
 def test_missing_column_error_lists_found_columns_and_schemas():
     cfg = FormatConfig(format="standard")
     with pytest.raises(FormatError) as err:
-        normalize_rows([{"prompt": "p", "chosen": "a", "rejected": "b"}, {"question": "p", "chosen": "a", "rejected": "b"}], cfg)
+        normalize_rows(
+            [
+                {"prompt": "p", "chosen": "a", "rejected": "b"},
+                {"question": "p", "chosen": "a", "rejected": "b"},
+            ],
+            cfg,
+        )
     msg = str(err.value)
     assert not isinstance(err.value, (KeyError, IndexError)) and isinstance(err.value, ValueError)
     assert "row 1" in msg and "['prompt']" in msg
@@ -149,19 +158,33 @@ def test_bad_messages_labels_and_implicit_rows_are_dropped():
         "rejected_empty": 1,
     }
     drops = DropCounter()
-    unpaired = [{"prompt": "p", "completion": "c", "label": "yes"}, {"prompt": "p", "completion": "c", "label": 2}]
+    unpaired = [
+        {"prompt": "p", "completion": "c", "label": "yes"},
+        {"prompt": "p", "completion": "c", "label": 2},
+    ]
     assert normalize_rows(unpaired, drops=drops) == []
     assert dict(drops.dropped) == {"label_not_bool": 2}
     drops = DropCounter()
-    assert normalize_rows([{"chosen": "abc", "rejected": "xyz"}, {"chosen": "ab", "rejected": "abc"}], drops=drops) == []
+    assert (
+        normalize_rows(
+            [{"chosen": "abc", "rejected": "xyz"}, {"chosen": "ab", "rejected": "abc"}], drops=drops
+        )
+        == []
+    )
     assert dict(drops.dropped) == {"no_shared_prompt": 1, "chosen_empty": 1}
 
 
 def test_strict_mode_names_row_and_field():
-    with pytest.raises(RowError, match=r"row 1: column 'chosen' is NoneType, expected a string \(chosen_not_string\)"):
+    with pytest.raises(
+        RowError, match=r"row 1: column 'chosen' is NoneType, expected a string \(chosen_not_string\)"
+    ):
         normalize_rows(BAD_ROWS, strict=True)
     cfg = FormatConfig(prompt="q", chosen="good", rejected="bad")
-    rows = [{"q": "p ", "good": "a", "bad": "b"}, {"q": "p ", "good": "a", "bad": "b"}, {"q": " ", "good": "a", "bad": "b"}]
+    rows = [
+        {"q": "p ", "good": "a", "bad": "b"},
+        {"q": "p ", "good": "a", "bad": "b"},
+        {"q": " ", "good": "a", "bad": "b"},
+    ]
     with pytest.raises(RowError, match=r"row 2: column 'q' is empty"):
         normalize_rows(rows, cfg, strict=True)
 

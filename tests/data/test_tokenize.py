@@ -16,7 +16,8 @@ from dpo_jax.data.tokenize import BoundaryWarning, Dropped, PairTokenizer, RowTo
 
 BOS, EOS, USER, ASSISTANT = 1, 2, 4, 5
 CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {{ eos_token }} {% endfor %}"
+    "{{ bos_token }}{% for m in messages %}"
+    "<|{{ m['role'] }}|> {{ m['content'] }} {{ eos_token }} {% endfor %}"
     "{% if add_generation_prompt %}<|assistant|> {% endif %}"
 )
 
@@ -35,7 +36,11 @@ def chat_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
     hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
         additional_special_tokens=["<|user|>", "<|assistant|>"],
     )
     hf.chat_template = CHAT_TEMPLATE
@@ -60,7 +65,7 @@ def test_trl_parity_on_fixture_pairs(trl_fixture_dir, fixture_tokenizer):
     tokenize = PairTokenizer(fixture_tokenizer)
     outs = [tokenize(r) for r in normalize_rows(rows)]
     assert len(outs) == len(reference) == 16
-    for i, (out, ref) in enumerate(zip(outs, reference)):
+    for i, (out, ref) in enumerate(zip(outs, reference, strict=True)):
         for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
             assert out[key].dtype == np.int32, key
             assert out[key].tolist() == ref[key], (
@@ -83,7 +88,11 @@ def test_truncation_modes_and_lengths(fixture_tokenizer):
     assert run(max_length=8, truncation_mode="keep_start") == full
     # keep_start: each sequence keeps its first max_length ids; the completions are cut.
     assert run(max_length=6, truncation_mode="keep_start") == (ids(1, 2, 3, 4), ids(5, 6), ids(8) + [EOS])
-    assert run(max_prompt_length=2, max_length=5, truncation_mode="keep_start") == (ids(1, 2), ids(5, 6, 7), ids(8) + [EOS])
+    assert run(max_prompt_length=2, max_length=5, truncation_mode="keep_start") == (
+        ids(1, 2),
+        ids(5, 6, 7),
+        ids(8) + [EOS],
+    )
     # keep_end: the prompt keeps its end and loses its start until the longest completion fits.
     assert run(max_length=6, truncation_mode="keep_end") == (ids(3, 4), *full[1:])
     assert run(max_prompt_length=3, truncation_mode="keep_end") == (ids(2, 3, 4), *full[1:])
@@ -92,7 +101,11 @@ def test_truncation_modes_and_lengths(fixture_tokenizer):
 
 def test_unfit_pairs_are_dropped_and_counted(fixture_tokenizer):
     drops = DropCounter()
-    pairs = [Pair(w(1, 2, 3, 4) + " ", w(5, 6, 7), w(8)), Pair(w(1, 2) + " ", w(5, 6), w(5, 7)), Pair(w(1) + " ", w(2), w(3))]
+    pairs = [
+        Pair(w(1, 2, 3, 4) + " ", w(5, 6, 7), w(8)),
+        Pair(w(1, 2) + " ", w(5, 6), w(5, 7)),
+        Pair(w(1) + " ", w(2), w(3)),
+    ]
     keep_start = PairTokenizer(fixture_tokenizer, max_length=4, truncation_mode="keep_start", drops=drops)
     assert keep_start(pairs[0], index=0) is None  # the prompt alone fills max_length
     # prompt 2 ids: max_length 4 leaves [w5, w6] vs [w5, w7] (kept); max_length 3 leaves [w5] twice.
@@ -106,7 +119,11 @@ def test_unfit_pairs_are_dropped_and_counted(fixture_tokenizer):
         "chosen_ids_equal_rejected_ids": 1,
         "completion_fills_max_length": 1,
     }
-    assert drops.first_row == {"prompt_fills_max_length": 0, "chosen_ids_equal_rejected_ids": 2, "completion_fills_max_length": 4}
+    assert drops.first_row == {
+        "prompt_fills_max_length": 0,
+        "chosen_ids_equal_rejected_ids": 2,
+        "completion_fills_max_length": 4,
+    }
     assert (drops.seen, drops.kept) == (5, 2)
     assert drops.events["completion_truncated"] == 2
 
@@ -130,8 +147,8 @@ def test_truncate_ids_invariants(prompt, completions, max_length, max_prompt_len
             assert d.reason == "completion_fills_max_length" and max(map(len, completions)) >= max_length
         return
     assert 1 <= len(p) <= (max_prompt_length or len(prompt))
-    assert p == (prompt[len(prompt) - len(p):] if mode == "keep_end" else prompt[: len(p)])
-    for c, orig in zip(cs, completions):
+    assert p == (prompt[len(prompt) - len(p) :] if mode == "keep_end" else prompt[: len(p)])
+    for c, orig in zip(cs, completions, strict=True):
         assert len(c) >= 1 and c == orig[: len(c)]
         assert max_length is None or len(p) + len(c) <= max_length
         if mode == "keep_end":
@@ -139,11 +156,13 @@ def test_truncate_ids_invariants(prompt, completions, max_length, max_prompt_len
 
 
 def test_boundary_merge_warns_once_and_completion_starts_at_divergence(merging_tokenizer):
-    x, a, b, ab, eos = 0, 1, 2, 3, 4
+    x, a, ab, eos = 0, 1, 3, 4
     tokenize = PairTokenizer(merging_tokenizer)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        first = tokenize(Pair("xa", "b", "x"))  # "xa"=[x, a]; "xab</s>"=[x, ab, </s>]; "xax</s>"=[x, a, x, </s>]
+        first = tokenize(
+            Pair("xa", "b", "x")
+        )  # "xa"=[x, a]; "xab</s>"=[x, ab, </s>]; "xax</s>"=[x, a, x, </s>]
         second = tokenize(Pair("xxa", "bx", "bb"))
         clean = tokenize(Pair("x", "a", "b"))
     boundary = [c for c in caught if issubclass(c.category, BoundaryWarning)]
@@ -165,7 +184,9 @@ def test_boundary_merge_warns_once_and_completion_starts_at_divergence(merging_t
 
 def test_conversational_chat_template_no_duplicate_bos_eos(chat_tokenizer):
     user = {"role": "user", "content": "w1 w2"}
-    pair = Pair((user,), ({"role": "assistant", "content": "w3"},), ({"role": "assistant", "content": "w4 w5"},), True)
+    pair = Pair(
+        (user,), ({"role": "assistant", "content": "w3"},), ({"role": "assistant", "content": "w4 w5"},), True
+    )
     out = PairTokenizer(chat_tokenizer)(pair)
     w_id = lambda i: 6 + i  # noqa: E731
     assert out["prompt_ids"].tolist() == [BOS, USER, w_id(1), w_id(2), EOS, ASSISTANT]  # header in the prompt
@@ -176,7 +197,10 @@ def test_conversational_chat_template_no_duplicate_bos_eos(chat_tokenizer):
         assert seq.count(BOS) == 1 and seq[0] == BOS
         assert out[key].tolist().count(EOS) == 1 and seq[-2:] != [EOS, EOS]
     # The same rows through formats: HH-style conversational rows with an implicit prompt.
-    row = {"chosen": [user, {"role": "assistant", "content": "w3"}], "rejected": [user, {"role": "assistant", "content": "w4 w5"}]}
+    row = {
+        "chosen": [user, {"role": "assistant", "content": "w3"}],
+        "rejected": [user, {"role": "assistant", "content": "w4 w5"}],
+    }
     (rec,) = normalize_rows([row])
     again = PairTokenizer(chat_tokenizer)(rec)
     assert all(np.array_equal(again[k], out[k]) for k in out)
@@ -196,9 +220,15 @@ def test_unpaired_records(chat_tokenizer, fixture_tokenizer):
     assert set(out) == {"prompt_ids", "completion_ids", "label"}
     assert out["prompt_ids"].tolist() == [5, 6] and out["completion_ids"].tolist() == [7, 8]
     assert out["label"].dtype == np.bool_ and not out["label"]
-    conv = Unpaired(({"role": "user", "content": "w1"},), ({"role": "assistant", "content": "w2"},), True, True)
+    conv = Unpaired(
+        ({"role": "user", "content": "w1"},), ({"role": "assistant", "content": "w2"},), True, True
+    )
     out = PairTokenizer(chat_tokenizer)(conv)
-    assert out["completion_ids"].tolist() == [8, EOS] and out["prompt_ids"].tolist()[-1] == ASSISTANT and out["label"]
+    assert (
+        out["completion_ids"].tolist() == [8, EOS]
+        and out["prompt_ids"].tolist()[-1] == ASSISTANT
+        and out["label"]
+    )
 
 
 def test_bad_arguments_and_pickle(fixture_tokenizer):
@@ -209,7 +239,14 @@ def test_bad_arguments_and_pickle(fixture_tokenizer):
     with pytest.raises(ValueError, match="max_prompt_length=0"):
         PairTokenizer(fixture_tokenizer, max_prompt_length=0)
     with pytest.raises(ValueError, match="chat_template"):
-        PairTokenizer(fixture_tokenizer)(Pair(({"role": "user", "content": "w1"},), ({"role": "assistant", "content": "w2"},), ({"role": "assistant", "content": "w3"},), True))
+        PairTokenizer(fixture_tokenizer)(
+            Pair(
+                ({"role": "user", "content": "w1"},),
+                ({"role": "assistant", "content": "w2"},),
+                ({"role": "assistant", "content": "w3"},),
+                True,
+            )
+        )
     with pytest.raises(ValueError, match="expects a formats.Pair or formats.Unpaired, got dict"):
         PairTokenizer(fixture_tokenizer)({"prompt": "w1", "chosen": "w2", "rejected": "w3"})
     tokenize = PairTokenizer(fixture_tokenizer, max_length=6, truncation_mode="keep_end")
@@ -222,11 +259,14 @@ def test_bad_arguments_and_pickle(fixture_tokenizer):
 def test_row_tokenizer_chains_formats_and_tokenize(trl_fixture_dir, fixture_tokenizer):
     rows = [json.loads(line) for line in open(trl_fixture_dir / "pairs.jsonl")]
     reference = json.load(open(trl_fixture_dir / "trl_reference.json"))["pairs"]
-    bad = [{"prompt": "w1 ", "chosen": 5, "rejected": "w2"}, {"prompt": "w1 ", "chosen": "w2", "rejected": "w2"}]
+    bad = [
+        {"prompt": "w1 ", "chosen": 5, "rejected": "w2"},
+        {"prompt": "w1 ", "chosen": "w2", "rejected": "w2"},
+    ]
     fn = pickle.loads(pickle.dumps(RowTokenizer(fixture_tokenizer, max_length=16)))
     outs = [fn(r, i) for i, r in enumerate(bad + rows)]
     assert outs[:2] == [None, None]
-    for out, ref in zip(outs[2:], reference):  # keep_start: each sequence keeps its first 16 ids
+    for out, ref in zip(outs[2:], reference, strict=True):  # keep_start: each sequence keeps its first 16 ids
         room = 16 - len(ref["prompt_ids"])
         if room < 1:
             assert out is None
@@ -238,7 +278,13 @@ def test_row_tokenizer_chains_formats_and_tokenize(trl_fixture_dir, fixture_toke
     assert 0 < n_long < 16
     report = fn.drops.as_dict()
     assert (report["seen"], report["kept"]) == (18, 16 - n_long)
-    assert report["dropped"] == {"chosen_not_string": 1, "chosen_equals_rejected": 1, "prompt_fills_max_length": n_long}
-    assert report["first_row"]["chosen_not_string"] == 0 and report["first_row"]["chosen_equals_rejected"] == 1
+    assert report["dropped"] == {
+        "chosen_not_string": 1,
+        "chosen_equals_rejected": 1,
+        "prompt_fills_max_length": n_long,
+    }
+    assert (
+        report["first_row"]["chosen_not_string"] == 0 and report["first_row"]["chosen_equals_rejected"] == 1
+    )
     full = RowTokenizer(fixture_tokenizer)
     assert [full(r)["chosen_ids"].tolist() for r in rows] == [ref["chosen_ids"] for ref in reference]
