@@ -1,0 +1,548 @@
+"""Hugging Face checkpoints <-> `Decoder`: config.json <-> `ModelConfig`, safetensors import/export.
+
+Supported `model_type`s: llama, mistral, qwen2, qwen3, gpt2, gpt_neox (their *ForCausalLM /
+GPT2LMHeadModel heads). Each family is a list of rules `HF tensor <-> our parameter(s)`; the
+loader checks the checkpoint against the rules (missing, unexpected and mis-shaped tensors are
+named) before reading any data. CLI: `python -m dpo_jax.models.hf --check DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import shutil
+import sys
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from dpo_jax.models.transformer import Decoder, ModelConfig, RopeScaling, num_params
+
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
+    "gpt_neox": "GPTNeoXForCausalLM",
+}
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
+                "gelu_pytorch_tanh": "gelu_tanh"}
+_ACT_TO_HF = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_new"}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
+                    "chat_template.json", "generation_config.json")
+# Buffers some checkpoints carry that are not parameters.
+_IGNORED = re.compile(r"(\.rotary_emb\.inv_freq|\.attn\.(masked_)?bias|\.attention\.(masked_)?bias)$")
+
+
+class UnsupportedArchitectureError(ValueError):
+    """config.json names a model_type / architecture this module cannot load."""
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's tensors do not match what its config.json implies."""
+
+
+# ----------------------------------------------------------------------------- config.json
+
+
+def _get(h: Mapping, key: str, default: Any = KeyError):
+    if key in h and h[key] is not None:
+        return h[key]
+    if default is KeyError:
+        raise ValueError(f"config.json of model_type {h.get('model_type')!r} lacks the field {key!r}")
+    return default
+
+
+def _rope_from_hf(h: Mapping, default_fraction: float) -> dict:
+    params = {**(h.get("rope_scaling") or {}), **(h.get("rope_parameters") or {})}
+    theta = params.get("rope_theta", h.get("rope_theta", h.get("rotary_emb_base", 10000.0)))
+    fraction = params.get("partial_rotary_factor", h.get("partial_rotary_factor", h.get("rotary_pct", default_fraction)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    out = dict(rope_theta=float(theta), rotary_fraction=float(fraction), rope_scaling=None)
+    if rope_type == "default":
+        return out
+    if rope_type == "linear":
+        out["rope_scaling"] = RopeScaling("linear", factor=float(params["factor"]))
+    elif rope_type == "llama3":
+        out["rope_scaling"] = RopeScaling(
+            "llama3", factor=float(params["factor"]), low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position_embeddings=int(params.get("original_max_position_embeddings",
+                                                            h.get("max_position_embeddings"))))
+    else:
+        raise ValueError(f"config.json rope_parameters.rope_type {rope_type!r} is not supported; "
+                         f"supported: 'default', 'linear', 'llama3'")
+    return out
+
+
+def _activation(h: Mapping, key: str) -> str:
+    act = _get(h, key)
+    if act not in _ACTIVATIONS:
+        raise ValueError(f"config.json {key} {act!r} is not supported; supported: {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[act]
+
+
+def _sliding(h: Mapping, n_layers: int) -> dict:
+    """Qwen2/3: `layer_types` (or use_sliding_window + max_window_layers) -> per-layer sliding."""
+    window = h.get("sliding_window")
+    types = h.get("layer_types")
+    if types is None:
+        use = bool(h.get("use_sliding_window")) and window is not None
+        types = ["sliding_attention" if use and i >= h.get("max_window_layers", 0) else "full_attention"
+                 for i in range(n_layers)]
+    bad = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if bad or len(types) != n_layers:
+        raise ValueError(f"config.json layer_types must list {n_layers} of 'full_attention' / "
+                         f"'sliding_attention'; got {types}")
+    slides = tuple(t == "sliding_attention" for t in types)
+    if not any(slides):
+        return dict(sliding_window=None, sliding_layers=None)
+    return dict(sliding_window=int(window), sliding_layers=slides)
+
+
+def _common_ids(h: Mapping) -> dict:
+    eos = h.get("eos_token_id")
+    return dict(bos_token_id=h.get("bos_token_id"), pad_token_id=h.get("pad_token_id"),
+                eos_token_id=tuple(eos) if isinstance(eos, list) else eos)
+
+
+def config_from_hf(h: Mapping, **overrides) -> ModelConfig:
+    """A Hugging Face config dict -> ModelConfig; `overrides` (dtype, param_dtype, remat, ...) win."""
+    model_type, archs = h.get("model_type"), list(h.get("architectures") or [])
+    if model_type not in ARCHITECTURES or any(a != ARCHITECTURES[model_type] for a in archs):
+        raise UnsupportedArchitectureError(
+            f"unsupported architecture: model_type={model_type!r}, architectures={archs}; supported: "
+            + ", ".join(f"{k} ({v})" for k, v in ARCHITECTURES.items()))
+    L = int(_get(h, "n_layer" if model_type == "gpt2" else "num_hidden_layers"))
+    c: dict[str, Any] = dict(family=model_type, num_layers=L, vocab_size=int(_get(h, "vocab_size")), **_common_ids(h))
+    if model_type == "gpt2":
+        D, H = int(_get(h, "n_embd")), int(_get(h, "n_head"))
+        if not h.get("scale_attn_weights", True) or h.get("scale_attn_by_inverse_layer_idx", False):
+            raise ValueError("config.json: gpt2 with scale_attn_weights=false or scale_attn_by_inverse_layer_idx=true "
+                             "is not supported")
+        c.update(hidden_size=D, num_heads=H, num_kv_heads=H, head_dim=D // H,
+                 intermediate_size=int(h.get("n_inner") or 4 * D), norm="layer",
+                 norm_eps=float(_get(h, "layer_norm_epsilon", 1e-5)), activation=_activation(h, "activation_function"),
+                 gated_mlp=False, position="learned", qkv_bias=True, o_bias=True, mlp_bias=True,
+                 tie_embeddings=bool(h.get("tie_word_embeddings", True)),
+                 max_position_embeddings=int(_get(h, "n_positions")))
+    elif model_type == "gpt_neox":
+        D, H = int(_get(h, "hidden_size")), int(_get(h, "num_attention_heads"))
+        bias = bool(h.get("attention_bias", True))
+        c.update(hidden_size=D, num_heads=H, num_kv_heads=H, head_dim=D // H,
+                 intermediate_size=int(_get(h, "intermediate_size")), norm="layer",
+                 norm_eps=float(_get(h, "layer_norm_eps", 1e-5)), activation=_activation(h, "hidden_act"),
+                 gated_mlp=False, qkv_bias=bias, o_bias=bias, mlp_bias=True,
+                 parallel_residual=bool(h.get("use_parallel_residual", True)),
+                 tie_embeddings=bool(h.get("tie_word_embeddings", False)),
+                 max_position_embeddings=int(_get(h, "max_position_embeddings")), **_rope_from_hf(h, 0.25))
+    else:
+        D, H = int(_get(h, "hidden_size")), int(_get(h, "num_attention_heads"))
+        c.update(hidden_size=D, num_heads=H, num_kv_heads=int(_get(h, "num_key_value_heads", H)),
+                 head_dim=int(_get(h, "head_dim", D // H)), intermediate_size=int(_get(h, "intermediate_size")),
+                 norm="rms", norm_eps=float(_get(h, "rms_norm_eps", 1e-6)), activation=_activation(h, "hidden_act"),
+                 gated_mlp=True, tie_embeddings=bool(h.get("tie_word_embeddings", False)),
+                 max_position_embeddings=int(_get(h, "max_position_embeddings")), **_rope_from_hf(h, 1.0))
+        if model_type == "llama":
+            c.update(qkv_bias=bool(h.get("attention_bias", False)), o_bias=bool(h.get("attention_bias", False)),
+                     mlp_bias=bool(h.get("mlp_bias", False)))
+        elif model_type == "mistral":
+            c.update(sliding_window=h.get("sliding_window"))
+        elif model_type == "qwen2":
+            c.update(qkv_bias=True, **_sliding(h, L))
+        else:  # qwen3
+            bias = bool(h.get("attention_bias", False))
+            c.update(qkv_bias=bias, o_bias=bias, qk_norm=True, **_sliding(h, L))
+    c.update(overrides)
+    return ModelConfig(**c)
+
+
+def _rope_to_hf(cfg: ModelConfig) -> dict:
+    params: dict[str, Any] = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
+    if cfg.rotary_fraction != 1.0:
+        params["partial_rotary_factor"] = cfg.rotary_fraction
+    sc = cfg.rope_scaling
+    if sc is not None and sc.rope_type != "default":
+        params.update(rope_type=sc.rope_type, factor=sc.factor)
+        if sc.rope_type == "llama3":
+            params.update(low_freq_factor=sc.low_freq_factor, high_freq_factor=sc.high_freq_factor,
+                          original_max_position_embeddings=sc.original_max_position_embeddings)
+    out = {"rope_parameters": params, "rope_theta": cfg.rope_theta}  # legacy key for transformers 4.x
+    if params["rope_type"] != "default":
+        out["rope_scaling"] = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    return out
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """ModelConfig -> a Hugging Face config dict of its family. Raises ValueError when the family
+    cannot express the config (checked by converting back and comparing)."""
+    f = cfg.family
+    h: dict[str, Any] = {"model_type": f, "architectures": [ARCHITECTURES[f]], "vocab_size": cfg.vocab_size,
+                         "bos_token_id": cfg.bos_token_id, "pad_token_id": cfg.pad_token_id,
+                         "eos_token_id": list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id,
+                         "tie_word_embeddings": cfg.tie_embeddings, "dtype": cfg.param_dtype,
+                         "initializer_range": cfg.init_std, "use_cache": True}
+    if f == "gpt2":
+        h.update(n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.intermediate_size,
+                 n_positions=cfg.max_position_embeddings, layer_norm_epsilon=cfg.norm_eps,
+                 activation_function=_ACT_TO_HF[cfg.activation], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                 scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False)
+    else:
+        h.update(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                 intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings,
+                 hidden_act=_ACT_TO_HF[cfg.activation], attention_dropout=0.0, **_rope_to_hf(cfg))
+    if f == "gpt_neox":
+        h.update(layer_norm_eps=cfg.norm_eps, use_parallel_residual=cfg.parallel_residual, attention_bias=cfg.qkv_bias,
+                 rotary_pct=cfg.rotary_fraction, rotary_emb_base=cfg.rope_theta, hidden_dropout=0.0)
+    elif f != "gpt2":
+        h.update(num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps)
+    if f == "llama":
+        h.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+    elif f == "mistral":
+        h.update(sliding_window=cfg.sliding_window)
+    elif f in ("qwen2", "qwen3"):
+        slides = cfg.layer_slides
+        h.update(use_sliding_window=any(slides), sliding_window=cfg.sliding_window, max_window_layers=cfg.num_layers,
+                 layer_types=["sliding_attention" if s else "full_attention" for s in slides])
+        if f == "qwen3":
+            h.update(attention_bias=cfg.qkv_bias)
+    numerics = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, scan_layers=cfg.scan_layers,
+                    init_std=cfg.init_std)
+    back = config_from_hf(h, **numerics)
+    cmp = dataclasses.replace(cfg, sliding_layers=cfg.layer_slides if cfg.sliding_window else None)
+    back = dataclasses.replace(back, sliding_layers=back.layer_slides if back.sliding_window else None)
+    diff = [k.name for k in dataclasses.fields(cfg) if getattr(cmp, k.name) != getattr(back, k.name)]
+    if diff:
+        raise ValueError(f"ModelConfig fields {diff} cannot be expressed as a Hugging Face {f!r} config "
+                         f"(ours: {[getattr(cfg, k) for k in diff]}, {f}: {[getattr(back, k) for k in diff]})")
+    return h
+
+
+def load_config(model_dir, **overrides) -> ModelConfig:
+    """ModelConfig from `model_dir/config.json` (overrides such as dtype / param_dtype / remat win)."""
+    path = pathlib.Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json in {model_dir}")
+    return config_from_hf(json.loads(path.read_text()), **overrides)
+
+
+# ----------------------------------------------------------------------------- tensor rules
+
+
+class Rule(NamedTuple):
+    hf: str  # HF tensor name; "{i}" marks a per-layer tensor
+    ours: tuple[str, ...]  # our parameter paths ("layers/wq" is the layer-i slice of a stacked param)
+    shape: tuple[int, ...]  # the HF tensor's shape
+    to_ours: Callable[[np.ndarray], tuple[np.ndarray, ...]]
+    to_hf: Callable[..., np.ndarray]
+
+
+def _r(hf, ours, shape, to_ours=lambda w: (w,), to_hf=lambda a: a):
+    return Rule(hf, (ours,) if isinstance(ours, str) else tuple(ours), tuple(shape), to_ours, to_hf)
+
+
+def _linear_in(name, ours, n_in, heads, e):
+    """nn.Linear weight [heads*e, n_in] <-> ours [n_in, heads, e] (or [n_in, heads*e] if heads is None)."""
+    if heads is None:
+        return _r(name, ours, (e, n_in), lambda w: (w.T,), lambda a: a.T)
+    return _r(name, ours, (heads * e, n_in), lambda w: (w.T.reshape(n_in, heads, e),),
+              lambda a: a.reshape(n_in, heads * e).T)
+
+
+def _head_bias(name, ours, heads, e):
+    return _r(name, ours, (heads * e,), lambda b: (b.reshape(heads, e),), lambda a: a.reshape(-1))
+
+
+def rules(cfg: ModelConfig) -> list[Rule]:
+    """The tensor rules of cfg's family (prefixes as written by transformers' *ForCausalLM)."""
+    V, D, H, K, E, F, P = (cfg.vocab_size, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                           cfg.intermediate_size, cfg.max_position_embeddings)
+    o_in = _r("", "", (D, H * E), lambda w: (w.T.reshape(H, E, D),), lambda a: a.reshape(H * E, D).T)
+    if cfg.family == "gpt2":
+        t, p = "transformer.", "transformer.h.{i}."
+        split3 = lambda w: tuple(x.reshape(D, H, E) for x in np.split(w, 3, axis=1))  # noqa: E731
+        rs = [_r(t + "wte.weight", "embed", (V, D)), _r(t + "wpe.weight", "pos_embed", (P, D)),
+              _r(t + "ln_f.weight", "final_norm", (D,)), _r(t + "ln_f.bias", "final_norm_bias", (D,)),
+              _r(p + "ln_1.weight", "layers/attn_norm", (D,)), _r(p + "ln_1.bias", "layers/attn_norm_bias", (D,)),
+              _r(p + "ln_2.weight", "layers/mlp_norm", (D,)), _r(p + "ln_2.bias", "layers/mlp_norm_bias", (D,)),
+              _r(p + "attn.c_attn.weight", ("layers/wq", "layers/wk", "layers/wv"), (D, 3 * D), split3,
+                 lambda *a: np.concatenate([x.reshape(D, D) for x in a], axis=1)),
+              _r(p + "attn.c_attn.bias", ("layers/bq", "layers/bk", "layers/bv"), (3 * D,),
+                 lambda b: tuple(x.reshape(H, E) for x in np.split(b, 3)),
+                 lambda *a: np.concatenate([x.reshape(-1) for x in a])),
+              _r(p + "attn.c_proj.weight", "layers/wo", (D, D), lambda w: (w.reshape(H, E, D),),
+                 lambda a: a.reshape(D, D)),
+              _r(p + "attn.c_proj.bias", "layers/bo", (D,)),
+              _r(p + "mlp.c_fc.weight", "layers/w_up", (D, F)), _r(p + "mlp.c_fc.bias", "layers/b_up", (F,)),
+              _r(p + "mlp.c_proj.weight", "layers/w_down", (F, D)), _r(p + "mlp.c_proj.bias", "layers/b_down", (D,))]
+        return rs if cfg.tie_embeddings else rs + [_linear_in("lm_head.weight", "lm_head", D, None, V)]
+    if cfg.family == "gpt_neox":
+        t, p = "gpt_neox.", "gpt_neox.layers.{i}."
+
+        def qkv_in(w):  # [3*H*E, D] -> per head [q | k | v]
+            x = w.T.reshape(D, H, 3, E)
+            return x[:, :, 0], x[:, :, 1], x[:, :, 2]
+
+        rs = [_r(t + "embed_in.weight", "embed", (V, D)),
+              _r(t + "final_layer_norm.weight", "final_norm", (D,)),
+              _r(t + "final_layer_norm.bias", "final_norm_bias", (D,)),
+              _r(p + "input_layernorm.weight", "layers/attn_norm", (D,)),
+              _r(p + "input_layernorm.bias", "layers/attn_norm_bias", (D,)),
+              _r(p + "post_attention_layernorm.weight", "layers/mlp_norm", (D,)),
+              _r(p + "post_attention_layernorm.bias", "layers/mlp_norm_bias", (D,)),
+              _r(p + "attention.query_key_value.weight", ("layers/wq", "layers/wk", "layers/wv"), (3 * H * E, D),
+                 qkv_in, lambda *a: np.stack(a, axis=2).reshape(D, 3 * H * E).T),
+              o_in._replace(hf=p + "attention.dense.weight", ours=("layers/wo",)),
+              _linear_in(p + "mlp.dense_h_to_4h.weight", "layers/w_up", D, None, F),
+              _r(p + "mlp.dense_h_to_4h.bias", "layers/b_up", (F,)),
+              _linear_in(p + "mlp.dense_4h_to_h.weight", "layers/w_down", F, None, D),
+              _r(p + "mlp.dense_4h_to_h.bias", "layers/b_down", (D,))]
+        if cfg.qkv_bias:
+            rs += [_r(p + "attention.query_key_value.bias", ("layers/bq", "layers/bk", "layers/bv"), (3 * H * E,),
+                      lambda b: tuple(np.moveaxis(b.reshape(H, 3, E), 1, 0)), lambda *a: np.stack(a, 1).reshape(-1)),
+                   _r(p + "attention.dense.bias", "layers/bo", (D,))]
+        return rs if cfg.tie_embeddings else rs + [_linear_in("embed_out.weight", "lm_head", D, None, V)]
+    p = "model.layers.{i}."
+    rs = [_r("model.embed_tokens.weight", "embed", (V, D)), _r("model.norm.weight", "final_norm", (D,)),
+          _r(p + "input_layernorm.weight", "layers/attn_norm", (D,)),
+          _r(p + "post_attention_layernorm.weight", "layers/mlp_norm", (D,)),
+          _linear_in(p + "self_attn.q_proj.weight", "layers/wq", D, H, E),
+          _linear_in(p + "self_attn.k_proj.weight", "layers/wk", D, K, E),
+          _linear_in(p + "self_attn.v_proj.weight", "layers/wv", D, K, E),
+          o_in._replace(hf=p + "self_attn.o_proj.weight", ours=("layers/wo",)),
+          _linear_in(p + "mlp.gate_proj.weight", "layers/w_gate", D, None, F),
+          _linear_in(p + "mlp.up_proj.weight", "layers/w_up", D, None, F),
+          _linear_in(p + "mlp.down_proj.weight", "layers/w_down", F, None, D)]
+    if cfg.qkv_bias:
+        rs += [_head_bias(p + f"self_attn.{n}_proj.bias", f"layers/b{n}", h, E) for n, h in (("q", H), ("k", K), ("v", K))]
+    if cfg.o_bias:
+        rs.append(_r(p + "self_attn.o_proj.bias", "layers/bo", (D,)))
+    if cfg.qk_norm:
+        rs += [_r(p + "self_attn.q_norm.weight", "layers/q_norm", (E,)), _r(p + "self_attn.k_norm.weight", "layers/k_norm", (E,))]
+    if cfg.mlp_bias:
+        rs += [_r(p + "mlp.gate_proj.bias", "layers/b_gate", (F,)), _r(p + "mlp.up_proj.bias", "layers/b_up", (F,)),
+               _r(p + "mlp.down_proj.bias", "layers/b_down", (D,))]
+    return rs if cfg.tie_embeddings else rs + [_linear_in("lm_head.weight", "lm_head", D, None, V)]
+
+
+def _expand(rule: Rule, n_layers: int) -> list[tuple[int | None, str]]:
+    return [(i, rule.hf.format(i=i)) for i in range(n_layers)] if "{i}" in rule.hf else [(None, rule.hf)]
+
+
+# ----------------------------------------------------------------------------- safetensors I/O
+
+
+def _tensor_files(model_dir: pathlib.Path) -> dict[str, pathlib.Path]:
+    """HF tensor name -> the safetensors file holding it (single file or index.json shards)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no 'weight_map' object")
+        files = {name: model_dir / fname for name, fname in weight_map.items()}
+        for f in sorted(set(files.values())):
+            if not f.is_file():
+                raise FileNotFoundError(f"{index} names shard {f.name}, which does not exist")
+        return files
+    singles = sorted(model_dir.glob("*.safetensors"))
+    if len(singles) != 1:
+        raise FileNotFoundError(f"{model_dir} must hold model.safetensors.index.json or exactly one *.safetensors "
+                                f"file (found {[f.name for f in singles]}); PyTorch .bin checkpoints are not supported")
+    with safe_open(singles[0], framework="np") as f:
+        return {name: singles[0] for name in f.keys()}
+
+
+def _normalize_prefix(names: list[str], cfg: ModelConfig) -> dict[str, str]:
+    """Checkpoint name -> canonical name; base-model checkpoints (e.g. the hub's `gpt2`) lack the prefix."""
+    prefix = {"gpt2": "transformer.", "gpt_neox": "gpt_neox."}.get(cfg.family, "model.")
+    heads = ("lm_head.weight", "embed_out.weight")
+    if any(n.startswith(prefix) for n in names):
+        return {n: n for n in names}
+    return {n: n if n in heads else prefix + n for n in names}
+
+
+def _limit(names) -> str:
+    names = sorted(names)
+    return ", ".join(names[:12]) + (f" (+{len(names) - 12} more)" if len(names) > 12 else "")
+
+
+def read_params(model_dir, cfg: ModelConfig) -> dict:
+    """Read and convert the checkpoint into our nested parameter dict (numpy, checkpoint dtype)."""
+    model_dir = pathlib.Path(model_dir)
+    files = _tensor_files(model_dir)
+    canon = _normalize_prefix(list(files), cfg)
+    by_canon = {c: n for n, c in canon.items()}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in sorted(set(files.values())):
+        with safe_open(path, framework="np") as f:
+            for name in f.keys():
+                if name in canon:
+                    shapes[canon[name]] = tuple(f.get_slice(name).get_shape())
+    absent = [n for n, c in canon.items() if c not in shapes]
+    if absent:
+        raise CheckpointMismatchError(f"{model_dir}: index names tensors absent from their shard: {_limit(absent)}")
+    rs = rules(cfg)
+    expected = {name: r.shape for r in rs for _, name in _expand(r, cfg.num_layers)}
+    ignorable = {n for n in shapes if _IGNORED.search(n) or (cfg.tie_embeddings and n in ("lm_head.weight",))}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected) - ignorable)
+    misshaped = [f"{n} (expected {expected[n]}, got {shapes[n]})" for n in sorted(expected)
+                 if n in shapes and shapes[n] != expected[n]]
+    problems = [f"{what}: {_limit(lst) if what != 'mis-shaped tensors' else '; '.join(lst[:12])}"
+                for what, lst in (("missing tensors", missing), ("unexpected tensors", unexpected),
+                                  ("mis-shaped tensors", misshaped)) if lst]
+    if problems:
+        raise CheckpointMismatchError(f"checkpoint {model_dir} does not match its config.json "
+                                      f"({cfg.family}, {cfg.num_layers} layers): " + "; ".join(problems))
+    flat: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        handles = {path: stack.enter_context(safe_open(path, framework="np")) for path in set(files.values())}
+        get = lambda name: handles[files[by_canon[name]]].get_tensor(by_canon[name])  # noqa: E731
+        for r in rs:
+            parts = [r.to_ours(get(name)) for _, name in _expand(r, cfg.num_layers)]
+            for k, ours in enumerate(r.ours):
+                arrays = [np.asarray(p[k]) for p in parts]
+                flat[ours] = np.stack(arrays) if "{i}" in r.hf else arrays[0]
+    nested: dict[str, Any] = {}
+    for path, value in flat.items():
+        *head, leaf = path.split("/")
+        d = nested
+        for k in head:
+            d = d.setdefault(k, {})
+        d[leaf] = value
+    return nested
+
+
+def model_from_params(cfg: ModelConfig, params: Mapping) -> Decoder:
+    """A Decoder holding `params` (nested dict as `nnx.to_pure_dict` gives), cast to cfg.param_dtype,
+    built without initializing random weights."""
+    abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    want = nnx.to_pure_dict(state)
+    leaves_want = jax.tree_util.tree_flatten_with_path(want)[0]
+    have = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    values = {}
+    for path, spec in leaves_want:
+        key = jax.tree_util.keystr(path)
+        if path not in have:
+            raise CheckpointMismatchError(f"no value for parameter {key}")
+        if tuple(have[path].shape) != tuple(spec.shape):
+            raise CheckpointMismatchError(f"parameter {key}: expected shape {spec.shape}, got {have[path].shape}")
+        values[path] = jnp.asarray(have[path], dtype=cfg.param_dtype)
+    pure = jax.tree_util.tree_map_with_path(lambda p, _: values[p], want)
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
+
+def _resolve(model_dir_or_hub_id) -> pathlib.Path:
+    if os.path.isdir(model_dir_or_hub_id):
+        return pathlib.Path(model_dir_or_hub_id)
+    from huggingface_hub import snapshot_download
+
+    return pathlib.Path(snapshot_download(repo_id=str(model_dir_or_hub_id),
+                                          allow_patterns=["*.json", "*.safetensors", *_TOKENIZER_FILES]))
+
+
+def load_model(model_dir_or_hub_id, *, dtype="float32", param_dtype="float32", **overrides) -> Decoder:
+    """Decoder from a local HF directory (or a hub id, downloaded with snapshot_download)."""
+    model_dir = _resolve(model_dir_or_hub_id)
+    cfg = load_config(model_dir, dtype=dtype, param_dtype=param_dtype, **overrides)
+    return model_from_params(cfg, read_params(model_dir, cfg))
+
+
+def export_model(model: Decoder, out_dir, *, tokenizer_dir=None, max_shard_bytes: int = 5 * 2**30) -> pathlib.Path:
+    """Write config.json + safetensors (sharded with an index above max_shard_bytes) loadable by
+    `transformers.AutoModelForCausalLM.from_pretrained`; copy tokenizer / generation_config files."""
+    cfg = model.cfg
+    hf_cfg = config_to_hf(cfg)
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+    def ours(path, i):
+        value = params
+        for k in path.split("/"):
+            value = value[k]
+        return value if i is None else value[i]
+
+    tensors: dict[str, np.ndarray] = {}
+    for r in rules(cfg):
+        for i, name in _expand(r, cfg.num_layers):
+            tensors[name] = np.ascontiguousarray(r.to_hf(*[ours(p, i) for p in r.ours]))
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += t.nbytes
+    for stale in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
+        stale.unlink()
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for k, shard in enumerate(shards):
+            fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(out / fname), metadata={"format": "pt"})
+            weight_map.update({name: fname for name in shard})
+        index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
+    if tokenizer_dir is not None:
+        for fname in _TOKENIZER_FILES:
+            src = pathlib.Path(tokenizer_dir) / fname
+            if src.is_file():
+                shutil.copyfile(src, out / fname)
+    return out
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def check(model_dir, *, dtype="float32", num_tokens=8) -> bool:
+    """Load `model_dir`, print its architecture and parameter count, run a forward pass."""
+    model = load_model(model_dir, dtype=dtype, param_dtype=dtype)
+    cfg = model.cfg
+    print(f"architecture: {cfg.family} ({ARCHITECTURES[cfg.family]}): {cfg.num_layers} layers, hidden "
+          f"{cfg.hidden_size}, heads {cfg.num_heads}/{cfg.num_kv_heads} x {cfg.head_dim}, mlp "
+          f"{cfg.intermediate_size}, vocab {cfg.vocab_size}, tied {cfg.tie_embeddings}")
+    print(f"parameters: {num_params(model):,}")
+    tokens = (jnp.arange(num_tokens, dtype=jnp.int32)[None] * 7919 + 1) % cfg.vocab_size
+    logits = nnx.jit(lambda m, t: m.logits(m(t)))(model, tokens)
+    finite = bool(jnp.all(jnp.isfinite(logits)))
+    print(f"logits: shape {tuple(logits.shape)} dtype {logits.dtype}, finite: {finite}")
+    return finite
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dpo_jax.models.hf", description=__doc__.splitlines()[0])
+    ap.add_argument("--check", metavar="DIR", required=True, help="a Hugging Face model directory (or hub id)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--tokens", type=int, default=8, help="length of the test forward pass")
+    args = ap.parse_args(argv)
+    try:
+        ok = check(args.check, dtype=args.dtype, num_tokens=args.tokens)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if not ok:
+        print("error: non-finite logits", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

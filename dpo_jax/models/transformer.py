@@ -1,0 +1,456 @@
+"""A decoder-only transformer in Flax NNX: the Llama family (Llama 2/3, Mistral, Qwen2/2.5, Qwen3),
+GPT-2 and GPT-NeoX/Pythia, configured by one frozen `ModelConfig`.
+
+Layer parameters are stacked on a leading `layers` axis and the blocks run under `jax.lax.scan`
+(or an unrolled loop), each block being a pure function of its arrays. Every parameter carries
+logical axis names as NNX `out_sharding` metadata (created with `eager_sharding=False`: this file
+knows no mesh); `nnx.get_partition_spec(nnx.state(model))` returns them. Logical axes:
+
+| name | parameter shapes (L layers, V vocab, D width, H/K query/kv heads, E head dim, F mlp) |
+| --- | --- |
+| embed [V, D] `(vocab, embed)` | pos_embed [P, D] `(None, embed)` | lm_head [D, V] `(embed, vocab)` |
+| layers.wq [L, D, H, E] `(layers, embed, heads, kv)` | layers.wk/wv [L, D, K, E] `(..., kv_heads, kv)` |
+| layers.wo [L, H, E, D] `(layers, heads, kv, embed)` | layers.w_gate/w_up [L, D, F], w_down [L, F, D] |
+| norms [L, D] / [D] `(layers, embed)` | q_norm/k_norm [L, E] `(layers, kv)`, biases like their kernels |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox")
+LOGICAL_AXES = ("layers", "vocab", "embed", "heads", "kv_heads", "kv", "mlp")
+REMAT_POLICIES = ("none", "full", "dots", "dots_all")
+ROPE_TYPES = ("default", "linear", "llama3")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling (HF `rope_parameters`). `linear`: inv_freq / factor. `llama3`:
+    wavelengths above original_max / low_freq_factor are divided by factor, below
+    original_max / high_freq_factor kept, smoothly interpolated in between."""
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_scaling.rope_type must be one of {ROPE_TYPES}; got {self.rope_type!r}")
+        if self.factor <= 0:
+            raise ValueError(f"rope_scaling.factor must be > 0; got {self.factor}")
+
+
+def _dtype_name(field: str, value: Any) -> str:
+    try:
+        name = jnp.dtype(value).name
+    except TypeError as e:
+        raise ValueError(f"{field} must be one of {DTYPES}; got {value!r}") from e
+    if name not in DTYPES:
+        raise ValueError(f"{field} must be one of {DTYPES}; got {value!r}")
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and numerics of a `Decoder`. Defaults describe a small Llama."""
+
+    family: str = "llama"
+    vocab_size: int = 512
+    hidden_size: int = 64
+    intermediate_size: int = 192
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    norm: str = "rms"  # rms | layer (with bias)
+    norm_eps: float = 1e-6
+    activation: str = "silu"  # silu | gelu (exact) | gelu_tanh (GPT-2's gelu_new)
+    gated_mlp: bool = True  # act(x W_gate) * (x W_up) W_down, else act(x W_up + b) W_down + b
+    position: str = "rope"  # rope | learned
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rotary_fraction: float = 1.0  # share of head_dim rotated (GPT-NeoX rotary_pct)
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k, before RoPE
+    parallel_residual: bool = False  # GPT-NeoX: x + attn(ln1 x) + mlp(ln2 x)
+    sliding_window: int | None = None  # key j visible iff positions[i] - positions[j] < window
+    sliding_layers: tuple[bool, ...] | None = None  # which layers slide; None: all (if window)
+    tie_embeddings: bool = False
+    max_position_embeddings: int = 2048
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    init_std: float = 0.02
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat: str = "none"  # none | full | dots (save matmuls without batch dims) | dots_all
+    scan_layers: bool = True
+
+    def __post_init__(self):
+        s = functools.partial(object.__setattr__, self)
+        s("dtype", _dtype_name("dtype", self.dtype))
+        s("param_dtype", _dtype_name("param_dtype", self.param_dtype))
+        if self.head_dim is None:
+            s("head_dim", self.hidden_size // max(self.num_heads, 1))
+        if isinstance(self.eos_token_id, list):
+            s("eos_token_id", tuple(self.eos_token_id))
+        if self.sliding_layers is not None:
+            s("sliding_layers", tuple(bool(b) for b in self.sliding_layers))
+        choices = dict(family=FAMILIES, norm=("rms", "layer"), activation=ACTIVATIONS,
+                       position=("rope", "learned"), remat=REMAT_POLICIES)
+        for field, allowed in choices.items():
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"ModelConfig.{field} must be one of {allowed}; got {getattr(self, field)!r}")
+        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                      "num_kv_heads", "head_dim", "max_position_embeddings"):
+            if int(getattr(self, field)) <= 0:
+                raise ValueError(f"ModelConfig.{field} must be a positive integer; got {getattr(self, field)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of "
+                             f"num_kv_heads ({self.num_kv_heads})")
+        if self.position == "rope" and (self.rotary_dim % 2 or self.rotary_dim == 0):
+            raise ValueError(f"ModelConfig.rotary_fraction * head_dim must be a positive even number; "
+                             f"got {self.rotary_fraction} * {self.head_dim}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"ModelConfig.sliding_window must be positive or None; got {self.sliding_window}")
+        if self.sliding_layers is not None and len(self.sliding_layers) != self.num_layers:
+            raise ValueError(f"ModelConfig.sliding_layers must have num_layers={self.num_layers} entries; "
+                             f"got {len(self.sliding_layers)}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ValueError(f"ModelConfig.rope_scaling must be a RopeScaling or None; got {self.rope_scaling!r}")
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rotary_fraction)
+
+    @property
+    def layer_slides(self) -> tuple[bool, ...]:
+        """Per layer: whether the sliding window applies."""
+        if self.sliding_window is None:
+            return (False,) * self.num_layers
+        return self.sliding_layers if self.sliding_layers is not None else (True,) * self.num_layers
+
+
+# ----------------------------------------------------------------------------- the attention rule
+
+
+def attention_mask(q_segment_ids_BxT, q_positions_BxT, q_branch_ids_BxT,
+                   k_segment_ids_BxS, k_positions_BxS, k_branch_ids_BxS, *, sliding_window=None):
+    """Bx1xTxS bool: query i sees key j iff seg[i] == seg[j] != 0, pos[j] <= pos[i],
+    branch[j] in {0, branch[i]} (and pos[i] - pos[j] < sliding_window when given)."""
+    qs, ks = q_segment_ids_BxT[:, :, None], k_segment_ids_BxS[:, None, :]
+    qp, kp = q_positions_BxT[:, :, None], k_positions_BxS[:, None, :]
+    qb, kb = q_branch_ids_BxT[:, :, None], k_branch_ids_BxS[:, None, :]
+    mask = (qs == ks) & (qs != 0) & (kp <= qp) & ((kb == 0) | (kb == qb))
+    if sliding_window is not None:
+        mask &= qp - kp < sliding_window
+    return mask[:, None]
+
+
+def make_attention_mask(segment_ids_BxT, positions_BxT, branch_ids_BxT=None, *, sliding_window=None):
+    """The attention rule of docs/design.md on one row set: Bx1xTxT bool (see `attention_mask`).
+    Padding (segment 0) sees nothing; attention turns such rows uniform, never NaN."""
+    if branch_ids_BxT is None:
+        branch_ids_BxT = jnp.zeros_like(segment_ids_BxT)
+    return attention_mask(segment_ids_BxT, positions_BxT, branch_ids_BxT,
+                          segment_ids_BxT, positions_BxT, branch_ids_BxT, sliding_window=sliding_window)
+
+
+# ----------------------------------------------------------------------------- pure layer math
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """inv_freq_k = theta^(-2k / R), k < R/2 (R = rotary dim), then the configured scaling."""
+    dim = cfg.rotary_dim
+    inv = (1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))).astype(np.float32)
+    sc = cfg.rope_scaling
+    if sc is None or sc.rope_type == "default":
+        return inv
+    if sc.rope_type == "linear":
+        return (inv / sc.factor).astype(np.float32)
+    low_wavelen = sc.original_max_position_embeddings / sc.low_freq_factor
+    high_wavelen = sc.original_max_position_embeddings / sc.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / sc.factor, inv)
+    smooth = (sc.original_max_position_embeddings / wavelen - sc.low_freq_factor) / (
+        sc.high_freq_factor - sc.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / sc.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x_BxTxNxE, sin_BxTxR2, cos_BxTxR2):
+    """Rotate the first R dims of each head in halves: [x1, x2] -> [x1 c - x2 s, x2 c + x1 s]."""
+    r2 = sin_BxTxR2.shape[-1]
+    x = x_BxTxNxE.astype(jnp.float32)
+    x1, x2, rest = x[..., :r2], x[..., r2:2 * r2], x[..., 2 * r2:]
+    s, c = sin_BxTxR2[:, :, None, :], cos_BxTxR2[:, :, None, :]
+    out = jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s, rest], axis=-1)
+    return out.astype(x_BxTxNxE.dtype)
+
+
+def _norm(x, scale, bias, kind, eps):
+    """RMSNorm x / sqrt(mean x^2 + eps) * scale, or LayerNorm (x - mu) / sqrt(var + eps) * scale + bias;
+    statistics in float32."""
+    x32 = x.astype(jnp.float32)
+    if kind == "rms":
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    else:
+        mu = jnp.mean(x32, axis=-1, keepdims=True)
+        y = (x32 - mu) * jax.lax.rsqrt(jnp.var(x32, axis=-1, keepdims=True) + eps)
+    y = y.astype(x.dtype) * scale.astype(x.dtype)
+    return y if bias is None else y + bias.astype(x.dtype)
+
+
+def _act(x, kind):
+    if kind == "silu":
+        return jax.nn.silu(x)
+    return jax.nn.gelu(x, approximate=(kind == "gelu_tanh"))
+
+
+def _block(cfg: ModelConfig, x_BxTxD, p: dict, mask_Bx1xTxS, sin, cos, kv_cache=None, cache_index=None):
+    """One transformer block on arrays `p` (this layer's slice). Returns (x, (k, v) or None)."""
+    dt = x_BxTxD.dtype
+    w = {k: v.astype(dt) for k, v in p.items()}
+    bias = lambda name: w.get(name)  # noqa: E731
+    add = lambda y, b: y if b is None else y + b  # noqa: E731
+
+    def attention(h):
+        q = add(jnp.einsum("btd,dhe->bthe", h, w["wq"]), bias("bq"))
+        k = add(jnp.einsum("btd,dke->btke", h, w["wk"]), bias("bk"))
+        v = add(jnp.einsum("btd,dke->btke", h, w["wv"]), bias("bv"))
+        if cfg.qk_norm:
+            q = _norm(q, w["q_norm"], None, "rms", cfg.norm_eps)
+            k = _norm(k, w["k_norm"], None, "rms", cfg.norm_eps)
+        if sin is not None:
+            q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
+        new_kv = None
+        if kv_cache is not None:
+            k_all, v_all = kv_cache
+            k = jax.lax.dynamic_update_slice_in_dim(k_all, k.astype(k_all.dtype), cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(v_all, v.astype(v_all.dtype), cache_index, axis=1)
+            new_kv = (k, v)
+            k, v = k.astype(dt), v.astype(dt)
+        o = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xTxS, scale=cfg.head_dim ** -0.5)
+        return add(jnp.einsum("bthe,hed->btd", o, w["wo"]), bias("bo")), new_kv
+
+    def mlp(h):
+        up = add(jnp.einsum("btd,df->btf", h, w["w_up"]), bias("b_up"))
+        if cfg.gated_mlp:
+            gate = add(jnp.einsum("btd,df->btf", h, w["w_gate"]), bias("b_gate"))
+            a = _act(gate, cfg.activation) * up
+        else:
+            a = _act(up, cfg.activation)
+        return add(jnp.einsum("btf,fd->btd", a, w["w_down"]), bias("b_down"))
+
+    attn_out, new_kv = attention(_norm(x_BxTxD, w["attn_norm"], bias("attn_norm_bias"), cfg.norm, cfg.norm_eps))
+    if cfg.parallel_residual:
+        h = _norm(x_BxTxD, w["mlp_norm"], bias("mlp_norm_bias"), cfg.norm, cfg.norm_eps)
+        return x_BxTxD + attn_out + mlp(h), new_kv
+    x = x_BxTxD + attn_out
+    return x + mlp(_norm(x, w["mlp_norm"], bias("mlp_norm_bias"), cfg.norm, cfg.norm_eps)), new_kv
+
+
+def _remat(fn, policy: str, prevent_cse: bool):
+    if policy == "none":
+        return fn
+    policies = {
+        "full": None,
+        "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        "dots_all": jax.checkpoint_policies.checkpoint_dots,
+    }
+    return jax.checkpoint(fn, policy=policies[policy], prevent_cse=prevent_cse)
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def layer_param_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str | None, ...]]]:
+    """Per-layer parameter name -> (shape without L, logical axes without `layers`)."""
+    D, H, K, E, F = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+    s = {
+        "attn_norm": ((D,), ("embed",)),
+        "wq": ((D, H, E), ("embed", "heads", "kv")),
+        "wk": ((D, K, E), ("embed", "kv_heads", "kv")),
+        "wv": ((D, K, E), ("embed", "kv_heads", "kv")),
+        "wo": ((H, E, D), ("heads", "kv", "embed")),
+        "mlp_norm": ((D,), ("embed",)),
+        "w_up": ((D, F), ("embed", "mlp")),
+        "w_down": ((F, D), ("mlp", "embed")),
+    }
+    if cfg.norm == "layer":
+        s["attn_norm_bias"] = s["mlp_norm_bias"] = ((D,), ("embed",))
+    if cfg.qkv_bias:
+        s.update(bq=((H, E), ("heads", "kv")), bk=((K, E), ("kv_heads", "kv")), bv=((K, E), ("kv_heads", "kv")))
+    if cfg.o_bias:
+        s["bo"] = ((D,), ("embed",))
+    if cfg.qk_norm:
+        s["q_norm"] = s["k_norm"] = ((E,), ("kv",))
+    if cfg.gated_mlp:
+        s["w_gate"] = ((D, F), ("embed", "mlp"))
+    if cfg.mlp_bias:
+        s.update(b_up=((F,), ("mlp",)), b_down=((D,), ("embed",)))
+        if cfg.gated_mlp:
+            s["b_gate"] = ((F,), ("mlp",))
+    return s
+
+
+def _init_value(name: str, key, shape, dtype, std):
+    if name.endswith("norm"):
+        return jnp.ones(shape, dtype)
+    if name.startswith("b") or name.endswith("_bias"):
+        return jnp.zeros(shape, dtype)
+    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def _param(value, names):
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+class LayerStack(nnx.Module):
+    """All blocks' parameters, each stacked on a leading `layers` axis of size L."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.names = tuple(sorted(layer_param_shapes(cfg)))
+        for name, (shape, axes) in layer_param_shapes(cfg).items():
+            value = _init_value(name, rngs.params(), (cfg.num_layers, *shape), cfg.param_dtype, cfg.init_std)
+            setattr(self, name, _param(value, ("layers", *axes)))
+
+    def arrays(self) -> dict[str, jax.Array]:
+        return {name: getattr(self, name)[...] for name in self.names}
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
+    """An empty KV cache: keys/values [L, B, S, K, E] plus the positions, segment and branch ids of
+    the cached keys [B, S] (segment 0 = empty slot, never attended)."""
+    dtype = jnp.dtype(cfg.dtype if dtype is None else dtype)
+    kv = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    ids = jnp.zeros((batch, max_len), jnp.int32)
+    return {"k_LxBxSxKxE": jnp.zeros(kv, dtype), "v_LxBxSxKxE": jnp.zeros(kv, dtype),
+            "positions_BxS": ids, "segment_ids_BxS": ids, "branch_ids_BxS": ids}
+
+
+class Decoder(nnx.Module):
+    """Tokens -> final-normed hidden states; `logits` / `unembedding` for the output layer."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pd, std, D = cfg.param_dtype, cfg.init_std, cfg.hidden_size
+        self.embed = _param(_init_value("embed", rngs.params(), (cfg.vocab_size, D), pd, std), ("vocab", "embed"))
+        if cfg.position == "learned":
+            self.pos_embed = _param(_init_value("pos_embed", rngs.params(), (cfg.max_position_embeddings, D), pd, std),
+                                    (None, "embed"))
+        self.layers = LayerStack(cfg, rngs=rngs)
+        self.final_norm = _param(jnp.ones((D,), pd), ("embed",))
+        if cfg.norm == "layer":
+            self.final_norm_bias = _param(jnp.zeros((D,), pd), ("embed",))
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(_init_value("lm_head", rngs.params(), (D, cfg.vocab_size), pd, std),
+                                  ("embed", "vocab"))
+
+    def unembedding(self):
+        """(W_DxV, bias_V or None): the lm_head, or the transposed tied embedding."""
+        w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        return w, None
+
+    def logits(self, hidden_BxTxD):
+        """hidden @ W_DxV in the compute dtype, accumulated and returned in float32."""
+        w, b = self.unembedding()
+        dt = jnp.dtype(self.cfg.dtype)
+        out = jnp.einsum("btd,dv->btv", hidden_BxTxD.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
+        return out if b is None else out + b.astype(jnp.float32)
+
+    def __call__(self, tokens_BxT, *, positions_BxT=None, segment_ids_BxT=None, branch_ids_BxT=None,
+                 cache=None, cache_index=None):
+        """hidden_BxTxD (compute dtype). With `cache` (see `init_cache`), the T tokens' keys and values
+        are written at slots [cache_index, cache_index + T), queries attend over the whole cache under
+        the same rule, and (hidden_BxTxD, new_cache) is returned. Defaults: positions = arange
+        (+ cache_index), segment ids 1, branch ids 0."""
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.dtype)
+        B, T = tokens_BxT.shape
+        if cache is not None and cache_index is None:
+            raise ValueError("cache_index is required when cache is given (the first slot to write)")
+        if positions_BxT is None:
+            start = 0 if cache is None else cache_index
+            positions_BxT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+        if segment_ids_BxT is None:
+            segment_ids_BxT = jnp.ones((B, T), jnp.int32)
+        if branch_ids_BxT is None:
+            branch_ids_BxT = jnp.zeros((B, T), jnp.int32)
+        for name, arr in (("positions_BxT", positions_BxT), ("segment_ids_BxT", segment_ids_BxT),
+                          ("branch_ids_BxT", branch_ids_BxT)):
+            if arr.shape != (B, T):
+                raise ValueError(f"{name} must have the shape of tokens_BxT {(B, T)}; got {arr.shape}")
+
+        x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(dt)
+        if cfg.position == "learned":
+            x = x + jnp.take(self.pos_embed[...], positions_BxT, axis=0).astype(dt)
+            sin = cos = None
+        else:
+            ang = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+            sin, cos = jnp.sin(ang), jnp.cos(ang)
+
+        if cache is None:
+            k_seg, k_pos, k_br = segment_ids_BxT, positions_BxT, branch_ids_BxT
+        else:
+            put = lambda old, new: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+                old, new.astype(old.dtype), cache_index, axis=1)
+            k_seg = put(cache["segment_ids_BxS"], segment_ids_BxT)
+            k_pos = put(cache["positions_BxS"], positions_BxT)
+            k_br = put(cache["branch_ids_BxS"], branch_ids_BxT)
+        masks = {False: None, True: None}
+        for slides in set(cfg.layer_slides):
+            masks[slides] = attention_mask(segment_ids_BxT, positions_BxT, branch_ids_BxT, k_seg, k_pos, k_br,
+                                           sliding_window=cfg.sliding_window if slides else None)
+
+        params = self.layers.arrays()
+        xs = {"p": params, "slides": jnp.asarray(cfg.layer_slides)}
+        if cache is not None:
+            xs["kv"] = (cache["k_LxBxSxKxE"], cache["v_LxBxSxKxE"])
+
+        def layer(x, xs_l):
+            if masks[True] is None or masks[False] is None:
+                mask = masks[True] if masks[False] is None else masks[False]
+            else:
+                mask = jnp.where(xs_l["slides"], masks[True], masks[False])
+            return _block(cfg, x, xs_l["p"], mask, sin, cos, xs_l.get("kv"), cache_index)
+
+        if cache is None:
+            layer = _remat(layer, cfg.remat, prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            x, new_kv = jax.lax.scan(layer, x, xs)
+        else:
+            outs = []
+            for i in range(cfg.num_layers):
+                x, kv_i = layer(x, jax.tree.map(lambda a: a[i], xs))
+                outs.append(kv_i)
+            new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+        fb = self.final_norm_bias[...] if cfg.norm == "layer" else None
+        hidden = _norm(x, self.final_norm[...], fb, cfg.norm, cfg.norm_eps)
+        if cache is None:
+            return hidden
+        new_cache = {"k_LxBxSxKxE": new_kv[0], "v_LxBxSxKxE": new_kv[1], "positions_BxS": k_pos,
+                     "segment_ids_BxS": k_seg, "branch_ids_BxS": k_br}
+        return hidden, new_cache
+
+
+def num_params(model: nnx.Module) -> int:
+    """Number of scalar parameters (nnx.Param leaves)."""
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
