@@ -85,17 +85,18 @@ class Segment:
         return len(self.tokens)
 
 
-def _ids(example: Example, key: str, index: int) -> np.ndarray:
+def _ids(example: Example, key: str, index: int | None) -> np.ndarray:
+    where = "example" if index is None else f"example {index}"
     if key not in example:
-        raise ValueError(f"example {index}: missing key '{key}' (has {sorted(example)})")
+        raise ValueError(f"{where}: missing key '{key}' (has {sorted(example)})")
     ids = np.asarray(example[key])
     if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(
-            f"example {index}: '{key}' must be a non-empty 1-D integer array, "
+            f"{where}: '{key}' must be a non-empty 1-D integer array, "
             f"got shape {ids.shape} dtype {ids.dtype}"
         )
     if ids.min() < 0:
-        raise ValueError(f"example {index}: '{key}' holds negative token ids")
+        raise ValueError(f"{where}: '{key}' holds negative token ids")
     return ids.astype(np.int32)
 
 
@@ -293,8 +294,14 @@ class LayoutSpec:
             raise ValueError(f"buckets must be a non-empty tuple of positive lengths, got {self.buckets}")
 
     def segment_lengths(self, example: Example) -> list[int]:
-        share = self.share_prefix or self.layout == "prefix"
-        return [len(s) for s in example_segments(example, 0, share)]
+        """Lengths of the example's segments in this layout (validates the ids, builds nothing)."""
+        n = len(_ids(example, "prompt_ids", None))
+        if is_unpaired(example):
+            return [n + len(_ids(example, "completion_ids", None))]
+        a, b = (len(_ids(example, k, None)) for k in ("chosen_ids", "rejected_ids"))
+        if self.share_prefix or self.layout == "prefix":
+            return [n + a + b + 1]
+        return [n + a, n + b]
 
     def fits(self, example: Example) -> bool:
         """Whether the example alone fits in a batch (its rows within the largest bucket)."""

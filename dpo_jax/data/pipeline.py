@@ -14,8 +14,10 @@ grain's orbax checkpoint handler stores) restore it exactly, mid-epoch or across
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import os
+import threading
 from typing import Any, Callable, Mapping, Sequence
 
 import grain
@@ -43,9 +45,13 @@ class DataConfig:
 
     Sources: ``path`` (local file / ``save_to_disk`` dir / hub id), ``name`` (hub subset).
     Eval: ``eval_split`` (a named split) or ``eval_fraction`` of ``train_split`` (seeded by
-    ``split_seed``). Batches: ``pairs_per_batch`` = pair capacity P; T buckets default to powers
-    of two from ``min_bucket`` up to ``max_length``; packed rows default to P rows of
-    ``max_length``. ``num_epochs`` None repeats forever.
+    ``split_seed``). ``max_length`` bounds one sequence, prompt + completion (the tokenizer
+    truncates to it, see ``make_row_step``); a prefix-shared row holds up to 2 * max_length
+    tokens. Batches: ``pairs_per_batch`` = pair capacity P; T buckets default to powers of two
+    from ``min_bucket`` up to the longest row; packed batches default to P rows of the longest
+    row. ``num_epochs`` None repeats forever. ``num_threads`` tokenize in threads;
+    ``worker_count`` > 0 lays out batches in grain worker processes (``mp_prefetch``: absl flags
+    must be parsed, as under an absl main; close the iterator when done).
     """
 
     path: str = ""
@@ -62,6 +68,8 @@ class DataConfig:
     drop_remainder: bool = True
     layout: str = "standard"
     max_length: int = 1024
+    max_prompt_length: int | None = None
+    truncation_mode: str = "keep_start"
     min_bucket: int = 16
     buckets: tuple[int, ...] = ()
     pack_rows: int = 0
@@ -72,17 +80,23 @@ class DataConfig:
     prefetch_buffer_size: int = 64
     worker_count: int = 0
 
+    def max_row_length(self) -> int:
+        """The longest row an example can need: 2 * max_length when prompts are shared."""
+        shared = self.layout == "prefix" or (self.layout == "packed" and self.share_prefix)
+        return 2 * self.max_length if shared else self.max_length
+
     def layout_spec(self) -> layouts.LayoutSpec:
         """The batch shapes these settings give (validated)."""
+        longest = self.max_row_length()
         buckets = tuple(sorted(self.buckets)) or layouts.power_of_two_buckets(
-            self.max_length, min(self.min_bucket, self.max_length)
+            longest, min(self.min_bucket, longest)
         )
         return layouts.LayoutSpec(
             layout=self.layout,
             num_pairs=self.pairs_per_batch,
             buckets=buckets,
             num_rows=self.pack_rows or self.pairs_per_batch,
-            row_length=self.pack_length or self.max_length,
+            row_length=self.pack_length or self.max_row_length(),
             share_prefix=self.share_prefix,
             pad_id=self.pad_id,
         )
@@ -330,11 +344,42 @@ def make_train_iterator(
 # ----------------------------------------------------------------------------- eval, report
 
 
+class _PerThreadCopies:
+    """Calls a private deep copy of ``step`` in each thread, so per-instance drop counters
+    (``step.drops``, e.g. ``tokenize.RowTokenizer``) count exactly; ``drops()`` merges them."""
+
+    def __init__(self, step: TokenizeFn):
+        self._step, self._local, self._lock, self._copies = step, threading.local(), threading.Lock(), []
+
+    def __call__(self, row: Row):
+        step = getattr(self._local, "step", None)
+        if step is None:
+            step = self._local.step = copy.deepcopy(self._step)
+            with self._lock:
+                self._copies.append(step)
+        return step(row)
+
+    def drops(self) -> dict[str, Any]:
+        dropped, events = collections.Counter(), collections.Counter()
+        for step in self._copies:
+            counts = step.drops.as_dict()
+            dropped.update(counts.get("dropped", {}))
+            events.update(counts.get("events", {}))
+        return {"dropped": dropped, "events": events}
+
+
 def tokenize_all(
     rows: Sequence[Row], tokenize_fn: TokenizeFn, config: DataConfig
 ) -> tuple[list[dict], dict[str, Any]]:
-    """(kept examples in row order, report) after one pass over every row."""
-    prepare = _Prepare(tokenize_fn, config.layout_spec())
+    """(kept examples in row order, report) after one pass over every row.
+
+    Drops are counted by reason: ``too_long`` (fits no batch of the layout), and the reasons of
+    the tokenize step's own ``drops`` counter when it has one (``formats.DropCounter``), else
+    ``tokenize``. The step's counted events (e.g. truncations) go to ``events``.
+    """
+    counted = hasattr(tokenize_fn, "drops")
+    step = _PerThreadCopies(tokenize_fn) if counted else tokenize_fn
+    prepare = _Prepare(step, config.layout_spec())
     ds = grain.MapDataset.source(rows).map(prepare.classify)
     kept, dropped, tokens = [], collections.Counter(), 0
     for example, reason in ds.to_iter_dataset(_read_options(config)):
@@ -343,17 +388,44 @@ def tokenize_all(
             continue
         kept.append(example)
         tokens += sum(prepare.spec.segment_lengths(example))
+    events: dict[str, int] = {}
+    if counted:
+        counts = step.drops()
+        unexplained = dropped.pop(DROP_TOKENIZE, 0) - sum(counts["dropped"].values())
+        dropped.update(counts["dropped"])
+        if unexplained > 0:
+            dropped[DROP_TOKENIZE] = unexplained
+        events = dict(sorted(counts["events"].items()))
     report = {
         "rows_read": len(rows),
         "kept": len(kept),
         "dropped": dict(sorted(dropped.items())),
+        "events": events,
         "layout_tokens": tokens,
     }
     return kept, report
 
 
+def make_row_step(tokenizer: Any, config: DataConfig, format_config=None, strict: bool = False):
+    """The standard row step: ``formats.RowNormalizer`` then ``tokenize.PairTokenizer``.
+
+    Sequences are truncated to ``config.max_length`` (``max_prompt_length``, ``truncation_mode``
+    as in ``tokenize``), so every example fits the default buckets / packed rows.
+    """
+    from dpo_jax.data import formats, tokenize  # pylint: disable=g-import-not-at-top
+
+    return tokenize.RowTokenizer(
+        tokenizer,
+        format_config or formats.FormatConfig(),
+        strict=strict,
+        max_length=config.max_length,
+        max_prompt_length=config.max_prompt_length,
+        truncation_mode=config.truncation_mode,
+    )
+
+
 def data_report(rows: Sequence[Row], tokenize_fn: TokenizeFn, config: DataConfig) -> dict[str, Any]:
-    """Rows read, kept, dropped by reason (``tokenize``, ``too_long``), laid-out tokens."""
+    """Rows read, kept, dropped by reason, the step's events, laid-out tokens (one full pass)."""
     return tokenize_all(rows, tokenize_fn, config)[1]
 
 

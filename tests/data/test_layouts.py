@@ -203,3 +203,12 @@ def test_pack_groups_respect_capacity_and_fit():
         assert batch["pair_mask_P"].sum() == len(g)
     std = L.LayoutSpec(layout="standard", num_pairs=6, buckets=(32,))
     assert [len(g) for g in L.pack_groups(pairs, std)] == [6] * 6 + [4]
+
+
+def test_segment_lengths_match_the_segments():
+    unpaired = {"prompt_ids": np.array([1, 2]), "completion_ids": np.array([3, 4, 5]), "label": False}
+    for example in _random_pairs(6, seed=9) + [unpaired]:
+        for layout, share in (("standard", False), ("prefix", False), ("packed", False), ("packed", True)):
+            spec = L.LayoutSpec(layout=layout, num_rows=2, row_length=64, share_prefix=share)
+            segs = L.example_segments(example, 0, share or layout == "prefix")
+            assert spec.segment_lengths(example) == [len(s) for s in segs], (layout, share)

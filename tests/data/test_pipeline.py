@@ -139,7 +139,7 @@ def test_length_buckets_bound_the_number_of_shapes():
         config = _config(layout=layout, max_length=64, min_bucket=8, num_epochs=1)
         shapes = {b["tokens_BxT"].shape for b in _iterator(rows, config)}
         buckets = config.layout_spec().buckets
-        assert buckets == (8, 16, 32, 64)
+        assert buckets == (8, 16, 32, 64) + ((128,) if layout == "prefix" else ())  # 2 * max_length
         assert 1 < len(shapes) <= len(buckets), shapes
         assert {s[1] for s in shapes} <= set(buckets)
         assert {s[0] for s in shapes} == {8 if layout == "standard" else 4}
@@ -174,7 +174,9 @@ def test_eval_batches_cover_every_example_once(layout):
         assert shapes == {(4,)}
     assert counts[0] == counts[1], "every process runs the same number of eval batches"
     assert sorted(all_ids) == _kept_ids(23)
-    assert report == {"rows_read": 23, "kept": 20, "dropped": {"tokenize": 3}, "layout_tokens": report["layout_tokens"]}
+    assert {k: v for k, v in report.items() if k != "layout_tokens"} == {
+        "rows_read": 23, "kept": 20, "dropped": {"tokenize": 3}, "events": {}
+    }
     single, _ = P.make_eval_batches(rows, tokenize, config, process_index=0, process_count=1)
     assert [i for b in single for i in _batch_ids(b)] == _kept_ids(23)
     if layout == "standard":
@@ -254,3 +256,56 @@ def test_report_counts_by_reason():
     spec = _config().layout_spec()
     tokens = sum(sum(spec.segment_lengths(tokenize(r))) for r in rows if tokenize(r) is not None)
     assert report["layout_tokens"] == tokens
+
+
+@pytest.mark.parametrize("num_threads", [0, 3])
+def test_row_step_from_formats_and_tokenize(trl_fixture_dir, tmp_path, num_threads):
+    """The fixture's text pairs through RowTokenizer: drop reasons reach the report, batches hold its ids."""
+    from transformers import AutoTokenizer
+
+    from dpo_jax.data.tokenize import RowTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(trl_fixture_dir / "policy")
+    config = _config(max_length=24, layout="prefix", num_epochs=1, drop_remainder=False, num_threads=num_threads)
+    rows = P.load_rows(str(trl_fixture_dir / "pairs.jsonl"), cache_dir=str(tmp_path))
+    bad = [{"prompt": "w1 ", "chosen": "w2", "rejected": "w2"}]
+    rows = bad + [dict(r) for r in rows]
+    step = P.make_row_step(tokenizer, config)
+    reference = RowTokenizer(tokenizer, max_length=24)
+    expected = [reference(r) for r in rows]
+    want = reference.drops.as_dict()
+    kept, report = P.tokenize_all(rows, step, config)
+    assert report["rows_read"] == 17 and report["kept"] == want["kept"] == len(kept)
+    assert report["dropped"] == want["dropped"] and "chosen_equals_rejected" in report["dropped"]
+    assert step.drops.as_dict()["seen"] == 0, "the report pass leaves the caller's counters alone"
+    kept_expected = [e for e in expected if e is not None]
+    for got, ref in zip(kept, kept_expected):
+        assert {k: v.tolist() for k, v in got.items()} == {k: v.tolist() for k, v in ref.items()}
+    # Train batches carry exactly these examples (prefix layout: chosen tokens after the prompt).
+    seen = []
+    for batch in P.make_train_iterator(rows, step, config, process_index=0, process_count=1):
+        for p in np.flatnonzero(batch["pair_mask_P"]):  # prefix layout: row p holds pair p
+            on = (batch["branch_ids_BxT"][p] == 1) & (batch["loss_mask_BxT"][p] > 0)
+            seen.append(tuple(batch["targets_BxT"][p][on].tolist()))
+    assert sorted(seen) == sorted(tuple(e["chosen_ids"].tolist()) for e in kept_expected)
+
+
+def test_unpaired_examples_one_row_each():
+    rows = [{"prompt": [ID0 + i, 5], "completion": [6] * (1 + i % 4), "label": i % 3 == 0} for i in range(10)]
+
+    def unpaired(row):
+        return {
+            "prompt_ids": np.asarray(row["prompt"], np.int32),
+            "completion_ids": np.asarray(row["completion"] + [2], np.int32),
+            "label": np.asarray(row["label"]),
+        }
+
+    config = _config(pairs_per_batch=4, num_epochs=1, drop_remainder=False)
+    batches = list(P.make_train_iterator(rows, unpaired, config, process_index=0, process_count=1))
+    assert [b["tokens_BxT"].shape[0] for b in batches] == [4, 4, 4]
+    labels = {}
+    for b in batches:
+        for p in np.flatnonzero(b["pair_mask_P"]):
+            branches = set(b["branch_ids_BxT"][p][b["loss_mask_BxT"][p] > 0].tolist())
+            labels[int(b["tokens_BxT"][p, 0]) - ID0] = branches
+    assert labels == {i: {1} if i % 3 == 0 else {2} for i in range(10)}
