@@ -309,3 +309,21 @@ def test_unpaired_examples_one_row_each():
             branches = set(b["branch_ids_BxT"][p][b["loss_mask_BxT"][p] > 0].tolist())
             labels[int(b["tokens_BxT"][p, 0]) - ID0] = branches
     assert labels == {i: {1} if i % 3 == 0 else {2} for i in range(10)}
+
+
+def test_orbax_saves_and_restores_the_iterator_with_grains_handler(tmp_path):
+    import grain
+    import orbax.checkpoint as ocp
+
+    rows = _rows(30)
+    config = _config(layout="packed", pack_rows=2, pack_length=24)
+    full = list(_iterator(rows, config))
+    it = _iterator(rows, config)
+    for _ in range(7):
+        next(it)
+    manager = ocp.CheckpointManager(str(tmp_path / "ckpt"))
+    manager.save(7, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    manager.wait_until_finished()
+    restored = _iterator(rows, config)
+    manager.restore(7, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+    _same(list(restored), full[7:])
