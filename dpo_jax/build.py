@@ -1,0 +1,124 @@
+"""From a config to the objects of a run: data files, tokenizer, data configs, models.
+
+Each function is a small translation of one config section; the training loop (`train.py`)
+wires them together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Optional
+
+import jax
+from flax import nnx
+
+from dpo_jax.data import pipeline, synthetic
+from dpo_jax.models import hf
+from dpo_jax.models.transformer import Decoder, ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class DataFiles:
+    """Where a run's rows and tokenizer come from."""
+
+    train: str
+    eval: Optional[str]
+    sft: Optional[str]
+    tokenizer: str
+    world_dir: Optional[str] = None  # the synthetic world's directory (world.json)
+
+
+def world_config(config) -> synthetic.WorldConfig:
+    s = config.synthetic
+    return synthetic.WorldConfig(vocab_size=s.vocab_size, prompt_len=s.prompt_len, completion_len=s.completion_len,
+                                 dirichlet_alpha=s.dirichlet_alpha, reward_scale=s.reward_scale, seed=s.world_seed)
+
+
+def synthetic_files(config, data_dir: str) -> DataFiles:
+    """Write (once; deterministic given config.synthetic and config.seed) the world's datasets and tokenizer."""
+    s = config.synthetic
+    meta = {"world_config": dataclasses.asdict(world_config(config)), "seed": config.seed, "label": s.label,
+            "n_sft": s.n_sft, "n_pairs": s.n_pairs, "n_eval": s.n_eval}
+    world_file = os.path.join(data_dir, synthetic.WORLD_FILE)
+    fresh = True
+    if os.path.exists(world_file):
+        with open(world_file) as f:
+            old = json.load(f)
+        fresh = any(old.get(k) != v for k, v in meta.items())
+    if fresh and jax.process_index() == 0:
+        world = synthetic.make_world(world_config(config))
+        synthetic.write_dataset(world, data_dir, s.n_sft, s.n_pairs, s.n_eval, seed=config.seed, label=s.label)
+        synthetic.save_tokenizer(world, os.path.join(data_dir, "tokenizer"))
+    return DataFiles(train=os.path.join(data_dir, "pairs.jsonl"), eval=os.path.join(data_dir, "eval_pairs.jsonl"),
+                     sft=os.path.join(data_dir, "sft.jsonl"), tokenizer=os.path.join(data_dir, "tokenizer"),
+                     world_dir=data_dir)
+
+
+def data_files(config, workdir: str) -> DataFiles:
+    if config.data.source == "synthetic":
+        return synthetic_files(config, os.path.join(workdir, "data"))
+    return DataFiles(train=config.data.source, eval=None, sft=None,
+                     tokenizer=config.model.tokenizer or config.model.path)
+
+
+def tokenizer(path: str):
+    from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def data_config(config, path: str, *, pairs: int, eval_split: bool = False) -> pipeline.DataConfig:
+    """The pipeline's DataConfig for this process (`pairs` = global pairs per batch)."""
+    d = config.data
+    n = jax.process_count()
+    if pairs % n:
+        raise ValueError(f"config.data batch of {pairs} pairs cannot be split over {n} processes")
+    return pipeline.DataConfig(
+        path=path, name=d.name, train_split=d.train_split, eval_split=None if eval_split else d.eval_split,
+        eval_fraction=0.0 if eval_split else d.eval_fraction, split_seed=config.seed, seed=config.seed,
+        shuffle=not eval_split, num_epochs=(d.num_epochs or None) if not eval_split else 1,
+        pairs_per_batch=pairs // n, drop_remainder=not eval_split, layout=d.layout, max_length=d.max_length,
+        max_prompt_length=d.max_prompt_length, truncation_mode=d.truncation_mode, min_bucket=d.min_bucket,
+        pack_length=d.pack_length, num_threads=d.num_threads)
+
+
+def model_config(config, vocab_size: int) -> ModelConfig:
+    a = config.model.arch
+    return ModelConfig(family=a.family, vocab_size=vocab_size, hidden_size=a.hidden_size,
+                       intermediate_size=a.intermediate_size, num_layers=a.num_layers, num_heads=a.num_heads,
+                       num_kv_heads=a.num_kv_heads, head_dim=a.head_dim or None, tie_embeddings=a.tie_embeddings,
+                       max_position_embeddings=a.max_position_embeddings, rope_theta=a.rope_theta,
+                       dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat,
+                       **_gpt2(a.family))
+
+
+def _gpt2(family: str) -> dict:
+    if family != "gpt2":
+        return {}
+    return dict(norm="layer", activation="gelu_tanh", gated_mlp=False, position="learned", qkv_bias=True,
+                o_bias=True, mlp_bias=True, tie_embeddings=True, norm_eps=1e-5)
+
+
+def policy(config, tok, path: str = "") -> Decoder:
+    """The initial policy: a Hugging Face checkpoint (`path` or config.model.path) or a random init."""
+    path = path or config.model.path
+    kw = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+    if path:
+        return hf.load_model(path, remat=config.model.remat, **kw)
+    vocab = len(tok)
+    cfg = model_config(config, vocab)
+    cfg = dataclasses.replace(cfg, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id)
+    return Decoder(cfg, rngs=nnx.Rngs(config.seed))
+
+
+def reference(config, initial_policy: Decoder) -> Optional[Decoder]:
+    """The reference model for modes frozen/sync: config.reference.path or a copy of the initial policy."""
+    if config.reference.mode not in ("frozen", "sync"):
+        return None
+    if config.reference.path:
+        return hf.load_model(config.reference.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+    graphdef, state = nnx.split(initial_policy)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x.copy() if hasattr(x, "copy") else x, state))

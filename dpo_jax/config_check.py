@@ -1,0 +1,99 @@
+"""Validation of a run's config before anything is built or compiled.
+
+Every error names the config key and what is allowed, e.g.
+  ValueError: config.loss.name='sigmod': unknown loss; allowed: alpha_divergence, aot, ...
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from dpo_jax import losses, optim
+from dpo_jax.data import layouts
+from dpo_jax.step import REF_MODES
+
+TRUNCATION_MODES = ("keep_start", "keep_end")
+FORMATS = ("auto", "standard", "implicit_prompt", "conversational", "unpaired")
+DTYPES = ("float32", "bfloat16")
+NONFINITE = ("stop", "skip")
+
+
+def _choice(key: str, value: Any, allowed: Iterable[str]) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ValueError(f"config.{key}={value!r}; allowed: {', '.join(map(str, allowed))}")
+
+
+def _positive(key: str, value, zero_ok: bool = False) -> None:
+    if value is None or (value < 0 if zero_ok else value <= 0):
+        raise ValueError(f"config.{key}={value!r}; must be {'>= 0' if zero_ok else '> 0'}")
+
+
+def objective(config) -> losses.Objective:
+    """The loss of `config.loss` (validated) as an Objective."""
+    names = tuple(n.strip() for n in str(config.loss.name).split("+") if n.strip())
+    for n in names:
+        if n not in losses.LOSSES:
+            raise ValueError(f"config.loss.name={config.loss.name!r}: unknown loss {n!r}; allowed: "
+                             f"{', '.join(sorted(losses.LOSSES))} (several joined by '+')")
+    return losses.Objective(names, ld=config.loss.ld_alpha is not None)
+
+
+def loss_hparams(config) -> dict:
+    """Validated, traced-ready hyper-parameters of `config.loss`; `beta` always present (metrics)."""
+    obj = objective(config)
+    known = set().union(*(s.hparams for s in obj.specs))
+    given = {k: config.loss[k] for k in known if k in config.loss and config.loss[k] is not None}
+    try:
+        hp = obj.params(weights=config.loss.weights, ld_alpha=config.loss.ld_alpha, **given)
+    except ValueError as e:
+        raise ValueError(f"config.loss: {e}") from None
+    hp.setdefault("beta", losses.np.float32(config.loss.beta))
+    return hp
+
+
+def validate(config) -> None:
+    """Raise ValueError naming the first invalid key or combination."""
+    obj = objective(config)
+    loss_hparams(config)
+    _choice("reference.mode", config.reference.mode, REF_MODES)
+    if config.reference.mode == "none" and obj.uses_reference:
+        raise ValueError(f"config.reference.mode='none' is only for reference-free losses (simpo, orpo, cpo, "
+                         f"sft); config.loss.name={config.loss.name!r} uses a reference")
+    if config.reference.mode == "base" and config.model.lora.rank <= 0:
+        raise ValueError("config.reference.mode='base' needs a LoRA policy: set config.model.lora.rank > 0")
+    if config.reference.mode == "sync":
+        if not 0.0 < config.reference.sync_alpha <= 1.0:
+            raise ValueError(f"config.reference.sync_alpha={config.reference.sync_alpha}; must be in (0, 1]")
+        _positive("reference.sync_every", config.reference.sync_every)
+    _choice("model.dtype", config.model.dtype, DTYPES)
+    _choice("model.param_dtype", config.model.param_dtype, DTYPES)
+    _choice("data.layout", config.data.layout, layouts.LAYOUTS)
+    _choice("data.truncation_mode", config.data.truncation_mode, TRUNCATION_MODES)
+    _choice("data.format", config.data.format, FORMATS)
+    _positive("data.batch_size", config.data.batch_size)
+    _positive("data.eval_batch_size", config.data.eval_batch_size)
+    _positive("data.max_length", config.data.max_length)
+    if not 0.0 <= config.data.eval_fraction < 1.0:
+        raise ValueError(f"config.data.eval_fraction={config.data.eval_fraction}; must be in [0, 1)")
+    if config.data.eval_fraction and config.data.eval_split:
+        raise ValueError("config.data.eval_split and config.data.eval_fraction are both set; choose one")
+    if not config.data.source:
+        raise ValueError("config.data.source is empty: 'synthetic', a local file, a saved dataset or a hub id")
+    if config.data.source != "synthetic" and not (config.model.path or config.model.tokenizer):
+        raise ValueError("config.model.tokenizer (or config.model.path) is needed to tokenize "
+                         f"config.data.source={config.data.source!r}")
+    _choice("optim.name", config.optim.name, optim.OPTIMIZERS)
+    _choice("optim.schedule", config.optim.schedule, optim.SCHEDULES)
+    _positive("optim.lr", config.optim.lr)
+    _positive("optim.grad_accum", config.optim.grad_accum)
+    _positive("optim.warmup_steps", config.optim.warmup_steps, zero_ok=True)
+    _positive("train.steps", config.train.steps, zero_ok=True)
+    _positive("train.log_every", config.train.log_every)
+    _choice("train.on_nonfinite", config.train.on_nonfinite, NONFINITE)
+    for key in ("eval_every", "checkpoint_every", "capacity", "sft.steps"):
+        section, _, name = key.rpartition(".")
+        value = config[section or "train"][name]
+        _positive(f"{section or 'train'}.{name}", value, zero_ok=True)
+    if config.train.peak_flops < 0:
+        raise ValueError("config.train.peak_flops must be >= 0")

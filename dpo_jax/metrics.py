@@ -1,0 +1,150 @@
+"""Metric names, the FLOP model, aggregation, and writers (JSONL + TensorBoard).
+
+Names follow TRL where it has them (`loss`, `rewards/chosen`, `rewards/rejected`,
+`rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`, `grad_norm`,
+`learning_rate`), plus `grad_weight/mean`, `grad_weight/saturated_frac`, `kl/implicit`,
+`tokens_per_s`, `mfu`.
+
+FLOP model (per step): 6 N per trained token (forward + backward) + 2 N per reference token
+(forward only), where N counts the matmul parameters of the decoder including the unembedding,
+plus attention scores: 12 L H E per trained token-key pair and 4 L H E per reference one
+(QK^T and AV, forward 2x2, backward twice that), with the causal pairs counted exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Mapping, Optional
+
+import jax
+import numpy as np
+
+# bf16 dense peak FLOP/s per chip, for MFU on accelerators (CPU: a matmul is measured instead).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
+              "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12}
+
+
+def matmul_params(cfg) -> int:
+    """Parameters that take part in matmuls per token (embedding lookups excluded, unembedding in)."""
+    d, h, k, e, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+    attn = d * h * e + 2 * d * k * e + h * e * d
+    mlp = (3 if cfg.gated_mlp else 2) * d * f
+    return cfg.num_layers * (attn + mlp) + d * cfg.vocab_size
+
+
+def attention_pairs(segment_ids_BxT: np.ndarray, positions_BxT: np.ndarray, branch_ids_BxT: np.ndarray) -> int:
+    """Number of (query, key) pairs the attention rule of docs/design.md admits (host, numpy)."""
+    seg, pos, br = (np.asarray(a) for a in (segment_ids_BxT, positions_BxT, branch_ids_BxT))
+    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0)
+    causal = pos[:, None, :] <= pos[:, :, None]
+    branch = (br[:, None, :] == 0) | (br[:, None, :] == br[:, :, None])
+    return int(np.sum(same & causal & branch))
+
+
+def step_flops(cfg, batch: Mapping[str, np.ndarray], *, reference_forward: bool) -> float:
+    """Model FLOPs of one training step on `batch` (host arrays)."""
+    tokens = float(np.sum(np.asarray(batch["segment_ids_BxT"]) > 0))
+    pairs = attention_pairs(batch["segment_ids_BxT"], batch["positions_BxT"], batch["branch_ids_BxT"])
+    n, he = matmul_params(cfg), cfg.num_layers * cfg.num_heads * cfg.head_dim
+    train = 6.0 * n * tokens + 12.0 * he * pairs
+    ref = (2.0 * n * tokens + 4.0 * he * pairs) if reference_forward else 0.0
+    return train + ref
+
+
+def device_peak_flops(measure_cpu: bool = True) -> float:
+    """The bf16 dense peak of one device, times the device count; on CPU a measured float32 matmul."""
+    dev = jax.devices()[0]
+    for key, peak in PEAK_FLOPS.items():
+        if key.lower() in dev.device_kind.lower():
+            return peak * jax.device_count()
+    return measured_matmul_flops() if measure_cpu else 0.0
+
+
+def measured_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a float32 n x n matmul on the default device, best of `repeats`."""
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n**3 / best
+
+
+class Mean:
+    """Weighted running means of scalar metrics (weights: real pairs per batch)."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.weight = 0.0
+
+    def add(self, metrics: Mapping[str, Any], weight: float = 1.0) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v) * weight
+        self.weight += weight
+
+    def result(self) -> dict[str, float]:
+        return {k: v / max(self.weight, 1e-12) for k, v in self.sums.items()}
+
+
+class Writer:
+    """Appends one JSON object per logged step to workdir/metrics.jsonl and mirrors it to TensorBoard."""
+
+    def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if enabled and tensorboard:
+            from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{prefix + k: _scalar(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, step)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows past `step` (a resumed run rewrites them, so the file holds each step once)."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            rows = [line for line in f if json.loads(line)["step"] <= step]
+        with open(self.path, "w") as f:
+            f.writelines(rows)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _scalar(v: Any):
+    v = np.asarray(v)
+    return float(v) if v.dtype.kind == "f" else int(v) if v.dtype.kind in "iub" else str(v)
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def summary_line(metrics: Mapping[str, Any], keys=("loss", "rewards/accuracies", "rewards/margins",
+                                                    "tokens_per_s")) -> str:
+    return "  ".join(f"{k}={float(metrics[k]):.4g}" for k in keys if k in metrics)
+
+
+def fetch(tree: Optional[Any]) -> Optional[dict]:
+    """Device -> host of a metrics dict (called one step late, so the device never waits)."""
+    return None if tree is None else {k: float(v) for k, v in jax.device_get(tree).items()}

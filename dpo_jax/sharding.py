@@ -1,0 +1,141 @@
+"""The device mesh and every partitioning decision: logical axis names -> mesh axes.
+
+The model names each parameter dimension with a logical axis (`embed`, `mlp`, `heads`, `kv_heads`,
+`kv`, `vocab`, `layers`); `rules` maps logical names to mesh axes (`data`, `fsdp`, `tensor`).
+A dimension is sharded only if its size divides evenly by the mesh axes it maps to and no other
+dimension of the same array already uses them; otherwise it is replicated. Batches are sharded on
+their leading (row / pair) dimension over (`data`, `fsdp`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+# Megatron-style tensor parallelism for heads/MLP/vocab, ZeRO-3-style FSDP over the model width.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("batch", BATCH_AXES),
+    ("length", None),
+)
+
+
+def mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Resolve one -1 entry of `mesh.shape` so that the product equals the number of devices."""
+    unknown = sorted(set(shape) - set(MESH_AXES))
+    if unknown:
+        raise ValueError(f"mesh.shape has unknown axes {unknown}; allowed axes: {list(MESH_AXES)}")
+    sizes = {a: int(shape.get(a, 1)) for a in MESH_AXES}
+    free = [a for a, s in sizes.items() if s == -1]
+    if len(free) > 1 or any(s == 0 or s < -1 for s in sizes.values()):
+        raise ValueError(f"mesh.shape={dict(shape)}: sizes must be positive, with at most one -1")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if free:
+        if num_devices % fixed:
+            raise ValueError(f"mesh.shape={dict(shape)}: {num_devices} devices are not divisible by {fixed}")
+        sizes[free[0]] = num_devices // fixed
+    if math.prod(sizes.values()) != num_devices:
+        raise ValueError(f"mesh.shape={dict(shape)} needs {math.prod(sizes.values())} devices; "
+                         f"{num_devices} are available")
+    return sizes
+
+
+def make_mesh(shape: Mapping[str, int], devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """A mesh with axes (data, fsdp, tensor) from `mesh.shape`, e.g. {'data': -1, 'fsdp': 1, 'tensor': 1}."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_shape(shape, len(devices))
+    grid = np.asarray(devices, dtype=object).reshape([sizes[a] for a in MESH_AXES])
+    return Mesh(grid, MESH_AXES)
+
+
+def _axis_size(mesh: Mesh, axes) -> int:
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def logical_to_mesh(logical: Iterable[Optional[str]], shape: Sequence[int], mesh: Mesh,
+                    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> PartitionSpec:
+    """PartitionSpec for an array with logical axis names, replicating what cannot be sharded."""
+    table = dict(rules)
+    used: set[str] = set()
+    out = []
+    for name, size in zip(logical, shape):
+        axes = table.get(name) if name is not None else None
+        if axes is None:
+            out.append(None)
+            continue
+        flat = (axes,) if isinstance(axes, str) else tuple(axes)
+        flat = tuple(a for a in flat if a not in used and mesh.shape[a] > 1)
+        if not flat or size % _axis_size(mesh, flat):
+            out.append(None)
+            continue
+        used.update(flat)
+        out.append(flat[0] if len(flat) == 1 else flat)
+    return PartitionSpec(*out)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
+    """NamedShardings for every leaf of an NNX state (abstract or concrete), from its logical axes."""
+    logical = nnx.get_partition_spec(state)
+
+    def one(spec_var, var):
+        value = var.get_value() if isinstance(var, nnx.Variable) else var
+        names = tuple(spec_var.get_value() if isinstance(spec_var, nnx.Variable) else spec_var or ())
+        names = names + (None,) * (len(value.shape) - len(names))
+        return NamedSharding(mesh, logical_to_mesh(names, value.shape, mesh, rules))
+
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    return jax.tree.map(one, logical, state, is_leaf=is_var)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Shard the leading dimension over (data, fsdp); the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def batch_shardings(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, NamedSharding]:
+    return {k: batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assemble each process's rows into global arrays sharded over (data, fsdp)."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+            for k, v in local_batch.items()}
+
+
+def check_batch_divisible(num_rows: int, mesh: Mesh, key: str = "data.batch_size") -> None:
+    n = _axis_size(mesh, BATCH_AXES)
+    if num_rows % n:
+        raise ValueError(f"{key}: {num_rows} rows per batch cannot be split over the {n} devices of the "
+                         f"mesh axes {BATCH_AXES}; choose a multiple of {n}")
+
+
+def maybe_initialize_distributed() -> bool:
+    """Call jax.distributed.initialize when the environment describes a multi-process job
+    (JAX_COORDINATOR_ADDRESS, SLURM with several tasks, or a TPU pod with several workers)."""
+    env = os.environ
+    multi = ("JAX_COORDINATOR_ADDRESS" in env
+             or int(env.get("SLURM_NTASKS", "1")) > 1
+             or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1)
+    if multi and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+        return True
+    return False

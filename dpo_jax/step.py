@@ -1,0 +1,147 @@
+"""One training or evaluation step: (state, batch, hp) -> (state, metrics). The loss is passed in.
+
+The policy runs ONE forward over every row of the batch (chosen and rejected rows together, or
+prefix-shared rows; see docs/design.md, "The batch"); log-probs come from the final hidden states
+through the chunked unembedding (`dpo_jax.logprobs`), so [B, T, V] logits never exist. The
+reference's log-probs are computed outside `jax.grad` (and under `stop_gradient`), read from the
+batch (precomputed), or are zero (reference-free losses). Hyper-parameters `hp` (beta, loss
+weights, ...) are traced arrays: changing them never recompiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from dpo_jax import logprobs, losses
+
+REF_MODES = ("frozen", "precomputed", "none", "base", "sync")
+PRECOMPUTED_KEYS = ("ref_chosen_P", "ref_rejected_P", "ref_chosen_shared_P", "ref_rejected_shared_P")
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything a step changes. `params`/`ref_params` are pure dicts of arrays (nnx.split state)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ref_params: Any = None  # the frozen or TR-DPO-synced reference; None for other modes
+    rng: Optional[jax.Array] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static parts of the step (closed over by jit)."""
+
+    graphdef: Any
+    objective: losses.Objective
+    tx: optax.GradientTransformation
+    lr: Callable[[Any], Any]
+    ref_mode: str = "frozen"
+    grad_accum: int = 1
+    capacity: Optional[int] = None  # logits only at this many completion positions (None: all)
+    chunk_size: int = logprobs.DEFAULT_CHUNK_SIZE
+    vocab_chunk_size: int = logprobs.DEFAULT_VOCAB_CHUNK_SIZE
+    adapter_off: Optional[Callable[[Any], Any]] = None  # ref_mode "base": params -> params without adapters
+
+    def __post_init__(self):
+        if self.ref_mode not in REF_MODES:
+            raise ValueError(f"reference.mode={self.ref_mode!r}; allowed: {list(REF_MODES)}")
+        if self.ref_mode == "none" and self.objective.uses_reference:
+            needs = [s.name for s in self.objective.specs if s.uses_reference]
+            raise ValueError(f"reference.mode='none' is only for reference-free losses (simpo, orpo, cpo, sft); "
+                             f"loss.name uses a reference: {needs}")
+        if self.ref_mode == "base" and self.adapter_off is None:
+            raise ValueError("reference.mode='base' needs a LoRA policy (model.lora.rank > 0)")
+
+
+def model_logps(cfg: StepConfig, params, batch) -> logprobs.SequenceLogps:
+    """Per-pair summed completion log-probs of the model with `params` on `batch`."""
+    model = nnx.merge(cfg.graphdef, params)
+    hidden_BxTxD = model(batch["tokens_BxT"], positions_BxT=batch["positions_BxT"],
+                         segment_ids_BxT=batch["segment_ids_BxT"], branch_ids_BxT=batch["branch_ids_BxT"])
+    w_DxV, b_V = model.unembedding()
+    return logprobs.completion_logps(hidden_BxTxD, w_DxV, batch, batch["pair_mask_P"].shape[0], bias_V=b_V,
+                                     capacity=cfg.capacity, chunk_size=cfg.chunk_size,
+                                     vocab_chunk_size=cfg.vocab_chunk_size)
+
+
+def reference_logps(cfg: StepConfig, state: TrainState, batch) -> Optional[logprobs.SequenceLogps]:
+    """The reference's log-probs, never differentiated; None for reference-free training."""
+    if cfg.ref_mode in ("frozen", "sync"):
+        out = model_logps(cfg, jax.lax.stop_gradient(state.ref_params), batch)
+    elif cfg.ref_mode == "base":
+        out = model_logps(cfg, jax.lax.stop_gradient(cfg.adapter_off(state.params)), batch)
+    elif cfg.ref_mode == "precomputed":
+        missing = [k for k in PRECOMPUTED_KEYS if k not in batch]
+        if missing:
+            raise ValueError(f"reference.mode='precomputed' but the batch lacks {missing}")
+        zeros = jnp.zeros_like(batch["ref_chosen_P"])
+        out = logprobs.SequenceLogps(batch["ref_chosen_P"], batch["ref_rejected_P"], zeros, zeros,
+                                     batch["ref_chosen_shared_P"], batch["ref_rejected_shared_P"])
+    else:
+        return None
+    return jax.tree.map(jax.lax.stop_gradient, out)
+
+
+def pair_logps(policy: logprobs.SequenceLogps, ref: Optional[logprobs.SequenceLogps], pair_mask_P) -> losses.PairLogps:
+    if ref is None:
+        zeros = jnp.zeros_like(policy.chosen)
+        ref = logprobs.SequenceLogps(zeros, zeros, zeros, zeros, zeros, zeros)
+    return losses.PairLogps(policy.chosen, policy.rejected, ref.chosen, ref.rejected, policy.chosen_len,
+                            policy.rejected_len, policy.chosen_shared, policy.rejected_shared,
+                            ref.chosen_shared, ref.rejected_shared, pair_mask=pair_mask_P.astype(jnp.float32))
+
+
+def _loss(params, cfg: StepConfig, ref, batch, hp):
+    pairs = pair_logps(model_logps(cfg, params, batch), ref, batch["pair_mask_P"])
+    loss, terms = cfg.objective(pairs, hp)
+    return loss, (pairs, terms)
+
+
+def batch_metrics(cfg: StepConfig, pairs: losses.PairLogps, loss, terms, hp, batch) -> dict[str, jax.Array]:
+    prepared = cfg.objective.prepare(pairs, hp)
+    metrics = {"loss": loss, **terms, **losses.reward_metrics(prepared, hp["beta"])}
+    metrics["pairs"] = jnp.sum(batch["pair_mask_P"].astype(jnp.float32))
+    metrics["tokens/input"] = jnp.sum(batch["segment_ids_BxT"] > 0).astype(jnp.float32)
+    metrics["tokens/completion"] = jnp.sum(batch["loss_mask_BxT"]).astype(jnp.float32)
+    return metrics
+
+
+def train_step(cfg: StepConfig, state: TrainState, batch, hp) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer (micro-)step. A non-finite loss or gradient leaves params and optimizer state
+    unchanged and reports `nonfinite` = 1; the training loop decides whether to stop or go on."""
+    hp = {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}
+    ref = reference_logps(cfg, state, batch)
+    (loss, (pairs, terms)), grads = jax.value_and_grad(_loss, has_aux=True)(state.params, cfg, ref, batch, hp)
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = cfg.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                              opt_state=keep(opt_state, state.opt_state))
+    metrics = batch_metrics(cfg, pairs, loss, terms, hp, batch)
+    metrics.update({"grad_norm": grad_norm, "learning_rate": cfg.lr(state.step // cfg.grad_accum),
+                    "nonfinite": 1.0 - ok.astype(jnp.float32)})
+    return new_state, metrics
+
+
+def eval_step(cfg: StepConfig, state: TrainState, batch, hp) -> dict[str, jax.Array]:
+    """Loss and metrics of the current policy on one batch (no update)."""
+    hp = {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}
+    ref = reference_logps(cfg, state, batch)
+    loss, (pairs, terms) = _loss(state.params, cfg, ref, batch, hp)
+    return batch_metrics(cfg, pairs, loss, terms, hp, batch)
+
+
+def sync_reference(state: TrainState, alpha) -> TrainState:
+    """TR-DPO soft update (Gorbatovski et al. 2024): pi_ref <- alpha pi_theta + (1 - alpha) pi_ref."""
+    ref = jax.tree.map(lambda p, r: (alpha * p.astype(jnp.float32) + (1 - alpha) * r.astype(jnp.float32)).astype(r.dtype),
+                       state.params, state.ref_params)
+    return state.replace(ref_params=ref)

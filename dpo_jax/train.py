@@ -1,0 +1,311 @@
+"""The training loop: (config, workdir) -> checkpoints, metrics, the exported policy and a report.
+
+A run is one or two stages sharing `fit`: an optional SFT stage (the synthetic world trains its
+reference this way) and the preference stage. `fit` jit-compiles the step once per batch shape
+with explicit in/out shardings and a donated state, fetches metrics one step late so the device
+never waits, evaluates every `train.eval_every` steps, checkpoints (state + data iterator) every
+`train.checkpoint_every` steps and on SIGTERM, and resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import subprocess
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+import dpo_jax
+from dpo_jax import build, checkpoint, config_check, losses, metrics, optim, sharding, step
+from dpo_jax.data import layouts, pipeline
+from dpo_jax.models import hf
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised when a step's loss or gradient is not finite and train.on_nonfinite='stop'."""
+
+
+@dataclasses.dataclass
+class Stage:
+    """One training stage: its objective, optimizer, data, and where it writes."""
+
+    name: str
+    workdir: str
+    objective: losses.Objective
+    hp: dict
+    steps: int
+    optim_cfg: Any
+    ref_mode: str
+    train_rows: Any
+    eval_rows: Any
+    tokenize_fn: Callable
+    data_cfg: pipeline.DataConfig
+    eval_data_cfg: pipeline.DataConfig
+
+
+def write_run_info(config, workdir: str) -> None:
+    """workdir/config.json (the resolved config) and run_info.json (version, git revision)."""
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() != 0:
+        return
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=os.path.dirname(os.path.abspath(dpo_jax.__file__))).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        rev = None
+    info = {"dpo_jax_version": dpo_jax.__version__, "git_revision": rev, "jax_version": jax.__version__,
+            "devices": [d.device_kind for d in jax.devices()][:1] + [f"x{jax.device_count()}"],
+            "process_count": jax.process_count()}
+    with open(os.path.join(workdir, "run_info.json"), "w") as f:
+        json.dump(info, f, indent=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# State and compiled steps.
+
+def param_shardings(params: dict, graphdef, mesh) -> dict:
+    """Pure dict of NamedShardings for the policy's parameters, from their logical axes."""
+    state = nnx.merge(graphdef, params)
+    return nnx.to_pure_dict(sharding.state_shardings(nnx.state(state, nnx.Param), mesh))
+
+
+def init_state(model, reference, tx, mesh, seed: int):
+    """(TrainState placed on the mesh, its shardings, graphdef)."""
+    graphdef, params_state = nnx.split(model)
+    params = nnx.to_pure_dict(params_state)
+    p_sh = param_shardings(params, graphdef, mesh)
+    params = jax.device_put(params, p_sh)
+    rep = sharding.replicated(mesh)
+    is_sh = lambda x: isinstance(x, jax.sharding.Sharding)  # noqa: E731
+    opt_sh = optax.tree_utils.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), p_sh,
+                                              transform_non_params=lambda _: rep, is_leaf=is_sh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    ref_params, ref_sh = None, None
+    if reference is not None:
+        ref_params = jax.device_put(nnx.to_pure_dict(nnx.split(reference)[1]), p_sh)
+        ref_sh = p_sh
+    state = step.TrainState(step=jax.device_put(jnp.int32(0), rep), params=params, opt_state=opt_state,
+                            ref_params=ref_params, rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), rep))
+    shardings = step.TrainState(step=rep, params=p_sh, opt_state=opt_sh, ref_params=ref_sh, rng=rep)
+    return state, shardings, graphdef
+
+
+def compiled_steps(step_cfg: step.StepConfig, state_sh, mesh, batch_keys):
+    b_sh = {k: sharding.batch_sharding(mesh, 1 if k.endswith("_P") else 2) for k in batch_keys}
+    rep = sharding.replicated(mesh)
+    train = jax.jit(functools.partial(step.train_step, step_cfg), in_shardings=(state_sh, b_sh, rep),
+                    out_shardings=(state_sh, rep), donate_argnums=(0,))
+    evaluate = jax.jit(functools.partial(step.eval_step, step_cfg), in_shardings=(state_sh, b_sh, rep),
+                       out_shardings=rep)
+    return train, evaluate
+
+
+def evaluate_batches(eval_fn, state, batches, hp, mesh) -> dict[str, float]:
+    """Pair-weighted mean of the eval metrics over every eval batch."""
+    mean = metrics.Mean()
+    for local in batches:
+        m = metrics.fetch(eval_fn(state, sharding.global_batch(local, mesh), hp))
+        if m["pairs"] > 0:
+            mean.add(m, weight=m.pop("pairs"))
+    out = mean.result()
+    out.pop("pairs", None)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+
+def fit(stage: Stage, state, state_sh, step_cfg: step.StepConfig, mesh, config, *, writer: metrics.Writer,
+        preempt: checkpoint.PreemptionFlag, peak_flops: float):
+    """Train `stage` to its last step (resuming from its latest checkpoint); returns (state, final eval)."""
+    tc = config.train
+    tx_steps = stage.steps * stage.optim_cfg.grad_accum
+    train_fn, eval_fn = compiled_steps(step_cfg, state_sh, mesh, layouts.BATCH_KEYS)
+    train_iter = pipeline.make_train_iterator(stage.train_rows, stage.tokenize_fn, stage.data_cfg)
+    eval_batches = None
+    if stage.eval_rows is not None:
+        eval_batches, report = pipeline.make_eval_batches(stage.eval_rows, stage.tokenize_fn, stage.eval_data_cfg)
+        writer.write(0, {"eval_rows_kept": report["kept"]}, prefix=f"{stage.name}/data/")
+    ckpt = checkpoint.Checkpointer(os.path.join(stage.workdir, "checkpoints"), keep=tc.keep_checkpoints,
+                                   every=tc.checkpoint_every)
+    start = 0
+    if ckpt.latest_step() is not None:
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
+        state, _ = ckpt.restore(abstract, train_iter)
+        start = int(jax.device_get(state.step))
+        logging.info("%s: resumed from step %d", stage.name, start)
+        writer.truncate_after(start)
+    model_cfg = nnx.merge(step_cfg.graphdef, state.params).cfg
+    ref_forward = stage.ref_mode in ("frozen", "sync", "base")
+    hp = stage.hp
+    bar = _progress(tc.progress, start, tx_steps, stage.name)
+    window = {"tokens": 0.0, "flops": 0.0, "t": time.perf_counter()}
+    pending = None
+
+    def handle(done_step: int, m_dev, tokens: float, flops: float):
+        m = metrics.fetch(m_dev)
+        if m["nonfinite"] > 0:
+            bad = [k for k in ("loss", "grad_norm") if not np.isfinite(m[k])] or ["loss"]
+            msg = f"{stage.name}: step {done_step}: non-finite {', '.join(bad)} ({ {k: m[k] for k in bad} }); " \
+                  f"the update was not applied"
+            if tc.on_nonfinite == "stop":
+                raise NonFiniteError(msg + "; stopping (train.on_nonfinite='stop'); the last checkpoint is intact")
+            logging.warning("%s; skipped (train.on_nonfinite='skip')", msg)
+        window["tokens"] += tokens
+        window["flops"] += flops
+        if done_step % tc.log_every == 0 or done_step == tx_steps:
+            elapsed = max(time.perf_counter() - window["t"], 1e-9)
+            m["tokens_per_s"] = window["tokens"] / elapsed
+            m["mfu"] = window["flops"] / elapsed / peak_flops if peak_flops else 0.0
+            writer.write(done_step, m, prefix=f"{stage.name}/" if stage.name != "train" else "")
+            window.update(tokens=0.0, flops=0.0, t=time.perf_counter())
+        if bar is not None:
+            bar.set_postfix_str(metrics.summary_line(m), refresh=False)
+            bar.update(1)
+
+    for s in range(start, tx_steps):
+        if preempt.requested:
+            if pending is not None:
+                handle(*pending)
+                pending = None
+            ckpt.save(s, state, train_iter, force=True)
+            ckpt.wait()
+            logging.warning("%s: SIGTERM at step %d: checkpoint saved, exiting", stage.name, s)
+            raise SystemExit(0)
+        local = next(train_iter)
+        flops = metrics.step_flops(model_cfg, local, reference_forward=ref_forward)
+        tokens = float(np.sum(local["segment_ids_BxT"] > 0))
+        state, m_dev = train_fn(state, sharding.global_batch(local, mesh), hp)
+        if pending is not None:
+            handle(*pending)
+        pending = (s + 1, m_dev, tokens, flops)
+        if stage.ref_mode == "sync" and (s + 1) % config.reference.sync_every == 0:
+            state = jax.jit(step.sync_reference, donate_argnums=(0,), out_shardings=state_sh)(
+                state, config.reference.sync_alpha)
+        if eval_batches and tc.eval_every and (s + 1) % tc.eval_every == 0:
+            writer.write(s + 1, evaluate_batches(eval_fn, state, eval_batches, hp, mesh),
+                         prefix=f"{stage.name}/eval/" if stage.name != "train" else "eval/")
+        if ckpt.should_save(s + 1):
+            handle(*pending)  # never checkpoint past an unseen non-finite step
+            pending = None
+            ckpt.save(s + 1, state, train_iter)
+    if pending is not None:
+        handle(*pending)
+    if tx_steps > start or ckpt.latest_step() is None:
+        ckpt.save(tx_steps, state, train_iter, force=True)
+    ckpt.wait()
+    ckpt.close()
+    if bar is not None:
+        bar.close()
+    final_eval = evaluate_batches(eval_fn, state, eval_batches, hp, mesh) if eval_batches else {}
+    return state, final_eval
+
+
+def _progress(enabled: bool, start: int, total: int, name: str):
+    if not enabled or jax.process_index() != 0:
+        return None
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+
+    return tqdm(total=total, initial=start, desc=name, dynamic_ncols=True, mininterval=1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages of a run.
+
+def make_stage(config, name: str, workdir: str, *, objective, hp, steps, optim_cfg, ref_mode, train_path,
+               eval_path, tok, batch_size, unpaired_label: bool = False) -> Stage:
+    from dpo_jax.data import formats  # pylint: disable=g-import-not-at-top
+
+    data_cfg = build.data_config(config, train_path, pairs=batch_size)
+    train_rows, eval_rows = pipeline.load_splits(data_cfg)
+    if eval_path:
+        eval_rows = pipeline.load_rows(eval_path)
+    fmt = config.data.format
+    if unpaired_label:  # SFT rows {"prompt", "completion"}: every completion is desirable
+        train_rows = train_rows.map(lambda _: {"label": True})
+        eval_rows = eval_rows.map(lambda _: {"label": True}) if eval_rows is not None else None
+        fmt = "unpaired"
+    tokenize_fn = pipeline.make_row_step(tok, data_cfg, formats.FormatConfig(format=fmt), strict=config.data.strict)
+    eval_cfg = build.data_config(config, train_path, pairs=config.data.eval_batch_size, eval_split=True)
+    return Stage(name=name, workdir=workdir, objective=objective, hp=hp, steps=steps, optim_cfg=optim_cfg,
+                 ref_mode=ref_mode, train_rows=train_rows, eval_rows=eval_rows, tokenize_fn=tokenize_fn,
+                 data_cfg=data_cfg, eval_data_cfg=eval_cfg)
+
+
+def run_stage(config, stage: Stage, model, reference, mesh, writer, preempt, peak_flops):
+    tx, lr = optim.make_optimizer(stage.optim_cfg, stage.steps)
+    state, state_sh, graphdef = init_state(model, reference, tx, mesh, config.seed)
+    step_cfg = step.StepConfig(graphdef=graphdef, objective=stage.objective, tx=tx, lr=lr, ref_mode=stage.ref_mode,
+                               grad_accum=stage.optim_cfg.grad_accum, capacity=config.train.capacity or None,
+                               chunk_size=config.train.chunk_size, vocab_chunk_size=config.train.vocab_chunk_size)
+    state, final_eval = fit(stage, state, state_sh, step_cfg, mesh, config, writer=writer, preempt=preempt,
+                            peak_flops=peak_flops)
+    return nnx.merge(graphdef, jax.device_get(state.params)), state, final_eval
+
+
+def sft_stage(config, workdir, files, tok, model, mesh, writer, preempt, peak_flops):
+    """Train the SFT reference (once: its export in workdir/sft/model is reused on resume)."""
+    out = os.path.join(workdir, "sft", "model")
+    if os.path.exists(os.path.join(out, "config.json")):
+        return build.policy(config, tok, path=out)
+    optim_cfg = config.optim.copy_and_resolve_references()
+    with optim_cfg.unlocked():
+        optim_cfg.update(lr=config.sft.lr, warmup_steps=config.sft.warmup_steps, schedule="constant", grad_accum=1)
+    objective = losses.Objective(("sft",))
+    stage = make_stage(config, "sft", os.path.join(workdir, "sft"), objective=objective,
+                       hp={**objective.params(), "beta": np.float32(config.loss.beta)}, steps=config.sft.steps,
+                       optim_cfg=optim_cfg, ref_mode="none", train_path=files.sft, eval_path=None, tok=tok,
+                       batch_size=config.sft.batch_size, unpaired_label=True)
+    trained, _, _ = run_stage(config, stage, model, None, mesh, writer, preempt, peak_flops)
+    if jax.process_index() == 0:
+        hf.export_model(trained, out, tokenizer_dir=files.tokenizer)
+    return trained
+
+
+def run(config, workdir: str) -> dict:
+    """Validate, build, (SFT,) train, export and evaluate; returns the report written to report.json."""
+    config_check.validate(config)
+    hp = config_check.loss_hparams(config)
+    sharding.maybe_initialize_distributed()
+    mesh = sharding.make_mesh(config.mesh.shape)
+    sharding.check_batch_divisible(config.data.batch_size, mesh)
+    write_run_info(config, workdir)
+    files = build.data_files(config, workdir)
+    tok = build.tokenizer(files.tokenizer)
+    writer = metrics.Writer(workdir, enabled=jax.process_index() == 0)
+    peak = config.train.peak_flops or metrics.device_peak_flops()
+    preempt = checkpoint.install_sigterm_handler()
+    try:
+        model = build.policy(config, tok)
+        if config.sft.steps > 0:
+            model = sft_stage(config, workdir, files, tok, model, mesh, writer, preempt, peak)
+        reference = build.reference(config, model)
+        stage = make_stage(config, "train", workdir, objective=config_check.objective(config), hp=hp,
+                           steps=config.train.steps, optim_cfg=config.optim, ref_mode=config.reference.mode,
+                           train_path=files.train, eval_path=files.eval, tok=tok, batch_size=config.data.batch_size)
+        trained, state, final_eval = run_stage(config, stage, model, reference, mesh, writer, preempt, peak)
+    finally:
+        preempt.uninstall()
+    report = {"steps": config.train.steps, "loss": config.loss.name,
+              **{f"eval/{k}": v for k, v in final_eval.items()}}
+    if "eval/rewards/accuracies" in report:
+        report["eval/accuracy"] = report["eval/rewards/accuracies"]
+    if jax.process_index() == 0:
+        if config.train.export_final:
+            hf.export_model(trained, os.path.join(workdir, "final"), tokenizer_dir=files.tokenizer)
+        writer.write(config.train.steps, {k: v for k, v in report.items() if isinstance(v, float)})
+        with open(os.path.join(workdir, "report.json"), "w") as f:
+            json.dump(report, f, indent=2, sort_keys=True)
+    writer.close()
+    return report
