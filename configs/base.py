@@ -59,6 +59,7 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
         train_split="train",
         eval_split=placeholder(str),
         eval_fraction=0.0,   # or hold out this fraction of train (seeded)
+        eval_source="",      # or a separate file / dataset for evaluation
         max_length=512,      # prompt + completion tokens per sequence
         max_prompt_length=placeholder(int),
         truncation_mode="keep_start",  # keep_start | keep_end (which part of the prompt survives)

@@ -59,7 +59,7 @@ def synthetic_files(config, data_dir: str) -> DataFiles:
 def data_files(config, workdir: str) -> DataFiles:
     if config.data.source == "synthetic":
         return synthetic_files(config, os.path.join(workdir, "data"))
-    return DataFiles(train=config.data.source, eval=None, sft=None,
+    return DataFiles(train=config.data.source, eval=config.data.eval_source or None, sft=None,
                      tokenizer=config.model.tokenizer or config.model.path)
 
 

@@ -76,8 +76,8 @@ def validate(config) -> None:
     _positive("data.max_length", config.data.max_length)
     if not 0.0 <= config.data.eval_fraction < 1.0:
         raise ValueError(f"config.data.eval_fraction={config.data.eval_fraction}; must be in [0, 1)")
-    if config.data.eval_fraction and config.data.eval_split:
-        raise ValueError("config.data.eval_split and config.data.eval_fraction are both set; choose one")
+    if sum(bool(x) for x in (config.data.eval_fraction, config.data.eval_split, config.data.eval_source)) > 1:
+        raise ValueError("config.data: set at most one of eval_split, eval_fraction, eval_source")
     if not config.data.source:
         raise ValueError("config.data.source is empty: 'synthetic', a local file, a saved dataset or a hub id")
     if config.data.source != "synthetic" and not (config.model.path or config.model.tokenizer):

@@ -1,0 +1,163 @@
+"""Tests of the train/eval step: closed form at step 0, frozen reference, sharding, no recompiles."""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from dpo_jax import losses, sharding, step, train
+from dpo_jax.data import layouts
+from dpo_jax.models.transformer import Decoder, ModelConfig
+
+CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+
+
+def random_examples(rng, n, vocab=64):
+    def ids(lo, hi):
+        return rng.integers(4, vocab, rng.integers(lo, hi)).astype(np.int32)
+
+    out = []
+    for _ in range(n):
+        chosen, rejected = ids(2, 9), ids(2, 9)
+        out.append({"prompt_ids": ids(2, 7), "chosen_ids": np.append(chosen, 2).astype(np.int32),
+                    "rejected_ids": np.append(rejected, 2).astype(np.int32)})
+    return out
+
+
+def make_batches(seed=0, steps=5, pairs=8, layout="standard"):
+    rng = np.random.default_rng(seed)
+    spec = layouts.LayoutSpec(layout=layout, num_pairs=pairs, buckets=(16, 32))
+    return [spec(random_examples(rng, pairs)) for _ in range(steps)]
+
+
+def setup(mesh, objective=("sigmoid",), ref_mode="frozen", same_reference=True, lr=1e-2):
+    policy = Decoder(CFG, rngs=nnx.Rngs(0))
+    reference = Decoder(CFG, rngs=nnx.Rngs(0 if same_reference else 1)) if ref_mode in ("frozen", "sync") else None
+    obj = losses.Objective(objective)
+    tx = optax.adamw(lr)
+    state, state_sh, graphdef = train.init_state(policy, reference, tx, mesh, seed=0)
+    cfg = step.StepConfig(graphdef=graphdef, objective=obj, tx=tx, lr=lambda s: lr, ref_mode=ref_mode,
+                          chunk_size=64, vocab_chunk_size=32)
+    train_fn, eval_fn = train.compiled_steps(cfg, state_sh, mesh, layouts.BATCH_KEYS)
+    return state, train_fn, eval_fn, obj
+
+
+def one_device_mesh():
+    return sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+
+
+def test_step_zero_policy_equals_reference_closed_form():
+    mesh = one_device_mesh()
+    state, train_fn, _, obj = setup(mesh)
+    batch = sharding.global_batch(make_batches(steps=1)[0], mesh)
+    _, m = train_fn(state, batch, obj.params(beta=0.3))
+    np.testing.assert_allclose(m["loss"], math.log(2.0), rtol=1e-6)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "kl/implicit"):
+        assert float(m[key]) == 0.0, key
+    np.testing.assert_allclose(m["grad_weight/mean"], 0.5)
+    assert float(m["rewards/accuracies"]) == 0.0  # ties are not counted as correct (as TRL)
+
+
+def test_reference_never_moves_and_policy_does():
+    mesh = one_device_mesh()
+    state, train_fn, _, obj = setup(mesh, same_reference=False)
+    ref0 = jax.tree.map(np.asarray, state.ref_params)
+    pol0 = jax.tree.map(np.asarray, state.params)
+    hp = obj.params(beta=0.1)
+    for b in make_batches(steps=3):
+        state, m = train_fn(state, sharding.global_batch(b, mesh), hp)
+    for path, (a, b) in zip(jax.tree_util.tree_leaves_with_path(ref0), zip(jax.tree.leaves(ref0),
+                                                                          jax.tree.leaves(state.ref_params))):
+        np.testing.assert_array_equal(a, np.asarray(b), err_msg=f"reference parameter {path[0]} moved")
+    moved = [not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(pol0), jax.tree.leaves(state.params))]
+    assert all(moved), "every policy parameter should have been updated"
+    assert int(state.step) == 3
+
+
+def test_new_beta_does_not_recompile():
+    mesh = one_device_mesh()
+    policy = Decoder(CFG, rngs=nnx.Rngs(0))
+    obj = losses.Objective(("sigmoid", "sft"))
+    tx = optax.sgd(1e-3)
+    state, state_sh, graphdef = train.init_state(policy, Decoder(CFG, rngs=nnx.Rngs(1)), tx, mesh, seed=0)
+    cfg = step.StepConfig(graphdef=graphdef, objective=obj, tx=tx, lr=lambda s: 1e-3, chunk_size=64,
+                          vocab_chunk_size=32)
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def f(state, batch, hp):
+        return step.eval_step(cfg, state, batch, hp)
+
+    batch = sharding.global_batch(make_batches(steps=1)[0], mesh)
+    losses_seen = {float(f(state, batch, obj.params(beta=b, weights=[1.0, w]))["loss"])
+                   for b, w in [(0.1, 0.0), (0.5, 1.0), (2.0, 0.5)]}
+    assert len(losses_seen) == 3
+
+
+def test_nonfinite_step_is_not_applied():
+    mesh = one_device_mesh()
+    state, train_fn, _, obj = setup(mesh)
+    batch = make_batches(steps=1)[0]
+    bad = dict(batch)
+    bad["targets_BxT"] = np.where(batch["loss_mask_BxT"] > 0, CFG.vocab_size + 5, batch["targets_BxT"]).astype(np.int32)
+    before = jax.tree.map(np.asarray, state.params)
+    state, m = train_fn(state, sharding.global_batch(bad, mesh), obj.params())
+    assert float(m["nonfinite"]) == 1.0 and not np.isfinite(float(m["loss"]))
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+
+@pytest.mark.parametrize("layout", ["standard", "prefix"])
+def test_sharded_equals_unsharded(layout):
+    """Five steps on a data=2, fsdp=2, tensor=2 mesh of 8 CPU devices give the one-device losses."""
+    assert jax.device_count() >= 8, "tests/conftest.py sets 8 fake CPU devices"
+    batches = make_batches(steps=5, layout=layout)
+    runs = {}
+    for name, mesh in (("one", one_device_mesh()), ("mesh", sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))):
+        state, train_fn, _, obj = setup(mesh, same_reference=False)
+        hp = obj.params(beta=0.1)
+        out = []
+        for b in batches:
+            state, m = train_fn(state, sharding.global_batch(b, mesh), hp)
+            out.append(float(m["loss"]))
+        runs[name] = out
+        if name == "mesh":
+            specs = {str(x.sharding.spec) for x in jax.tree.leaves(state.params)}
+            assert any("tensor" in s for s in specs) and any("fsdp" in s for s in specs), specs
+    np.testing.assert_allclose(runs["mesh"], runs["one"], rtol=1e-5)
+    assert len(set(runs["one"])) == 5  # the losses move, so the comparison means something
+
+
+def test_sync_reference_moves_towards_policy():
+    mesh = one_device_mesh()
+    state, train_fn, _, obj = setup(mesh, ref_mode="sync", same_reference=False)
+    state, _ = train_fn(state, sharding.global_batch(make_batches(steps=1)[0], mesh), obj.params())
+    synced = step.sync_reference(state, 0.25)
+    for p, r, s in zip(jax.tree.leaves(state.params), jax.tree.leaves(state.ref_params), jax.tree.leaves(synced.ref_params)):
+        np.testing.assert_allclose(s, 0.25 * np.asarray(p) + 0.75 * np.asarray(r), rtol=1e-6, atol=1e-7)
+
+
+def test_reference_free_mode_rejects_reference_losses():
+    with pytest.raises(ValueError, match=r"reference.mode='none' is only for reference-free losses"):
+        step.StepConfig(graphdef=None, objective=losses.Objective(("sigmoid",)), tx=optax.sgd(1.0),
+                        lr=lambda s: 1.0, ref_mode="none")
+    with pytest.raises(ValueError, match=r"reference.mode='bogus'; allowed"):
+        step.StepConfig(graphdef=None, objective=losses.Objective(("simpo",)), tx=optax.sgd(1.0),
+                        lr=lambda s: 1.0, ref_mode="bogus")
+
+
+def test_reference_free_simpo_trains():
+    mesh = one_device_mesh()
+    state, train_fn, _, obj = setup(mesh, objective=("simpo",), ref_mode="none")
+    assert state.ref_params is None
+    hp = obj.params()
+    first = None
+    for b in make_batches(steps=1) * 4:  # the same batch four times: the loss must go down
+        state, m = train_fn(state, sharding.global_batch(b, mesh), hp)
+        first = float(m["loss"]) if first is None else first
+    assert float(m["loss"]) < first
+    assert float(jnp.asarray(m["nonfinite"])) == 0.0
