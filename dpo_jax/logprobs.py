@@ -135,7 +135,8 @@ def _chunked_fwd(h_KxRxD, w_DxV, b_V, t_KxR, vocab_chunk_size):
             sum_R = sum_R * jnp.exp(max_R - new_max_R) + jnp.sum(
                 jnp.exp(logits_RxVc - new_max_R[:, None]), axis=-1
             )
-            hit_RxVc = lax.broadcasted_iota(jnp.int32, logits_RxVc.shape, 1) == (t_R - offset)[:, None]
+            iota_RxVc = lax.broadcasted_iota(jnp.int32, logits_RxVc.shape, 1)
+            hit_RxVc = iota_RxVc == (t_R - offset)[:, None]
             target_R = target_R + jnp.sum(jnp.where(hit_RxVc, logits_RxVc, 0.0), axis=-1)
             return new_max_R, sum_R, target_R
 
@@ -172,7 +173,8 @@ def _chunked_bwd(vocab_chunk_size, residuals, g_KxR):
             h_RxD, t_R, lse_R, g_R, dh_RxD = xs
             logits_RxVc = _logits(h_RxD, w_DxVc, b_Vc)
             probs_RxVc = jnp.exp(logits_RxVc - lse_R[:, None])
-            hit_RxVc = lax.broadcasted_iota(jnp.int32, logits_RxVc.shape, 1) == (t_R - offset)[:, None]
+            iota_RxVc = lax.broadcasted_iota(jnp.int32, logits_RxVc.shape, 1)
+            hit_RxVc = iota_RxVc == (t_R - offset)[:, None]
             dlogits_RxVc = (hit_RxVc - probs_RxVc) * g_R[:, None]
             dl_RxVc = dlogits_RxVc.astype(compute_dtype)
             dh_RxD = dh_RxD + jnp.dot(dl_RxVc, w_DxVc.T, preferred_element_type=jnp.float32)
@@ -281,7 +283,9 @@ def sequence_logps(token_logps_BxT, loss_mask_BxT, pair_ids_BxT, branch_ids_BxT,
         ("branch_ids_BxT", branch_ids_BxT),
     ):
         if tuple(x.shape) != shape:
-            raise ValueError(f"{name} must have the shape of token_logps_BxT {shape}; got {x.shape}")
+            raise ValueError(
+                f"{name} must have the shape of token_logps_BxT {shape}; got {tuple(x.shape)}"
+            )
     p = _positive_int("num_pairs", num_pairs)
     logps_N = token_logps_BxT.reshape(-1).astype(jnp.float32)
     mask_N = loss_mask_BxT.reshape(-1).astype(jnp.float32)

@@ -317,7 +317,9 @@ def test_gather_completions_and_overflow_poisons_only_lost_pairs():
     np.testing.assert_array_equal(comp.pair_ids_C[:30], batch["pair_ids_BxT"][rows, cols])
     assert float(jnp.sum(comp.loss_mask_C[30:])) == 0 and int(jnp.sum(comp.branch_ids_C[30:])) == 0
 
-    run = jax.jit(lambda cap: completion_logps(hidden, unembed, batch, P, capacity=cap), static_argnums=0)
+    run = jax.jit(
+        lambda cap: completion_logps(hidden, unembed, batch, P, capacity=cap), static_argnums=0
+    )
     full, short = run(None), run(28)  # 28 drops the last 2 tokens (pair 3, rejected)
     for name in SequenceLogps._fields:
         got, want = np.asarray(getattr(short, name)), np.asarray(getattr(full, name))
@@ -336,4 +338,5 @@ def test_batch_validation_names_the_key():
     with pytest.raises(ValueError, match="capacity"):
         completion_logps(hidden, unembed, batch, P, capacity=0)
     with pytest.raises(ValueError, match="loss_mask_BxT"):
-        sequence_logps(jnp.zeros((2, 3)), jnp.zeros((2, 4)), jnp.zeros((2, 3)), jnp.zeros((2, 3)), 1)
+        z = jnp.zeros((2, 3))
+        sequence_logps(z, jnp.zeros((2, 4)), z, z, 1)
