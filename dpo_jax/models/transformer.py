@@ -310,12 +310,42 @@ def layer_param_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tup
     return s
 
 
-def _init_value(name: str, key, shape, dtype, std):
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str | None, ...]]]:
+    """Every parameter: path ("embed", "layers/wq", ...) -> (shape, logical axes)."""
+    D, V = cfg.hidden_size, cfg.vocab_size
+    out = {"embed": ((V, D), ("vocab", "embed")), "final_norm": ((D,), ("embed",))}
+    if cfg.position == "learned":
+        out["pos_embed"] = ((cfg.max_position_embeddings, D), (None, "embed"))
+    if cfg.norm == "layer":
+        out["final_norm_bias"] = ((D,), ("embed",))
+    if not cfg.tie_embeddings:
+        out["lm_head"] = ((D, V), ("embed", "vocab"))
+    for name, (shape, axes) in layer_param_shapes(cfg).items():
+        out[f"layers/{name}"] = ((cfg.num_layers, *shape), ("layers", *axes))
+    return out
+
+
+def _init_kind(path: str) -> str:
+    name = path.rsplit("/", 1)[-1]
     if name.endswith("norm"):
-        return jnp.ones(shape, dtype)
-    if name.startswith("b") or name.endswith("_bias"):
-        return jnp.zeros(shape, dtype)
-    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+        return "ones"
+    return "zeros" if name.startswith("b") or name.endswith("_bias") else "normal"
+
+
+@functools.partial(jax.jit, static_argnames=("shapes", "dtype"))
+def _init_values(key, std, shapes, dtype):
+    """Norm scales 1, biases 0, weights N(0, std^2): all weights are slices of ONE normal draw, so
+    initialization compiles one RNG kernel instead of one per shape (seconds per model on CPU); the
+    transient flat vector costs one extra copy of the weights."""
+    normal = [(p, s) for p, s in shapes if _init_kind(p) == "normal"]
+    sizes = [math.prod(s) for _, s in normal]
+    flat = std * jax.random.normal(key, (sum(sizes),), jnp.float32)
+    parts = jnp.split(flat, np.cumsum(sizes)[:-1].tolist()) if normal else []
+    out = {p: x.reshape(s).astype(dtype) for (p, s), x in zip(normal, parts)}
+    for p, s in shapes:
+        if p not in out:
+            out[p] = (jnp.ones if _init_kind(p) == "ones" else jnp.zeros)(s, dtype)
+    return out
 
 
 def _param(value, names):
@@ -323,13 +353,10 @@ def _param(value, names):
 
 
 class LayerStack(nnx.Module):
-    """All blocks' parameters, each stacked on a leading `layers` axis of size L."""
+    """All blocks' parameters, each stacked on a leading `layers` axis of size L (set by Decoder)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.names = tuple(sorted(layer_param_shapes(cfg)))
-        for name, (shape, axes) in layer_param_shapes(cfg).items():
-            value = _init_value(name, rngs.params(), (cfg.num_layers, *shape), cfg.param_dtype, cfg.init_std)
-            setattr(self, name, _param(value, ("layers", *axes)))
+    def __init__(self, names: tuple[str, ...]):
+        self.names = names
 
     def arrays(self) -> dict[str, jax.Array]:
         return {name: getattr(self, name)[...] for name in self.names}
@@ -350,18 +377,13 @@ class Decoder(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        pd, std, D = cfg.param_dtype, cfg.init_std, cfg.hidden_size
-        self.embed = _param(_init_value("embed", rngs.params(), (cfg.vocab_size, D), pd, std), ("vocab", "embed"))
-        if cfg.position == "learned":
-            self.pos_embed = _param(_init_value("pos_embed", rngs.params(), (cfg.max_position_embeddings, D), pd, std),
-                                    (None, "embed"))
-        self.layers = LayerStack(cfg, rngs=rngs)
-        self.final_norm = _param(jnp.ones((D,), pd), ("embed",))
-        if cfg.norm == "layer":
-            self.final_norm_bias = _param(jnp.zeros((D,), pd), ("embed",))
-        if not cfg.tie_embeddings:
-            self.lm_head = _param(_init_value("lm_head", rngs.params(), (D, cfg.vocab_size), pd, std),
-                                  ("embed", "vocab"))
+        specs = param_shapes(cfg)
+        values = _init_values(rngs.params(), jnp.float32(cfg.init_std),
+                              tuple((p, shape) for p, (shape, _) in specs.items()), cfg.param_dtype)
+        self.layers = LayerStack(tuple(sorted(p[len("layers/"):] for p in specs if p.startswith("layers/"))))
+        for path, (_, axes) in specs.items():
+            owner, name = (self.layers, path[len("layers/"):]) if path.startswith("layers/") else (self, path)
+            setattr(owner, name, _param(values[path], axes))
 
     def unembedding(self):
         """(W_DxV, bias_V or None): the lm_head, or the transposed tied embedding."""
