@@ -1,0 +1,196 @@
+"""Hugging Face checkpoint I/O: config mapping, errors that name the culprit, shards, CLI."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from dpo_jax.models import hf
+from dpo_jax.models.transformer import Decoder, ModelConfig
+
+TINY = ModelConfig(family="llama", vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+                   num_kv_heads=1, init_std=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama checkpoint written by export_model (single model.safetensors)."""
+    return hf.export_model(Decoder(TINY, rngs=nnx.Rngs(0)), tmp_path_factory.mktemp("tiny") / "ckpt")
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_tensors(directory, fn):
+    path = directory / "model.safetensors"
+    tensors = load_file(path)
+    fn(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _hidden(model, n=5):
+    return np.asarray(model(jnp.arange(n, dtype=jnp.int32)[None] % model.cfg.vocab_size))
+
+
+def _same_params(a, b):
+    la, lb = jax.tree.leaves(nnx.state(a, nnx.Param)), jax.tree.leaves(nnx.state(b, nnx.Param))
+    return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))
+
+
+# ----------------------------------------------------------------------------- config.json
+
+
+def test_unsupported_model_type_names_it_and_lists_supported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    with pytest.raises(hf.UnsupportedArchitectureError) as e:
+        hf.load_config(tmp_path)
+    msg = str(e.value)
+    assert "bert" in msg and "BertModel" in msg
+    assert all(k in msg for k in ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "LlamaForCausalLM"))
+
+
+def test_unsupported_head_is_named(tmp_path):
+    h = hf.config_to_hf(TINY) | {"architectures": ["LlamaForSequenceClassification"]}
+    with pytest.raises(hf.UnsupportedArchitectureError, match="LlamaForSequenceClassification"):
+        hf.config_from_hf(h)
+
+
+def test_unsupported_rope_type_and_missing_field_are_named():
+    h = hf.config_to_hf(TINY)
+    with pytest.raises(ValueError, match="'yarn'"):
+        hf.config_from_hf(h | {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}})
+    with pytest.raises(ValueError, match="'intermediate_size'"):
+        hf.config_from_hf({k: v for k, v in h.items() if k != "intermediate_size"})
+
+
+@pytest.mark.parametrize("cfg", [
+    TINY,
+    ModelConfig(family="mistral", num_kv_heads=2, sliding_window=7),
+    ModelConfig(family="qwen2", qkv_bias=True, tie_embeddings=True, rope_theta=1e6),
+    ModelConfig(family="qwen3", qk_norm=True, head_dim=32, sliding_window=5, sliding_layers=(True, False)),
+    ModelConfig(family="llama", rope_scaling=hf.RopeScaling("llama3", 8.0, 1.0, 4.0, 8192), rope_theta=5e5),
+    ModelConfig(family="gpt2", norm="layer", norm_eps=1e-5, activation="gelu_tanh", gated_mlp=False,
+                position="learned", qkv_bias=True, o_bias=True, mlp_bias=True, tie_embeddings=True,
+                intermediate_size=256),
+    ModelConfig(family="gpt_neox", norm="layer", norm_eps=1e-5, activation="gelu", gated_mlp=False, qkv_bias=True,
+                o_bias=True, mlp_bias=True, parallel_residual=True, rotary_fraction=0.25),
+], ids=lambda c: c.family)
+def test_config_round_trip(cfg):
+    h = json.loads(json.dumps(hf.config_to_hf(cfg)))
+    assert h["architectures"] == [hf.ARCHITECTURES[cfg.family]]
+    assert hf.config_from_hf(h, init_std=cfg.init_std) == cfg
+
+
+def test_inexpressible_config_is_refused_naming_the_field():
+    with pytest.raises(ValueError, match="qk_norm"):
+        hf.config_to_hf(ModelConfig(family="llama", qk_norm=True))
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def test_missing_tensor_is_named(tiny_dir, tmp_path):
+    d = _copy(tiny_dir, tmp_path / "m")
+    _edit_tensors(d, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(hf.CheckpointMismatchError, match=r"missing tensors: model\.layers\.1\.mlp\.up_proj\.weight"):
+        hf.load_model(d)
+
+
+def test_misshaped_tensor_is_named_with_both_shapes(tiny_dir, tmp_path):
+    d = _copy(tiny_dir, tmp_path / "m")
+    _edit_tensors(d, lambda t: t.__setitem__("model.layers.0.self_attn.k_proj.weight", np.zeros((16, 16), np.float32)))
+    with pytest.raises(hf.CheckpointMismatchError) as e:
+        hf.load_model(d)
+    assert "model.layers.0.self_attn.k_proj.weight (expected (8, 16), got (16, 16))" in str(e.value)
+
+
+def test_unexpected_tensor_is_named_and_known_buffers_are_ignored(tiny_dir, tmp_path):
+    d = _copy(tiny_dir, tmp_path / "m")
+    _edit_tensors(d, lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32)}))
+    assert _same_params(hf.load_model(d), hf.load_model(tiny_dir))
+    _edit_tensors(d, lambda t: t.update({"model.layers.0.adapter.weight": np.ones(4, np.float32)}))
+    with pytest.raises(hf.CheckpointMismatchError, match=r"unexpected tensors: model\.layers\.0\.adapter\.weight"):
+        hf.load_model(d)
+
+
+def test_no_weights_and_missing_shard_are_reported(tiny_dir, tmp_path):
+    d = tmp_path / "empty"
+    d.mkdir()
+    shutil.copy(tiny_dir / "config.json", d)
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        hf.load_model(d)
+    index = {"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(FileNotFoundError, match="model-00001-of-00002.safetensors"):
+        hf.load_model(d)
+
+
+def test_base_model_checkpoint_without_prefix_loads(tiny_dir, tmp_path):
+    d = _copy(tiny_dir, tmp_path / "m")
+
+    def strip(t):
+        for k in list(t):
+            if k.startswith("model."):
+                t[k[len("model."):]] = t.pop(k)
+
+    _edit_tensors(d, strip)
+    assert _same_params(hf.load_model(d), hf.load_model(tiny_dir))
+
+
+def test_sharded_checkpoints_with_index_load(tiny_dir, tmp_path):
+    ours = hf.load_model(tiny_dir)
+    out = hf.export_model(ours, tmp_path / "sharded", max_shard_bytes=3_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 3 and not (out / "model.safetensors").exists()
+    assert _same_params(hf.load_model(out), ours)
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pt = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir)
+    pt.save_pretrained(tmp_path / "hf_sharded", max_shard_size="8KB")
+    assert (tmp_path / "hf_sharded" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "hf_sharded").glob("*.safetensors"))) >= 2
+    assert _same_params(hf.load_model(tmp_path / "hf_sharded"), ours)
+    del torch
+
+
+def test_bfloat16_export_and_load(tiny_dir, tmp_path, trl_fixture_dir):
+    model = hf.load_model(tiny_dir, dtype="bfloat16", param_dtype="bfloat16", remat="full")
+    assert model.cfg.remat == "full" and model.cfg.dtype == "bfloat16"
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype("bfloat16")}
+    out = hf.export_model(model, tmp_path / "bf16", tokenizer_dir=trl_fixture_dir / "policy")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
+    assert load_file(out / "model.safetensors")["model.embed_tokens.weight"].dtype.name == "bfloat16"
+    assert _same_params(hf.load_model(out, dtype="bfloat16", param_dtype="bfloat16"), model)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _cli(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "dpo_jax.models.hf", *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+def test_check_cli(tiny_dir, tmp_path):
+    r = _cli("--check", tiny_dir)
+    assert r.returncode == 0, r.stderr
+    assert "architecture: llama (LlamaForCausalLM)" in r.stdout
+    assert f"parameters: {sum(x.size for x in load_file(tiny_dir / 'model.safetensors').values()):,}" in r.stdout
+    assert "logits: shape (1, 8, 64)" in r.stdout and "finite: True" in r.stdout
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    r = _cli("--check", tmp_path)
+    assert r.returncode != 0 and "unsupported architecture" in r.stderr and "bert" in r.stderr
