@@ -115,8 +115,9 @@ def policy(config, tok, path: str = "") -> Decoder:
 
 
 def reference(config, initial_policy: Decoder) -> Optional[Decoder]:
-    """The reference model for modes frozen/sync: config.reference.path or a copy of the initial policy."""
-    if config.reference.mode not in ("frozen", "sync"):
+    """The reference model (modes frozen, sync, precomputed): config.reference.path or a copy of the
+    initial policy."""
+    if config.reference.mode not in ("frozen", "sync", "precomputed"):
         return None
     if config.reference.path:
         return hf.load_model(config.reference.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype)

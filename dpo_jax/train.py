@@ -25,7 +25,7 @@ from absl import logging
 from flax import nnx
 
 import dpo_jax
-from dpo_jax import build, checkpoint, config_check, losses, metrics, optim, sharding, step
+from dpo_jax import build, checkpoint, config_check, losses, metrics, optim, reference_cache, sharding, step
 from dpo_jax.data import layouts, pipeline
 from dpo_jax.models import hf
 
@@ -50,6 +50,7 @@ class Stage:
     tokenize_fn: Callable
     data_cfg: pipeline.DataConfig
     eval_data_cfg: pipeline.DataConfig
+    eval_tokenize_fn: Optional[Callable] = None  # defaults to tokenize_fn
 
 
 def write_run_info(config, workdir: str) -> None:
@@ -131,11 +132,13 @@ def fit(stage: Stage, state, state_sh, step_cfg: step.StepConfig, mesh, config, 
     """Train `stage` to its last step (resuming from its latest checkpoint); returns (state, final eval)."""
     tc = config.train
     tx_steps = stage.steps * stage.optim_cfg.grad_accum
-    train_fn, eval_fn = compiled_steps(step_cfg, state_sh, mesh, layouts.BATCH_KEYS)
+    batch_keys = layouts.BATCH_KEYS + tuple(f"{k}_P" for k in stage.data_cfg.pair_scalars)
+    train_fn, eval_fn = compiled_steps(step_cfg, state_sh, mesh, batch_keys)
     train_iter = pipeline.make_train_iterator(stage.train_rows, stage.tokenize_fn, stage.data_cfg)
     eval_batches = None
     if stage.eval_rows is not None:
-        eval_batches, report = pipeline.make_eval_batches(stage.eval_rows, stage.tokenize_fn, stage.eval_data_cfg)
+        eval_batches, report = pipeline.make_eval_batches(stage.eval_rows, stage.eval_tokenize_fn or stage.tokenize_fn,
+                                                          stage.eval_data_cfg)
         writer.write(0, {"eval_rows_kept": report["kept"]}, prefix=f"{stage.name}/data/")
     ckpt = checkpoint.Checkpointer(os.path.join(stage.workdir, "checkpoints"), keep=tc.keep_checkpoints,
                                    every=tc.checkpoint_every)
@@ -174,38 +177,40 @@ def fit(stage: Stage, state, state_sh, step_cfg: step.StepConfig, mesh, config, 
             bar.set_postfix_str(metrics.summary_line(m), refresh=False)
             bar.update(1)
 
-    for s in range(start, tx_steps):
-        if preempt.requested:
+    try:
+        for s in range(start, tx_steps):
+            if preempt.requested:
+                if pending is not None:
+                    handle(*pending)
+                    pending = None
+                ckpt.save(s, state, train_iter, force=True)
+                ckpt.wait()
+                logging.warning("%s: SIGTERM at step %d: checkpoint saved, exiting", stage.name, s)
+                raise SystemExit(0)
+            local = next(train_iter)
+            flops = metrics.step_flops(model_cfg, local, reference_forward=ref_forward)
+            tokens = float(np.sum(local["segment_ids_BxT"] > 0))
+            state, m_dev = train_fn(state, sharding.global_batch(local, mesh), hp)
             if pending is not None:
                 handle(*pending)
+            pending = (s + 1, m_dev, tokens, flops)
+            if stage.ref_mode == "sync" and (s + 1) % config.reference.sync_every == 0:
+                state = jax.jit(step.sync_reference, donate_argnums=(0,), out_shardings=state_sh)(
+                    state, config.reference.sync_alpha)
+            if eval_batches and tc.eval_every and (s + 1) % tc.eval_every == 0:
+                writer.write(s + 1, evaluate_batches(eval_fn, state, eval_batches, hp, mesh),
+                             prefix=f"{stage.name}/eval/" if stage.name != "train" else "eval/")
+            if ckpt.should_save(s + 1):
+                handle(*pending)  # never checkpoint past an unseen non-finite step
                 pending = None
-            ckpt.save(s, state, train_iter, force=True)
-            ckpt.wait()
-            logging.warning("%s: SIGTERM at step %d: checkpoint saved, exiting", stage.name, s)
-            raise SystemExit(0)
-        local = next(train_iter)
-        flops = metrics.step_flops(model_cfg, local, reference_forward=ref_forward)
-        tokens = float(np.sum(local["segment_ids_BxT"] > 0))
-        state, m_dev = train_fn(state, sharding.global_batch(local, mesh), hp)
+                ckpt.save(s + 1, state, train_iter)
         if pending is not None:
             handle(*pending)
-        pending = (s + 1, m_dev, tokens, flops)
-        if stage.ref_mode == "sync" and (s + 1) % config.reference.sync_every == 0:
-            state = jax.jit(step.sync_reference, donate_argnums=(0,), out_shardings=state_sh)(
-                state, config.reference.sync_alpha)
-        if eval_batches and tc.eval_every and (s + 1) % tc.eval_every == 0:
-            writer.write(s + 1, evaluate_batches(eval_fn, state, eval_batches, hp, mesh),
-                         prefix=f"{stage.name}/eval/" if stage.name != "train" else "eval/")
-        if ckpt.should_save(s + 1):
-            handle(*pending)  # never checkpoint past an unseen non-finite step
-            pending = None
-            ckpt.save(s + 1, state, train_iter)
-    if pending is not None:
-        handle(*pending)
-    if tx_steps > start or ckpt.latest_step() is None:
-        ckpt.save(tx_steps, state, train_iter, force=True)
-    ckpt.wait()
-    ckpt.close()
+        if tx_steps > start or ckpt.latest_step() is None:
+            ckpt.save(tx_steps, state, train_iter, force=True)
+    finally:  # in-flight saves complete even when the loop stops on an error
+        ckpt.wait()
+        ckpt.close()
     if bar is not None:
         bar.close()
     final_eval = evaluate_batches(eval_fn, state, eval_batches, hp, mesh) if eval_batches else {}
@@ -243,12 +248,42 @@ def make_stage(config, name: str, workdir: str, *, objective, hp, steps, optim_c
                  data_cfg=data_cfg, eval_data_cfg=eval_cfg)
 
 
-def run_stage(config, stage: Stage, model, reference, mesh, writer, preempt, peak_flops):
+def precompute_reference(config, stage: Stage, reference, step_cfg: step.StepConfig, mesh, tokenizer_dir: str) -> Stage:
+    """reference.mode='precomputed': cached reference log-probs attached to every train and eval example."""
+    graphdef, ref_state = nnx.split(reference)
+    ref_params = nnx.to_pure_dict(ref_state)
+    logps = jax.jit(lambda p, b: step.model_logps(dataclasses.replace(step_cfg, graphdef=graphdef), p, b))
+    cache_dir = config.reference.cache_dir or os.path.join(stage.workdir, "ref_cache")
+    settings = {k: getattr(stage.data_cfg, k) for k in ("max_length", "max_prompt_length", "truncation_mode")}
+    settings.update(format=config.data.format, chunk=(config.train.chunk_size, config.train.vocab_chunk_size))
+    spec = dataclasses.replace(stage.eval_data_cfg, layout="standard").layout_spec()
+    fns = {}
+    for name in ("train", "eval"):
+        rows = getattr(stage, f"{name}_rows")
+        if rows is None:
+            continue
+        indexed = reference_cache.IndexedRows(rows)
+        key = reference_cache.cache_key(ref_params, tokenizer_dir, indexed, {**settings, "split": name})
+        values = reference_cache.load_or_compute(cache_dir, key, lambda: reference_cache.compute(
+            lambda b: logps(ref_params, b), indexed, stage.tokenize_fn, spec,
+            lambda b: sharding.global_batch(b, mesh)))
+        setattr(stage, f"{name}_rows", indexed)
+        fns[name] = reference_cache.AttachReference(stage.tokenize_fn, values)
+    scalars = dict(pair_scalars=reference_cache.KEYS)
+    return dataclasses.replace(stage, tokenize_fn=fns["train"], eval_tokenize_fn=fns.get("eval"),
+                               data_cfg=dataclasses.replace(stage.data_cfg, **scalars),
+                               eval_data_cfg=dataclasses.replace(stage.eval_data_cfg, **scalars))
+
+
+def run_stage(config, stage: Stage, model, reference, mesh, writer, preempt, peak_flops, tokenizer_dir=""):
     tx, lr = optim.make_optimizer(stage.optim_cfg, stage.steps)
-    state, state_sh, graphdef = init_state(model, reference, tx, mesh, config.seed)
+    state, state_sh, graphdef = init_state(model, reference if stage.ref_mode in ("frozen", "sync") else None,
+                                           tx, mesh, config.seed)
     step_cfg = step.StepConfig(graphdef=graphdef, objective=stage.objective, tx=tx, lr=lr, ref_mode=stage.ref_mode,
                                grad_accum=stage.optim_cfg.grad_accum, capacity=config.train.capacity or None,
                                chunk_size=config.train.chunk_size, vocab_chunk_size=config.train.vocab_chunk_size)
+    if stage.ref_mode == "precomputed":
+        stage = precompute_reference(config, stage, reference, step_cfg, mesh, tokenizer_dir)
     state, final_eval = fit(stage, state, state_sh, step_cfg, mesh, config, writer=writer, preempt=preempt,
                             peak_flops=peak_flops)
     return nnx.merge(graphdef, jax.device_get(state.params)), state, final_eval
@@ -294,7 +329,8 @@ def run(config, workdir: str) -> dict:
         stage = make_stage(config, "train", workdir, objective=config_check.objective(config), hp=hp,
                            steps=config.train.steps, optim_cfg=config.optim, ref_mode=config.reference.mode,
                            train_path=files.train, eval_path=files.eval, tok=tok, batch_size=config.data.batch_size)
-        trained, state, final_eval = run_stage(config, stage, model, reference, mesh, writer, preempt, peak)
+        trained, state, final_eval = run_stage(config, stage, model, reference, mesh, writer, preempt, peak,
+                                               tokenizer_dir=files.tokenizer)
     finally:
         preempt.uninstall()
     report = {"steps": config.train.steps, "loss": config.loss.name,

@@ -278,6 +278,7 @@ class LayoutSpec:
     row_length: int = 0
     share_prefix: bool = False
     pad_id: int = 0
+    pair_scalars: tuple[str, ...] = ()  # per-example float fields carried into `<name>_P` (0 for filler)
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -311,6 +312,17 @@ class LayoutSpec:
         return max(lengths) <= max(self.buckets)
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, np.ndarray]:
+        batch = self._layout(examples)
+        for key in self.pair_scalars:  # e.g. precomputed reference log-probs of each pair
+            values = np.zeros((self.num_pairs,), np.float32)
+            for p, example in enumerate(examples):
+                if key not in example:
+                    raise ValueError(f"example {p}: missing per-pair field {key!r} (has {sorted(example)})")
+                values[p] = float(example[key])
+            batch[f"{key}_P"] = values
+        return batch
+
+    def _layout(self, examples: Sequence[Example]) -> dict[str, np.ndarray]:
         if self.layout == "packed":
             return packed_batch(
                 examples,

@@ -79,6 +79,7 @@ class DataConfig:
     num_threads: int = 0
     prefetch_buffer_size: int = 64
     worker_count: int = 0
+    pair_scalars: tuple[str, ...] = ()  # per-example floats carried into the batch as `<name>_P`
 
     def max_row_length(self) -> int:
         """The longest row an example can need: 2 * max_length when prompts are shared."""
@@ -99,6 +100,7 @@ class DataConfig:
             row_length=self.pack_length or self.max_row_length(),
             share_prefix=self.share_prefix,
             pad_id=self.pad_id,
+            pair_scalars=self.pair_scalars,
         )
 
     def validate(self) -> None:

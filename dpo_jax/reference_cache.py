@@ -1,0 +1,158 @@
+"""Precomputed reference log-probs (reference.mode='precomputed').
+
+One pass of the reference model over every kept example computes its summed completion log-probs
+(and LD-DPO's shared-prefix sums); they are stored on disk under a key that hashes everything
+they depend on - the reference weights, the tokenizer files, the data's fingerprint and the
+tokenization/truncation settings - so every run of a sweep over beta or loss variants reuses them.
+Training then runs the policy alone: 6N instead of 8N FLOPs per token.
+
+Rows are wrapped with their index (`IndexedRows`); the tokenize step attaches the cached values
+to each example (`AttachReference`), and the layout carries them into the batch as
+`ref_chosen_P`, `ref_rejected_P`, `ref_chosen_shared_P`, `ref_rejected_shared_P`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+
+KEYS = ("ref_chosen", "ref_rejected", "ref_chosen_shared", "ref_rejected_shared")
+ROW_INDEX = "__row__"
+
+
+class IndexedRows(Sequence):
+    """rows[i] with its index under ROW_INDEX (a Sequence, so grain can read it)."""
+
+    def __init__(self, rows: Sequence[Mapping[str, Any]]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return {**self.rows[int(i)], ROW_INDEX: int(i)}
+
+
+@dataclasses.dataclass
+class WithRowIndex:
+    """A tokenize step that keeps the row index of each example (as `row_index`)."""
+
+    tokenize_fn: Callable
+
+    def __call__(self, row):
+        example = self.tokenize_fn(row)
+        if example is not None:
+            example = {**example, "row_index": row[ROW_INDEX]}
+        return example
+
+    @property
+    def drops(self):
+        return self.tokenize_fn.drops
+
+
+@dataclasses.dataclass
+class AttachReference:
+    """A tokenize step that adds the cached reference log-probs of the row to its example."""
+
+    tokenize_fn: Callable
+    values: Mapping[str, np.ndarray]
+
+    def __call__(self, row):
+        example = self.tokenize_fn(row)
+        if example is None:
+            return None
+        i = row[ROW_INDEX]
+        if not np.isfinite(self.values[KEYS[0]][i]):
+            raise ValueError(f"row {i} has no precomputed reference log-probs (the cache was built from other data)")
+        return {**example, **{k: np.float32(self.values[k][i]) for k in KEYS}}
+
+    @property
+    def drops(self):
+        return self.tokenize_fn.drops
+
+
+def _update_with_files(h, directory: str) -> None:
+    for path in sorted(pathlib.Path(directory).glob("*")):
+        if path.is_file() and (path.suffix == ".json" or path.name.startswith("tokenizer")):
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+
+
+def _rows_fingerprint(rows) -> str:
+    """A hash of the rows' content (not of where they were read from: datasets' own fingerprint
+    changes with the file's path, and the same data in another run directory must hit the cache)."""
+    inner = getattr(rows, "rows", rows)
+    h = hashlib.sha256()
+    for i in range(len(inner)):
+        h.update(json.dumps(inner[i], sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def cache_key(ref_params, tokenizer_dir: str, rows, settings: Mapping[str, Any]) -> str:
+    """sha256 over the reference weights, tokenizer files, data fingerprint and settings."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(ref_params):
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(np.asarray(leaf).tobytes())
+    _update_with_files(h, tokenizer_dir)
+    h.update(_rows_fingerprint(rows).encode())
+    h.update(json.dumps(dict(settings), sort_keys=True, default=str).encode())
+    return h.hexdigest()[:32]
+
+
+def compute(logps_fn: Callable[[dict], Any], rows: IndexedRows, tokenize_fn: Callable, spec,
+            batch_fn: Callable[[dict], dict] = lambda b: b) -> dict[str, np.ndarray]:
+    """One pass: values[k][row] for every kept row (NaN for dropped rows).
+
+    `logps_fn(batch) -> SequenceLogps` runs the reference; `spec` lays out `spec.num_pairs` examples.
+    """
+    from dpo_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+    step = WithRowIndex(tokenize_fn)
+    values = {k: np.full((len(rows),), np.nan, np.float32) for k in KEYS}
+    pending: list[dict] = []
+
+    def flush():
+        if not pending:
+            return
+        out = jax.device_get(logps_fn(batch_fn(spec([{k: v for k, v in e.items() if k != "row_index"}
+                                                       for e in pending]))))
+        idx = np.asarray([e["row_index"] for e in pending])
+        n = len(pending)
+        for key, field in zip(KEYS, ("chosen", "rejected", "chosen_shared", "rejected_shared")):
+            values[key][idx] = np.asarray(getattr(out, field))[:n]
+        pending.clear()
+
+    ds = pipeline.grain.MapDataset.source(rows).map(step)
+    for example in ds:
+        if example is None or not spec.fits(example):
+            continue
+        pending.append(example)
+        if len(pending) == spec.num_pairs:
+            flush()
+    flush()
+    return values
+
+
+def load_or_compute(cache_dir: str, key: str, compute_fn: Callable[[], dict]) -> dict[str, np.ndarray]:
+    """Read cache_dir/<key>.npz, or compute it and write it atomically (tmp file + rename)."""
+    path = os.path.join(cache_dir, f"{key}.npz")
+    if os.path.exists(path):
+        with np.load(path) as f:
+            return {k: f[k] for k in KEYS}
+    values = compute_fn()
+    if jax.process_index() == 0:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}.npz"
+        np.savez(tmp, **values)
+        os.replace(tmp, path)
+    return values
