@@ -28,14 +28,8 @@ from safetensors.numpy import save_file
 
 from dpo_jax.models.transformer import Decoder, ModelConfig, RopeScaling, num_params
 
-ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "gpt2": "GPT2LMHeadModel",
-    "gpt_neox": "GPTNeoXForCausalLM",
-}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM"}
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
                 "gelu_pytorch_tanh": "gelu_tanh"}
 _ACT_TO_HF = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_new"}
@@ -374,7 +368,6 @@ def _normalize_prefix(names: list[str], cfg: ModelConfig) -> dict[str, str]:
 
 
 def _limit(names) -> str:
-    names = sorted(names)
     return ", ".join(names[:12]) + (f" (+{len(names) - 12} more)" if len(names) > 12 else "")
 
 
@@ -396,16 +389,15 @@ def read_params(model_dir, cfg: ModelConfig) -> dict:
     rs = rules(cfg)
     expected = {name: r.shape for r in rs for _, name in _expand(r, cfg.num_layers)}
     ignorable = {n for n in shapes if _IGNORED.search(n) or (cfg.tie_embeddings and n in ("lm_head.weight",))}
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected) - ignorable)
-    misshaped = [f"{n} (expected {expected[n]}, got {shapes[n]})" for n in sorted(expected)
-                 if n in shapes and shapes[n] != expected[n]]
-    problems = [f"{what}: {_limit(lst) if what != 'mis-shaped tensors' else '; '.join(lst[:12])}"
-                for what, lst in (("missing tensors", missing), ("unexpected tensors", unexpected),
-                                  ("mis-shaped tensors", misshaped)) if lst]
-    if problems:
-        raise CheckpointMismatchError(f"checkpoint {model_dir} does not match its config.json "
-                                      f"({cfg.family}, {cfg.num_layers} layers): " + "; ".join(problems))
+    problems = {
+        "missing tensors": sorted(set(expected) - set(shapes)),
+        "unexpected tensors": sorted(set(shapes) - set(expected) - ignorable),
+        "mis-shaped tensors": [f"{n} (expected {expected[n]}, got {shapes[n]})" for n in sorted(expected)
+                               if n in shapes and shapes[n] != expected[n]]}
+    if any(problems.values()):
+        raise CheckpointMismatchError(f"checkpoint {model_dir} does not match its config.json ({cfg.family}, "
+                                      f"{cfg.num_layers} layers): " + "; ".join(
+                                          f"{k}: {_limit(v)}" for k, v in problems.items() if v))
     flat: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
         handles = {path: stack.enter_context(safe_open(path, framework="np")) for path in set(files.values())}
@@ -417,32 +409,25 @@ def read_params(model_dir, cfg: ModelConfig) -> dict:
                 flat[ours] = np.stack(arrays) if "{i}" in r.hf else arrays[0]
     nested: dict[str, Any] = {}
     for path, value in flat.items():
-        *head, leaf = path.split("/")
-        d = nested
-        for k in head:
-            d = d.setdefault(k, {})
-        d[leaf] = value
+        head, _, leaf = path.rpartition("/")
+        (nested.setdefault(head, {}) if head else nested)[leaf] = value
     return nested
 
 
 def model_from_params(cfg: ModelConfig, params: Mapping) -> Decoder:
     """A Decoder holding `params` (nested dict as `nnx.to_pure_dict` gives), cast to cfg.param_dtype,
     built without initializing random weights."""
-    abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    want = nnx.to_pure_dict(state)
-    leaves_want = jax.tree_util.tree_flatten_with_path(want)[0]
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
     have = dict(jax.tree_util.tree_flatten_with_path(params)[0])
-    values = {}
-    for path, spec in leaves_want:
-        key = jax.tree_util.keystr(path)
-        if path not in have:
-            raise CheckpointMismatchError(f"no value for parameter {key}")
-        if tuple(have[path].shape) != tuple(spec.shape):
-            raise CheckpointMismatchError(f"parameter {key}: expected shape {spec.shape}, got {have[path].shape}")
-        values[path] = jnp.asarray(have[path], dtype=cfg.param_dtype)
-    pure = jax.tree_util.tree_map_with_path(lambda p, _: values[p], want)
-    nnx.replace_by_pure_dict(state, pure)
+
+    def take(path, spec):
+        key, value = jax.tree_util.keystr(path), have.get(path)
+        if value is None or tuple(value.shape) != tuple(spec.shape):
+            raise CheckpointMismatchError(f"parameter {key}: expected shape {spec.shape}, got "
+                                          f"{'nothing' if value is None else tuple(value.shape)}")
+        return jnp.asarray(value, dtype=cfg.param_dtype)
+
+    nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(take, nnx.to_pure_dict(state)))
     return nnx.merge(graphdef, state)
 
 

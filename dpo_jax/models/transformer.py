@@ -2,16 +2,19 @@
 GPT-2 and GPT-NeoX/Pythia, configured by one frozen `ModelConfig`.
 
 Layer parameters are stacked on a leading `layers` axis and the blocks run under `jax.lax.scan`
-(or an unrolled loop), each block being a pure function of its arrays. Every parameter carries
-logical axis names as NNX `out_sharding` metadata (created with `eager_sharding=False`: this file
-knows no mesh); `nnx.get_partition_spec(nnx.state(model))` returns them. Logical axes:
+(or an unrolled loop), each block a pure function of its arrays (`_block`). Attention follows the
+rule of docs/design.md (`attention_mask`) for the plain forward and for KV-cached decoding alike.
 
-| name | parameter shapes (L layers, V vocab, D width, H/K query/kv heads, E head dim, F mlp) |
-| --- | --- |
-| embed [V, D] `(vocab, embed)` | pos_embed [P, D] `(None, embed)` | lm_head [D, V] `(embed, vocab)` |
-| layers.wq [L, D, H, E] `(layers, embed, heads, kv)` | layers.wk/wv [L, D, K, E] `(..., kv_heads, kv)` |
-| layers.wo [L, H, E, D] `(layers, heads, kv, embed)` | layers.w_gate/w_up [L, D, F], w_down [L, F, D] |
-| norms [L, D] / [D] `(layers, embed)` | q_norm/k_norm [L, E] `(layers, kv)`, biases like their kernels |
+Every parameter carries logical axis names as NNX `out_sharding` metadata, created with
+`eager_sharding=False` (this file knows no mesh; `nnx.get_partition_spec(nnx.state(model))` gives
+them, sharding.py maps them to mesh axes). Shapes (L layers, V vocab, D width, H / K query / kv
+heads, E head dim, F mlp width) and axes:
+  embed [V, D] (vocab, embed); pos_embed [P, D] (None, embed); lm_head [D, V] (embed, vocab);
+  final_norm(_bias) [D] (embed); layers/wq [L, D, H, E] (layers, embed, heads, kv);
+  layers/wk, wv [L, D, K, E] (layers, embed, kv_heads, kv); layers/wo [L, H, E, D] (layers, heads, kv, embed);
+  layers/w_gate, w_up [L, D, F] (layers, embed, mlp); layers/w_down [L, F, D] (layers, mlp, embed);
+  layers/*norm* [L, D] (layers, embed); layers/q_norm, k_norm [L, E] (layers, kv); biases follow
+  the output axes of their kernels.
 """
 
 from __future__ import annotations
