@@ -434,6 +434,9 @@ def model_from_params(cfg: ModelConfig, params: Mapping) -> Decoder:
 def _resolve(model_dir_or_hub_id) -> pathlib.Path:
     if os.path.isdir(model_dir_or_hub_id):
         return pathlib.Path(model_dir_or_hub_id)
+    name = str(model_dir_or_hub_id)
+    if os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(f"{name} is not a model directory (and not a hub id of the form org/name)")
     from huggingface_hub import snapshot_download
 
     return pathlib.Path(snapshot_download(repo_id=str(model_dir_or_hub_id),

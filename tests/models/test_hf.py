@@ -133,6 +133,8 @@ def test_no_weights_and_missing_shard_are_reported(tiny_dir, tmp_path):
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(FileNotFoundError, match="model-00001-of-00002.safetensors"):
         hf.load_model(d)
+    with pytest.raises(FileNotFoundError, match="not a model directory"):
+        hf.load_model(tmp_path / "no_such_dir")  # a path, never sent to the hub
 
 
 def test_base_model_checkpoint_without_prefix_loads(tiny_dir, tmp_path):
