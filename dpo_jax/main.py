@@ -1,7 +1,5 @@
 """Entrypoint: python -m dpo_jax.main --config=configs/synthetic.py --workdir=/tmp/run [--config.key=value ...]"""
 
-import json
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -18,7 +16,20 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     report = train.run(_CONFIG.value, _WORKDIR.value)
-    print(json.dumps({"workdir": _WORKDIR.value, **report}, indent=1, sort_keys=True))
+    print(summary(report, _WORKDIR.value))
+
+
+SUMMARY_KEYS = ("eval/loss", "eval/accuracy", "eval/rewards/margins", "sample/reward", "sample/reward_ref",
+                "sample/kl", "sample/win_rate", "exact/reward", "exact/kl", "frontier/reward_at_kl",
+                "frontier/regret")
+
+
+def summary(report: dict, workdir: str) -> str:
+    """A few lines: where the run is, and its headline numbers (the rest is in report.json)."""
+    lines = [f"dpo_jax: {report.get('loss')} for {report.get('steps')} steps -> {workdir}"]
+    lines += [f"  {k:24s} {report[k]:.4f}" for k in SUMMARY_KEYS if isinstance(report.get(k), float)]
+    lines.append(f"  report: {workdir}/report.json   metrics: {workdir}/metrics.jsonl")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
