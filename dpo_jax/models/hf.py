@@ -62,7 +62,8 @@ def _get(h: Mapping, key: str, default: Any = KeyError):
 def _rope_from_hf(h: Mapping, default_fraction: float) -> dict:
     params = {**(h.get("rope_scaling") or {}), **(h.get("rope_parameters") or {})}
     theta = params.get("rope_theta", h.get("rope_theta", h.get("rotary_emb_base", 10000.0)))
-    fraction = params.get("partial_rotary_factor", h.get("partial_rotary_factor", h.get("rotary_pct", default_fraction)))
+    fraction = params.get("partial_rotary_factor",
+                          h.get("partial_rotary_factor", h.get("rotary_pct", default_fraction)))
     rope_type = params.get("rope_type", params.get("type", "default"))
     out = dict(rope_theta=float(theta), rotary_fraction=float(fraction), rope_scaling=None)
     if rope_type == "default":
@@ -182,10 +183,10 @@ def _rope_to_hf(cfg: ModelConfig) -> dict:
 def config_to_hf(cfg: ModelConfig) -> dict:
     """ModelConfig -> a Hugging Face config dict of its family. Raises ValueError when the family
     cannot express the config (checked by converting back and comparing)."""
-    f = cfg.family
+    f, eos = cfg.family, cfg.eos_token_id
     h: dict[str, Any] = {"model_type": f, "architectures": [ARCHITECTURES[f]], "vocab_size": cfg.vocab_size,
                          "bos_token_id": cfg.bos_token_id, "pad_token_id": cfg.pad_token_id,
-                         "eos_token_id": list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id,
+                         "eos_token_id": list(eos) if isinstance(eos, tuple) else eos,
                          "tie_word_embeddings": cfg.tie_embeddings, "dtype": cfg.param_dtype,
                          "initializer_range": cfg.init_std, "use_cache": True}
     if f == "gpt2":
@@ -320,11 +321,13 @@ def rules(cfg: ModelConfig) -> list[Rule]:
           _linear_in(p + "mlp.up_proj.weight", "layers/w_up", D, None, F),
           _linear_in(p + "mlp.down_proj.weight", "layers/w_down", F, None, D)]
     if cfg.qkv_bias:
-        rs += [_head_bias(p + f"self_attn.{n}_proj.bias", f"layers/b{n}", h, E) for n, h in (("q", H), ("k", K), ("v", K))]
+        rs += [_head_bias(p + f"self_attn.{n}_proj.bias", f"layers/b{n}", h, E)
+               for n, h in (("q", H), ("k", K), ("v", K))]
     if cfg.o_bias:
         rs.append(_r(p + "self_attn.o_proj.bias", "layers/bo", (D,)))
     if cfg.qk_norm:
-        rs += [_r(p + "self_attn.q_norm.weight", "layers/q_norm", (E,)), _r(p + "self_attn.k_norm.weight", "layers/k_norm", (E,))]
+        rs += [_r(p + "self_attn.q_norm.weight", "layers/q_norm", (E,)),
+               _r(p + "self_attn.k_norm.weight", "layers/k_norm", (E,))]
     if cfg.mlp_bias:
         rs += [_r(p + "mlp.gate_proj.bias", "layers/b_gate", (F,)), _r(p + "mlp.up_proj.bias", "layers/b_up", (F,)),
                _r(p + "mlp.down_proj.bias", "layers/b_down", (D,))]
