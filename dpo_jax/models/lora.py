@@ -130,32 +130,33 @@ def adapter_logical_axes(adapters: Mapping[str, Any]) -> dict:
     return out
 
 
-def delta(name: str, adapter: Mapping[str, Any], shape, scale: float):
+def _delta(name: str, adapter: Mapping[str, Any], shape, cfg: LoraConfig):
     """(alpha / r) * A @ B for projection `name`, float32, reshaped to the base array's `shape`."""
     L, n_in, n_out = _matrix_shape(name, shape)
     a, b = (adapter.get("a"), adapter.get("b")) if isinstance(adapter, Mapping) else (None, None)
     if a is None or b is None:
         raise ValueError(f"adapters[{name!r}] must be a dict with arrays 'a' and 'b'")
-    r = a.shape[-1]
+    r = cfg.rank
     if tuple(a.shape) != (L, n_in, r) or tuple(b.shape) != (L, r, n_out):
-        raise ValueError(f"adapters[{name!r}]: expected a [L, in, r] = {(L, n_in, r)} and b [L, r, out] = "
+        raise ValueError(f"adapters[{name!r}]: expected a [L, in, rank] = {(L, n_in, r)} and b [L, rank, out] = "
                          f"{(L, r, n_out)} for layers/{name} {tuple(shape)}; got a {tuple(a.shape)}, b {tuple(b.shape)}")
     ab = jnp.einsum("lir,lro->lio", a.astype(jnp.float32), b.astype(jnp.float32),
                     precision=jax.lax.Precision.HIGHEST)
-    return (scale * ab).reshape(shape)
+    return (cfg.scale * ab).reshape(shape)
 
 
 def merge(base_params: Mapping[str, Any], adapters: Mapping[str, Any], cfg: LoraConfig) -> dict:
     """The full parameter dict with W' = stop_gradient(W) + (alpha/r) A @ B on each adapted
     projection (computed in float32, cast to W's dtype); every other array is the base's, under
     stop_gradient. Pure and jit-able; gradients reach only `adapters`."""
+    _layers(base_params)
     frozen = jax.tree.map(jax.lax.stop_gradient, dict(base_params))
-    layers = dict(_layers(frozen))
+    layers = dict(frozen["layers"])
     for name, adapter in adapters.items():
         if name not in layers:
             raise ValueError(f"adapters has {name!r}, which base_params['layers'] lacks (layers: {sorted(layers)})")
         w = layers[name]
-        layers[name] = (w.astype(jnp.float32) + delta(name, adapter, w.shape, cfg.scale)).astype(w.dtype)
+        layers[name] = (w.astype(jnp.float32) + _delta(name, adapter, w.shape, cfg)).astype(w.dtype)
     return {**frozen, "layers": layers}
 
 

@@ -199,6 +199,8 @@ def test_bad_adapters_and_targets_are_named():
     bad = {**adapters, "wq": {"a": adapters["wq"]["a"][:, :, :1], "b": adapters["wq"]["b"]}}
     with pytest.raises(ValueError, match="adapters\\['wq'\\]"):
         lora.merge(base, bad, cfg)
+    with pytest.raises(ValueError, match="adapters\\['wk'\\]"):  # a rank other than cfg.rank
+        lora.merge(base, {"wk": adapters["wk"]}, lora.LoraConfig(rank=3))
     with pytest.raises(ValueError, match="'w_gate'"):
         lora.merge(base, {"w_gate": adapters["w_up"]}, cfg)
     with pytest.raises(ValueError, match="layers"):
