@@ -10,6 +10,7 @@ from typing import Any, Iterable
 
 from dpo_jax import losses, optim
 from dpo_jax.data import layouts
+from dpo_jax.models.transformer import FAMILIES, REMAT_POLICIES
 from dpo_jax.step import REF_MODES
 
 TRUNCATION_MODES = ("keep_start", "keep_end")
@@ -36,16 +37,31 @@ def objective(config) -> losses.Objective:
         if n not in losses.LOSSES:
             raise ValueError(f"config.loss.name={config.loss.name!r}: unknown loss {n!r}; allowed: "
                              f"{', '.join(sorted(losses.LOSSES))} (several joined by '+')")
-    return losses.Objective(names, ld=config.loss.ld_alpha is not None)
+    # `ld_alpha` is the own hyper-parameter of a loss that has one (ld_dpo); otherwise it applies
+    # LD-DPO's length weighting to every term (TRL's `ld_alpha`).
+    own_ld = any("ld_alpha" in losses.get(n).hparams for n in names)
+    return losses.Objective(names, ld=config.loss.ld_alpha is not None and not own_ld)
 
 
 def loss_hparams(config) -> dict:
-    """Validated, traced-ready hyper-parameters of `config.loss`; `beta` always present (metrics)."""
+    """Validated, traced-ready hyper-parameters of `config.loss`; `beta` always present (metrics).
+
+    A hyper-parameter set in `config.loss` that none of the named losses has is an error (it would
+    be silently ignored), except `beta`, which the reward metrics use."""
     obj = objective(config)
     known = set().union(*(s.hparams for s in obj.specs))
+    all_hparams = set().union(*(s.hparams for s in losses.LOSSES.values()))
+    for k in sorted(all_hparams - known - {"beta", "ld_alpha"}):
+        if k in config.loss and config.loss[k] is not None:
+            having = sorted(n for n, s in losses.LOSSES.items() if k in s.hparams)
+            raise ValueError(f"config.loss.{k}={config.loss[k]!r} is not a hyper-parameter of "
+                             f"config.loss.name={config.loss.name!r} (its hyper-parameters: "
+                             f"{', '.join(sorted(known)) or 'none'}); unset it, or use a loss that has it: "
+                             f"{', '.join(having)}")
     given = {k: config.loss[k] for k in known if k in config.loss and config.loss[k] is not None}
+    ld = {"ld_alpha": config.loss.ld_alpha} if obj.ld else {}
     try:
-        hp = obj.params(weights=config.loss.weights, ld_alpha=config.loss.ld_alpha, **given)
+        hp = obj.params(weights=config.loss.weights, **ld, **given)
     except ValueError as e:
         raise ValueError(f"config.loss: {e}") from None
     hp.setdefault("beta", losses.np.float32(config.loss.beta))
@@ -62,12 +78,18 @@ def validate(config) -> None:
                          f"sft); config.loss.name={config.loss.name!r} uses a reference")
     if config.reference.mode == "base" and config.model.lora.rank <= 0:
         raise ValueError("config.reference.mode='base' needs a LoRA policy: set config.model.lora.rank > 0")
+    if config.model.lora.rank > 0 and config.reference.mode == "sync":
+        raise ValueError("config.reference.mode='sync' updates the reference towards the policy; with a LoRA "
+                         "policy (config.model.lora.rank > 0) use 'base', 'frozen' or 'precomputed'")
     if config.reference.mode == "sync":
         if not 0.0 < config.reference.sync_alpha <= 1.0:
             raise ValueError(f"config.reference.sync_alpha={config.reference.sync_alpha}; must be in (0, 1]")
         _positive("reference.sync_every", config.reference.sync_every)
     _choice("model.dtype", config.model.dtype, DTYPES)
     _choice("model.param_dtype", config.model.param_dtype, DTYPES)
+    _choice("model.remat", config.model.remat, REMAT_POLICIES)
+    if not config.model.path:
+        _choice("model.arch.family", config.model.arch.family, FAMILIES)
     _choice("data.layout", config.data.layout, layouts.LAYOUTS)
     _choice("data.truncation_mode", config.data.truncation_mode, TRUNCATION_MODES)
     _choice("data.format", config.data.format, FORMATS)

@@ -19,6 +19,7 @@ import optax
 from flax import nnx, struct
 
 from dpo_jax import logprobs, losses
+from dpo_jax.models import lora
 
 REF_MODES = ("frozen", "precomputed", "none", "base", "sync")
 PRECOMPUTED_KEYS = ("ref_chosen_P", "ref_rejected_P", "ref_chosen_shared_P", "ref_rejected_shared_P")
@@ -32,6 +33,7 @@ class TrainState(struct.PyTreeNode):
     opt_state: Any
     ref_params: Any = None  # the frozen or TR-DPO-synced reference; None for other modes
     rng: Optional[jax.Array] = None
+    base_params: Any = None  # LoRA: the frozen base weights (then `params` holds the adapters only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +49,7 @@ class StepConfig:
     capacity: Optional[int] = None  # logits only at this many completion positions (None: all)
     chunk_size: int = logprobs.DEFAULT_CHUNK_SIZE
     vocab_chunk_size: int = logprobs.DEFAULT_VOCAB_CHUNK_SIZE
-    adapter_off: Optional[Callable[[Any], Any]] = None  # ref_mode "base": params -> params without adapters
+    lora: Optional[lora.LoraConfig] = None  # a LoRA policy: params are adapters over state.base_params
 
     def __post_init__(self):
         if self.ref_mode not in REF_MODES:
@@ -56,7 +58,7 @@ class StepConfig:
             needs = [s.name for s in self.objective.specs if s.uses_reference]
             raise ValueError(f"reference.mode='none' is only for reference-free losses (simpo, orpo, cpo, sft); "
                              f"loss.name uses a reference: {needs}")
-        if self.ref_mode == "base" and self.adapter_off is None:
+        if self.ref_mode == "base" and self.lora is None:
             raise ValueError("reference.mode='base' needs a LoRA policy (model.lora.rank > 0)")
 
 
@@ -71,12 +73,17 @@ def model_logps(cfg: StepConfig, params, batch) -> logprobs.SequenceLogps:
                                      vocab_chunk_size=cfg.vocab_chunk_size)
 
 
+def policy_params(cfg: StepConfig, params, base_params):
+    """The full parameters of the policy: `params`, or the LoRA merge W + (alpha/r) A B over the base."""
+    return params if cfg.lora is None else lora.merge(base_params, params, cfg.lora)
+
+
 def reference_logps(cfg: StepConfig, state: TrainState, batch) -> Optional[logprobs.SequenceLogps]:
     """The reference's log-probs, never differentiated; None for reference-free training."""
     if cfg.ref_mode in ("frozen", "sync"):
         out = model_logps(cfg, jax.lax.stop_gradient(state.ref_params), batch)
-    elif cfg.ref_mode == "base":
-        out = model_logps(cfg, jax.lax.stop_gradient(cfg.adapter_off(state.params)), batch)
+    elif cfg.ref_mode == "base":  # the LoRA policy with its adapters switched off
+        out = model_logps(cfg, jax.lax.stop_gradient(state.base_params), batch)
     elif cfg.ref_mode == "precomputed":
         missing = [k for k in PRECOMPUTED_KEYS if k not in batch]
         if missing:
@@ -98,8 +105,8 @@ def pair_logps(policy: logprobs.SequenceLogps, ref: Optional[logprobs.SequenceLo
                             ref.chosen_shared, ref.rejected_shared, pair_mask=pair_mask_P.astype(jnp.float32))
 
 
-def _loss(params, cfg: StepConfig, ref, batch, hp):
-    pairs = pair_logps(model_logps(cfg, params, batch), ref, batch["pair_mask_P"])
+def _loss(params, cfg: StepConfig, ref, batch, hp, base_params=None):
+    pairs = pair_logps(model_logps(cfg, policy_params(cfg, params, base_params), batch), ref, batch["pair_mask_P"])
     loss, terms = cfg.objective(pairs, hp)
     return loss, (pairs, terms)
 
@@ -118,7 +125,8 @@ def train_step(cfg: StepConfig, state: TrainState, batch, hp) -> tuple[TrainStat
     unchanged and reports `nonfinite` = 1; the training loop decides whether to stop or go on."""
     hp = {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}
     ref = reference_logps(cfg, state, batch)
-    (loss, (pairs, terms)), grads = jax.value_and_grad(_loss, has_aux=True)(state.params, cfg, ref, batch, hp)
+    (loss, (pairs, terms)), grads = jax.value_and_grad(_loss, has_aux=True)(state.params, cfg, ref, batch, hp,
+                                                                             state.base_params)
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = cfg.tx.update(grads, state.opt_state, state.params)
@@ -136,7 +144,7 @@ def eval_step(cfg: StepConfig, state: TrainState, batch, hp) -> dict[str, jax.Ar
     """Loss and metrics of the current policy on one batch (no update)."""
     hp = {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}
     ref = reference_logps(cfg, state, batch)
-    loss, (pairs, terms) = _loss(state.params, cfg, ref, batch, hp)
+    loss, (pairs, terms) = _loss(state.params, cfg, ref, batch, hp, state.base_params)
     return batch_metrics(cfg, pairs, loss, terms, hp, batch)
 
 

@@ -27,7 +27,7 @@ from flax import nnx
 import dpo_jax
 from dpo_jax import build, checkpoint, config_check, losses, metrics, optim, reference_cache, sharding, step
 from dpo_jax.data import layouts, pipeline
-from dpo_jax.models import hf
+from dpo_jax.models import hf, lora
 
 
 class NonFiniteError(FloatingPointError):
@@ -81,24 +81,36 @@ def param_shardings(params: dict, graphdef, mesh) -> dict:
     return nnx.to_pure_dict(sharding.state_shardings(nnx.state(state, nnx.Param), mesh))
 
 
-def init_state(model, reference, tx, mesh, seed: int):
-    """(TrainState placed on the mesh, its shardings, graphdef)."""
+def init_state(model, reference, tx, mesh, seed: int, lora_cfg: Optional[lora.LoraConfig] = None):
+    """(TrainState placed on the mesh, its shardings, graphdef). With `lora_cfg`, the trained params
+    are fresh adapters and the model's weights become the frozen `base_params`."""
     graphdef, params_state = nnx.split(model)
     params = nnx.to_pure_dict(params_state)
     p_sh = param_shardings(params, graphdef, mesh)
     params = jax.device_put(params, p_sh)
     rep = sharding.replicated(mesh)
+    base, base_sh = None, None
+    if lora_cfg is not None:
+        base, base_sh = params, p_sh
+        params = lora.init_adapters(base, lora_cfg, jax.random.key(seed))
+        is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
+        p_sh = jax.tree.map(lambda names, a: jax.sharding.NamedSharding(
+            mesh, sharding.logical_to_mesh(tuple(names), a.shape, mesh)), lora.adapter_logical_axes(params), params,
+            is_leaf=is_spec)
+        params = jax.device_put(params, p_sh)
     is_sh = lambda x: isinstance(x, jax.sharding.Sharding)  # noqa: E731
     opt_sh = optax.tree_utils.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), p_sh,
                                               transform_non_params=lambda _: rep, is_leaf=is_sh)
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
     ref_params, ref_sh = None, None
     if reference is not None:
-        ref_params = jax.device_put(nnx.to_pure_dict(nnx.split(reference)[1]), p_sh)
-        ref_sh = p_sh
+        ref_sh = base_sh or p_sh
+        ref_params = jax.device_put(nnx.to_pure_dict(nnx.split(reference)[1]), ref_sh)
     state = step.TrainState(step=jax.device_put(jnp.int32(0), rep), params=params, opt_state=opt_state,
-                            ref_params=ref_params, rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), rep))
-    shardings = step.TrainState(step=rep, params=p_sh, opt_state=opt_sh, ref_params=ref_sh, rng=rep)
+                            ref_params=ref_params, rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), rep),
+                            base_params=base)
+    shardings = step.TrainState(step=rep, params=p_sh, opt_state=opt_sh, ref_params=ref_sh, rng=rep,
+                                base_params=base_sh)
     return state, shardings, graphdef
 
 
@@ -149,7 +161,7 @@ def fit(stage: Stage, state, state_sh, step_cfg: step.StepConfig, mesh, config, 
         start = int(jax.device_get(state.step))
         logging.info("%s: resumed from step %d", stage.name, start)
         writer.truncate_after(start)
-    model_cfg = nnx.merge(step_cfg.graphdef, state.params).cfg
+    model_cfg = nnx.merge(step_cfg.graphdef, state.params if state.base_params is None else state.base_params).cfg
     ref_forward = stage.ref_mode in ("frozen", "sync", "base")
     hp = stage.hp
     bar = _progress(tc.progress, start, tx_steps, stage.name)
@@ -277,16 +289,24 @@ def precompute_reference(config, stage: Stage, reference, step_cfg: step.StepCon
 
 def run_stage(config, stage: Stage, model, reference, mesh, writer, preempt, peak_flops, tokenizer_dir=""):
     tx, lr = optim.make_optimizer(stage.optim_cfg, stage.steps)
+    lora_cfg = lora_config(config) if stage.name == "train" else None
     state, state_sh, graphdef = init_state(model, reference if stage.ref_mode in ("frozen", "sync") else None,
-                                           tx, mesh, config.seed)
+                                           tx, mesh, config.seed, lora_cfg)
     step_cfg = step.StepConfig(graphdef=graphdef, objective=stage.objective, tx=tx, lr=lr, ref_mode=stage.ref_mode,
                                grad_accum=stage.optim_cfg.grad_accum, capacity=config.train.capacity or None,
-                               chunk_size=config.train.chunk_size, vocab_chunk_size=config.train.vocab_chunk_size)
+                               chunk_size=config.train.chunk_size, vocab_chunk_size=config.train.vocab_chunk_size,
+                               lora=lora_cfg)
     if stage.ref_mode == "precomputed":
         stage = precompute_reference(config, stage, reference, step_cfg, mesh, tokenizer_dir)
     state, final_eval = fit(stage, state, state_sh, step_cfg, mesh, config, writer=writer, preempt=preempt,
                             peak_flops=peak_flops)
-    return nnx.merge(graphdef, jax.device_get(state.params)), state, final_eval
+    params = jax.device_get(step.policy_params(step_cfg, state.params, state.base_params))
+    return nnx.merge(graphdef, params), state, final_eval
+
+
+def lora_config(config) -> Optional[lora.LoraConfig]:
+    l = config.model.lora
+    return lora.LoraConfig(rank=l.rank, alpha=l.alpha, targets=tuple(l.targets)) if l.rank > 0 else None
 
 
 def sft_stage(config, workdir, files, tok, model, mesh, writer, preempt, peak_flops):

@@ -161,3 +161,32 @@ def test_reference_free_simpo_trains():
         first = float(m["loss"]) if first is None else first
     assert float(m["loss"]) < first
     assert float(jnp.asarray(m["nonfinite"])) == 0.0
+
+
+def test_lora_policy_with_base_reference():
+    """A LoRA policy starts equal to its base (loss ln 2), trains only its adapters, and its
+    reference (mode 'base') is the same weights with the adapters off."""
+    from dpo_jax.models import lora
+
+    mesh = one_device_mesh()
+    obj = losses.Objective(("sigmoid",))
+    tx = optax.adamw(1e-2)
+    lcfg = lora.LoraConfig(rank=4, alpha=8.0)
+    state, state_sh, graphdef = train.init_state(Decoder(CFG, rngs=nnx.Rngs(0)), None, tx, mesh, seed=0, lora_cfg=lcfg)
+    cfg = step.StepConfig(graphdef=graphdef, objective=obj, tx=tx, lr=lambda s: 1e-2, ref_mode="base", lora=lcfg,
+                          chunk_size=64, vocab_chunk_size=32)
+    train_fn, _ = train.compiled_steps(cfg, state_sh, mesh, layouts.BATCH_KEYS)
+    assert set(state.params) == {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"}
+    base0 = jax.tree.map(np.asarray, state.base_params)
+    adapters0 = jax.tree.map(np.asarray, state.params)
+    hp = obj.params(beta=0.1)
+    batches = make_batches(steps=3)
+    state, m = train_fn(state, sharding.global_batch(batches[0], mesh), hp)
+    np.testing.assert_allclose(m["loss"], math.log(2.0), rtol=1e-6)
+    for b in batches[1:]:
+        state, m = train_fn(state, sharding.global_batch(b, mesh), hp)
+    assert float(m["loss"]) != pytest.approx(math.log(2.0), rel=1e-4)
+    for a, b in zip(jax.tree.leaves(base0), jax.tree.leaves(state.base_params)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(adapters0),
+                                                                      jax.tree.leaves(state.params)))
