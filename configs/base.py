@@ -94,7 +94,9 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
     )
 
     # --- SFT stage before preference training (the synthetic world trains its reference this way)
-    c.sft = dict(steps=0, lr=1e-3, batch_size=32, warmup_steps=0)
+    # model_dir: where the SFT model is written, and read back if it already exists (empty =
+    # workdir/sft/model); a sweep points every member at one directory to train the reference once.
+    c.sft = dict(steps=0, lr=1e-3, batch_size=32, warmup_steps=0, model_dir="")
 
     # --- the synthetic Markov preference world (data.source = 'synthetic')
     c.synthetic = dict(vocab_size=8, prompt_len=4, completion_len=8, dirichlet_alpha=1.0, reward_scale=1.0,

@@ -310,8 +310,9 @@ def lora_config(config) -> Optional[lora.LoraConfig]:
 
 
 def sft_stage(config, workdir, files, tok, model, mesh, writer, preempt, peak_flops):
-    """Train the SFT reference (once: its export in workdir/sft/model is reused on resume)."""
-    out = os.path.join(workdir, "sft", "model")
+    """Train the SFT reference once: its export (config.sft.model_dir, default workdir/sft/model) is
+    reused on resume and by every run that names the same directory."""
+    out = config.sft.model_dir or os.path.join(workdir, "sft", "model")
     if os.path.exists(os.path.join(out, "config.json")):
         return build.policy(config, tok, path=out)
     optim_cfg = config.optim.copy_and_resolve_references()
@@ -324,7 +325,10 @@ def sft_stage(config, workdir, files, tok, model, mesh, writer, preempt, peak_fl
                        batch_size=config.sft.batch_size, unpaired_label=True)
     trained, _, _ = run_stage(config, stage, model, None, mesh, writer, preempt, peak_flops)
     if jax.process_index() == 0:
-        hf.export_model(trained, out, tokenizer_dir=files.tokenizer)
+        tmp = f"{out}.tmp-{os.getpid()}"  # atomic: readers never see a half-written model
+        hf.export_model(trained, tmp, tokenizer_dir=files.tokenizer)
+        if not os.path.exists(out):
+            os.replace(tmp, out)
     return trained
 
 
