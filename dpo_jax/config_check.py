@@ -60,8 +60,12 @@ def loss_hparams(config) -> dict:
                              f"{', '.join(having)}")
     given = {k: config.loss[k] for k in known if k in config.loss and config.loss[k] is not None}
     ld = {"ld_alpha": config.loss.ld_alpha} if obj.ld else {}
+    own_ld = given.pop("ld_alpha", None)  # ld_dpo's own; Objective.params reads `ld_alpha` as the LD weighting
     try:
         hp = obj.params(weights=config.loss.weights, **ld, **given)
+        for spec in obj.specs:
+            if own_ld is not None and "ld_alpha" in spec.hparams:
+                hp["ld_alpha"] = losses.params(spec.name, ld_alpha=own_ld)["ld_alpha"]
     except ValueError as e:
         raise ValueError(f"config.loss: {e}") from None
     hp.setdefault("beta", losses.np.float32(config.loss.beta))

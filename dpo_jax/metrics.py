@@ -117,17 +117,27 @@ class Writer:
                     self._tb.add_scalar(k, v, step)
 
     def truncate_after(self, step: int) -> None:
-        """Drop rows past `step` (a resumed run rewrites them, so the file holds each step once)."""
+        """Drop rows past `step` (a resumed run rewrites them, so the file holds each step once), and
+        a row cut short by a killed process."""
         if not self.enabled or not os.path.exists(self.path):
             return
         with open(self.path) as f:
-            rows = [line for line in f if json.loads(line)["step"] <= step]
+            rows = [line.rstrip("\n") + "\n" for line in f if (s := _row_step(line)) is not None and s <= step]
         with open(self.path, "w") as f:
             f.writelines(rows)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _row_step(line: str) -> Optional[int]:
+    """The step of one JSONL row; None for a blank, partial or malformed line."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row.get("step") if isinstance(row, dict) else None
 
 
 def _scalar(v: Any):
