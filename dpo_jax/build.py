@@ -13,6 +13,7 @@ from typing import Optional
 
 import jax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from dpo_jax.data import pipeline, synthetic
 from dpo_jax.models import hf
@@ -37,20 +38,29 @@ def world_config(config) -> synthetic.WorldConfig:
 
 
 def synthetic_files(config, data_dir: str) -> DataFiles:
-    """Write (once; deterministic given config.synthetic and config.seed) the world's datasets and tokenizer."""
+    """Write (once; deterministic given config.synthetic and config.seed) the world's datasets and tokenizer.
+
+    world.json is written last, so it marks a complete directory; other processes wait for process 0."""
     s = config.synthetic
     meta = {"world_config": dataclasses.asdict(world_config(config)), "seed": config.seed, "label": s.label,
             "n_sft": s.n_sft, "n_pairs": s.n_pairs, "n_eval": s.n_eval}
     world_file = os.path.join(data_dir, synthetic.WORLD_FILE)
     fresh = True
     if os.path.exists(world_file):
-        with open(world_file) as f:
-            old = json.load(f)
-        fresh = any(old.get(k) != v for k, v in meta.items())
+        try:
+            with open(world_file) as f:
+                old = json.load(f)
+            fresh = any(old.get(k) != v for k, v in meta.items())
+        except (OSError, ValueError):  # cut short while being written: write everything again
+            fresh = True
     if fresh and jax.process_index() == 0:
+        if os.path.exists(world_file):
+            os.remove(world_file)  # the directory is incomplete until the new world.json is written
         world = synthetic.make_world(world_config(config))
-        synthetic.write_dataset(world, data_dir, s.n_sft, s.n_pairs, s.n_eval, seed=config.seed, label=s.label)
         synthetic.save_tokenizer(world, os.path.join(data_dir, "tokenizer"))
+        synthetic.write_dataset(world, data_dir, s.n_sft, s.n_pairs, s.n_eval, seed=config.seed, label=s.label)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("dpo_jax.build.synthetic_files")
     return DataFiles(train=os.path.join(data_dir, "pairs.jsonl"), eval=os.path.join(data_dir, "eval_pairs.jsonl"),
                      sft=os.path.join(data_dir, "sft.jsonl"), tokenizer=os.path.join(data_dir, "tokenizer"),
                      world_dir=data_dir)
@@ -85,20 +95,27 @@ def data_config(config, path: str, *, pairs: int, eval_split: bool = False) -> p
 
 
 def model_config(config, vocab_size: int) -> ModelConfig:
+    """The random-init architecture of `config.model.arch`, with the fixed traits of its family (what
+    its Hugging Face config cannot change, so that the trained model exports as that family)."""
     a = config.model.arch
-    return ModelConfig(family=a.family, vocab_size=vocab_size, hidden_size=a.hidden_size,
-                       intermediate_size=a.intermediate_size, num_layers=a.num_layers, num_heads=a.num_heads,
-                       num_kv_heads=a.num_kv_heads, head_dim=a.head_dim or None, tie_embeddings=a.tie_embeddings,
-                       max_position_embeddings=a.max_position_embeddings, rope_theta=a.rope_theta,
-                       dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat,
-                       **_gpt2(a.family))
+    kw = dict(family=a.family, vocab_size=vocab_size, hidden_size=a.hidden_size,
+              intermediate_size=a.intermediate_size, num_layers=a.num_layers, num_heads=a.num_heads,
+              num_kv_heads=a.num_kv_heads, head_dim=a.head_dim or None, tie_embeddings=a.tie_embeddings,
+              max_position_embeddings=a.max_position_embeddings, rope_theta=a.rope_theta,
+              dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat)
+    kw.update(_FAMILY_TRAITS.get(a.family, {}))
+    if a.family in ("gpt2", "gpt_neox"):  # no grouped-query attention in these families
+        kw["num_kv_heads"] = a.num_heads
+    return ModelConfig(**kw)
 
 
-def _gpt2(family: str) -> dict:
-    if family != "gpt2":
-        return {}
-    return dict(norm="layer", activation="gelu_tanh", gated_mlp=False, position="learned", qkv_bias=True,
-                o_bias=True, mlp_bias=True, tie_embeddings=True, norm_eps=1e-5)
+_LAYER_NORM = dict(norm="layer", norm_eps=1e-5, gated_mlp=False, qkv_bias=True, o_bias=True, mlp_bias=True)
+_FAMILY_TRAITS = {
+    "gpt2": dict(_LAYER_NORM, activation="gelu_tanh", position="learned", tie_embeddings=True),
+    "gpt_neox": dict(_LAYER_NORM, activation="gelu", parallel_residual=True, rotary_fraction=0.25),
+    "qwen2": dict(qkv_bias=True),
+    "qwen3": dict(qk_norm=True),
+}
 
 
 def policy(config, tok, path: str = "") -> Decoder:
