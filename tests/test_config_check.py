@@ -68,6 +68,8 @@ def test_reference_modes():
     config_check.validate(config(reference=dict(mode="none"), loss=dict(name="orpo")))
     raises(config(reference=dict(mode="base")), "config.reference.mode='base'", "config.model.lora.rank")
     config_check.validate(config(reference=dict(mode="base"), model=dict(lora=dict(rank=4))))
+    raises(config(reference=dict(mode="sync"), model=dict(lora=dict(rank=4))), "config.reference.mode='sync'",
+           "config.model.lora.rank")
     raises(config(reference=dict(mode="sync", sync_alpha=1.5)), "config.reference.sync_alpha=1.5", "(0, 1]")
     raises(config(reference=dict(mode="sync", sync_every=0)), "config.reference.sync_every=0", "> 0")
     config_check.validate(config(reference=dict(mode="precomputed")))
