@@ -11,6 +11,7 @@ weights, ...) are traced arrays: changing them never recompiles.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 import jax
@@ -49,7 +50,9 @@ class StepConfig:
     capacity: Optional[int] = None  # logits only at this many completion positions (None: all)
     chunk_size: int = logprobs.DEFAULT_CHUNK_SIZE
     vocab_chunk_size: int = logprobs.DEFAULT_VOCAB_CHUNK_SIZE
+    naive_logits: bool = False  # plain [N, V] float32 logits instead of the chunked path (for comparison)
     lora: Optional[lora.LoraConfig] = None  # a LoRA policy: params are adapters over state.base_params
+    members: int = 0  # K > 0: K fused policies (stacked params, hp arrays [K]) sharing batch and reference
 
     def __post_init__(self):
         if self.ref_mode not in REF_MODES:
@@ -58,6 +61,8 @@ class StepConfig:
             needs = [s.name for s in self.objective.specs if s.uses_reference]
             raise ValueError(f"reference.mode='none' is only for reference-free losses (simpo, orpo, cpo, sft); "
                              f"loss.name uses a reference: {needs}")
+        if self.members and (self.lora is not None or self.ref_mode == "sync"):
+            raise ValueError("fused members support full fine-tuning with a frozen, precomputed or no reference")
         if self.ref_mode == "base" and self.lora is None:
             raise ValueError("reference.mode='base' needs a LoRA policy (model.lora.rank > 0)")
 
@@ -70,7 +75,7 @@ def model_logps(cfg: StepConfig, params, batch) -> logprobs.SequenceLogps:
     w_DxV, b_V = model.unembedding()
     return logprobs.completion_logps(hidden_BxTxD, w_DxV, batch, batch["pair_mask_P"].shape[0], bias_V=b_V,
                                      capacity=cfg.capacity, chunk_size=cfg.chunk_size,
-                                     vocab_chunk_size=cfg.vocab_chunk_size)
+                                     vocab_chunk_size=cfg.vocab_chunk_size, naive=cfg.naive_logits)
 
 
 def policy_params(cfg: StepConfig, params, base_params):
@@ -120,32 +125,49 @@ def batch_metrics(cfg: StepConfig, pairs: losses.PairLogps, loss, terms, hp, bat
     return metrics
 
 
-def train_step(cfg: StepConfig, state: TrainState, batch, hp) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer (micro-)step. A non-finite loss or gradient leaves params and optimizer state
-    unchanged and reports `nonfinite` = 1; the training loop decides whether to stop or go on."""
-    hp = {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}
-    ref = reference_logps(cfg, state, batch)
-    (loss, (pairs, terms)), grads = jax.value_and_grad(_loss, has_aux=True)(state.params, cfg, ref, batch, hp,
-                                                                             state.base_params)
+def _member_update(cfg: StepConfig, params, opt_state, hp, *, count, base_params, ref, batch):
+    """Loss, gradient and optimizer update of one policy; the state is kept when not finite."""
+    (loss, (pairs, terms)), grads = jax.value_and_grad(_loss, has_aux=True)(params, cfg, ref, batch, hp, base_params)
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = cfg.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    updates, new_opt_state = cfg.tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
-    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                              opt_state=keep(opt_state, state.opt_state))
     metrics = batch_metrics(cfg, pairs, loss, terms, hp, batch)
-    metrics.update({"grad_norm": grad_norm, "learning_rate": cfg.lr(state.step // cfg.grad_accum),
+    metrics.update({"grad_norm": grad_norm, "learning_rate": cfg.lr(count // cfg.grad_accum),
                     "nonfinite": 1.0 - ok.astype(jnp.float32)})
-    return new_state, metrics
+    return keep(new_params, params), keep(new_opt_state, opt_state), metrics
+
+
+def train_step(cfg: StepConfig, state: TrainState, batch, hp) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer (micro-)step. A non-finite loss or gradient leaves params and optimizer state
+    unchanged and reports `nonfinite` = 1; the training loop decides whether to stop or go on.
+
+    Fused members (`cfg.members` = K > 0): params and optimizer state carry a leading axis K, every
+    hyper-parameter in `hp` is an array [K, ...], and one policy update per member is vmapped
+    over the same batch and the same reference log-probs (computed once); metrics are [K].
+    """
+    hp = {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}
+    ref = reference_logps(cfg, state, batch)
+    update = functools.partial(_member_update, cfg, count=state.step, base_params=state.base_params, ref=ref,
+                               batch=batch)
+    if cfg.members:
+        params, opt_state, metrics = jax.vmap(update)(state.params, state.opt_state, hp)
+    else:
+        params, opt_state, metrics = update(state.params, state.opt_state, hp)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def eval_step(cfg: StepConfig, state: TrainState, batch, hp) -> dict[str, jax.Array]:
-    """Loss and metrics of the current policy on one batch (no update)."""
+    """Loss and metrics of the current policy (or of each fused member) on one batch (no update)."""
     hp = {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}
     ref = reference_logps(cfg, state, batch)
-    loss, (pairs, terms) = _loss(state.params, cfg, ref, batch, hp, state.base_params)
-    return batch_metrics(cfg, pairs, loss, terms, hp, batch)
+
+    def member(params, hp):
+        loss, (pairs, terms) = _loss(params, cfg, ref, batch, hp, state.base_params)
+        return batch_metrics(cfg, pairs, loss, terms, hp, batch)
+
+    return jax.vmap(member)(state.params, hp) if cfg.members else member(state.params, hp)
 
 
 def sync_reference(state: TrainState, alpha) -> TrainState:
