@@ -25,3 +25,15 @@ def get_config(arg: str = ""):
     c.optim.update(name="adamw", lr=5e-7, warmup_steps=10, schedule="linear")
     c.train.update(steps=int(a.get("steps", 1000)), log_every=10, eval_every=200, checkpoint_every=500)
     return c
+
+
+SWEEP_BETAS = (0.01, 0.05, 0.1, 0.5)  # the usual range for sigmoid DPO on pretrained LMs (TRL's default 0.1)
+
+
+def get_sweep(arg: str = ""):
+    """`python -m launch.sweep --config=configs/hf.py:policy=...,data=... --root=DIR`: the loss of
+    `arg` (default sigmoid) at the betas of SWEEP_BETAS; every member starts from the same policy."""
+    from launch import sweep  # pylint: disable=g-import-not-at-top  (training runs never import it)
+
+    get_config(arg)  # the same argument errors as a run
+    return sweep.product(("loss.beta", list(SWEEP_BETAS)))

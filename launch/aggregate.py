@@ -1,0 +1,271 @@
+"""Aggregate a sweep directory into one table and plots.
+
+  python -m launch.aggregate DIR [--out OUT]   (OUT defaults to DIR)
+
+Runs: those of DIR/manifest.json (written by launch.sweep), else every subdirectory of DIR with a
+config.json or report.json. Table (OUT/results.csv and OUT/results.parquet), one row per run:
+  run, status, workdir;
+  the config keys that vary across runs (from each run's resolved config.json, else the manifest
+  overrides), plus loss.name and loss.beta always;
+  report.json as is (eval/*, sample/*, exact/*, frontier/* ...);
+  last/<metric>: the last logged value of every metric of metrics.jsonl (the preference stage;
+  the shared SFT stage's sft/* metrics belong to whichever run trained it and are left out).
+Plots (OUT/plots/): reward_kl.png (sample/reward vs sample/kl of every run that has them, over the
+exact reward-KL frontier of the synthetic world when the runs are on it, on the same eval prompts
+as the reports), accuracy_vs_beta.png and margins_vs_beta.png (eval/accuracy and
+eval/rewards/margins against loss.beta, one line per loss; margins are beta-scaled implicit
+rewards, so compare them within a loss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+ALWAYS = ("loss.name", "loss.beta")
+
+
+def _read_json(path: str) -> Optional[dict]:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{'loss': {'beta': 1}} -> {'loss.beta': 1}; lists become tuples (hashable, comparable)."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def final_metrics(path: str) -> dict[str, float]:
+    """The last logged value of every metric in a metrics.jsonl (sft/* left out); {} if missing."""
+    out: dict[str, float] = {}
+    if not os.path.exists(path):
+        return out
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:  # a row cut short by a killed process
+                continue
+            out.update({k: v for k, v in row.items() if not k.startswith("sft/")})
+    return out
+
+
+def find_runs(root: str) -> list[dict]:
+    """[{name, workdir, status, overrides}] from root/manifest.json, else from root's subdirectories."""
+    manifest = _read_json(os.path.join(root, "manifest.json"))
+    if manifest is not None:
+        runs = []
+        for r in manifest.get("runs", []):
+            workdir = r["workdir"]
+            if not os.path.isabs(workdir) and not os.path.isdir(workdir):  # relative to the launch directory
+                workdir = os.path.join(manifest.get("cwd", ""), workdir)
+            if not os.path.isdir(workdir):  # the sweep directory was moved: same name under root
+                workdir = os.path.join(root, r["name"])
+            runs.append({"name": r["name"], "workdir": workdir, "status": r.get("status"),
+                         "overrides": r.get("overrides", {})})
+        return runs
+    runs = []
+    for name in sorted(os.listdir(root)):
+        workdir = os.path.join(root, name)
+        if any(os.path.exists(os.path.join(workdir, f)) for f in ("config.json", "report.json")):
+            runs.append({"name": name, "workdir": workdir, "status": None, "overrides": {}})
+    return runs
+
+
+def _status(workdir: str) -> str:
+    if os.path.exists(os.path.join(workdir, "report.json")):
+        return "finished"
+    return "interrupted" if os.path.isdir(os.path.join(workdir, "checkpoints")) else "pending"
+
+
+def _cell(v: Any) -> Any:
+    return json.dumps(v) if isinstance(v, (tuple, list, dict)) else v
+
+
+def load_table(root: str) -> tuple[pd.DataFrame, list[str]]:
+    """(table, swept keys): one row per run of the sweep directory `root`."""
+    runs = find_runs(root)
+    if not runs:
+        raise ValueError(f"{root}: no runs (no manifest.json and no subdirectory with config.json/report.json)")
+    configs = []
+    for r in runs:
+        cfg = _read_json(os.path.join(r["workdir"], "config.json"))
+        configs.append(flatten(cfg) if cfg is not None else dict(r["overrides"]))
+    keys = list(dict.fromkeys(k for c in configs for k in c))
+    swept = [k for k in keys if len({json.dumps(c.get(k, "<unset>"), default=str) for c in configs}) > 1]
+    rows = []
+    for r, cfg in zip(runs, configs):
+        row = {"run": r["name"], "status": _status(r["workdir"]), "workdir": r["workdir"]}
+        row.update({k: _cell(cfg.get(k)) for k in list(dict.fromkeys([*swept, *ALWAYS]))})
+        report = _read_json(os.path.join(r["workdir"], "report.json")) or {}
+        row.update({k: _cell(v) for k, v in report.items()})
+        row.update({f"last/{k}": v for k, v in final_metrics(os.path.join(r["workdir"], "metrics.jsonl")).items()})
+        rows.append(row)
+    return pd.DataFrame(rows), swept
+
+
+def write_table(df: pd.DataFrame, out: str) -> dict[str, str]:
+    """out/results.csv and out/results.parquet (the latter needs pyarrow or fastparquet)."""
+    os.makedirs(out, exist_ok=True)
+    paths = {"csv": os.path.join(out, "results.csv")}
+    df.to_csv(paths["csv"], index=False)
+    try:
+        df.to_parquet(os.path.join(out, "results.parquet"), index=False)
+        paths["parquet"] = os.path.join(out, "results.parquet")
+    except ImportError as e:
+        print(f"aggregate: no results.parquet: {e}", file=sys.stderr)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots.
+
+def run_label(row: pd.Series, swept: Sequence[str]) -> str:
+    """'ipo beta=0.5' from the swept keys (loss.name bare, other keys by their last component)."""
+    parts = [str(row[k]) if k == "loss.name" else f"{k.rsplit('.', 1)[-1]}={row[k]}"
+             for k in swept if k in row and pd.notna(row[k])]
+    return " ".join(parts) or str(row["run"])
+
+
+def exact_frontier(workdir: str, kl_max: float = 0.0) -> Optional[tuple[np.ndarray, np.ndarray, float]]:
+    """(kl_F, reward_F, reward of pi_ref) of the synthetic world of a run's data/, averaged over the
+    first config.eval.num_prompts eval prompts like the run's report, KL ascending from 0 to at least
+    `kl_max`; None if the run is not synthetic."""
+    data = os.path.join(workdir, "data")
+    if not os.path.exists(os.path.join(data, "world.json")):
+        return None
+    num_prompts = ((_read_json(os.path.join(workdir, "config.json")) or {}).get("eval") or {}).get("num_prompts")
+    from dpo_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+
+    world = synthetic.load_world(data)
+    prompts = None
+    eval_path = os.path.join(data, "eval_pairs.jsonl")
+    if os.path.exists(eval_path):
+        with open(eval_path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        rows = rows[:num_prompts] if num_prompts else rows
+        prompts = np.stack([synthetic.text_to_tokens(r["prompt"]) for r in rows]) if rows else None
+    kl, reward = synthetic.frontier(world, np.geomspace(100.0, 0.02, 160), prompts)  # KL ascending
+    ref = float(synthetic.expected_reward(world, synthetic.reference_policy(world), prompts))
+    kl, reward = np.concatenate([[0.0], kl]), np.concatenate([[ref], reward])
+    if kl_max > kl[-1]:  # past the last beta: flat at the maximal reward
+        kl = np.append(kl, kl_max)
+        reward = np.append(reward, synthetic.frontier_reward_at_kl(world, kl_max, prompts))
+    return kl, reward, ref
+
+
+def _num(df: pd.DataFrame, key: str) -> pd.Series:
+    return pd.to_numeric(df[key], errors="coerce") if key in df else pd.Series(np.nan, index=df.index)
+
+
+def plot_vs_beta(df: pd.DataFrame, swept: Sequence[str], metric: str, path: str, ylabel: str) -> Optional[str]:
+    """metric against loss.beta, one line per loss.name (and value of the other swept keys); None
+    when no run has both."""
+    beta, y = _num(df, "loss.beta"), _num(df, metric)
+    ok = beta.notna() & y.notna()
+    if not ok.any():
+        return None
+    import matplotlib  # pylint: disable=g-import-not-at-top
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
+    fig = Figure(figsize=(6.0, 4.2), dpi=120)
+    ax = fig.add_subplot()
+    line_keys = [k for k in dict.fromkeys(["loss.name", *swept]) if k != "loss.beta" and k in df]
+    lines = df.apply(lambda row: run_label(row, line_keys) if line_keys else "runs", axis=1)
+    for i, line in enumerate(dict.fromkeys(lines[ok])):
+        sel = ok & (lines == line)
+        order = np.argsort(beta[sel].to_numpy())
+        ax.plot(beta[sel].to_numpy()[order], y[sel].to_numpy()[order], "o-", color=f"C{i % 10}", label=line)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("loss.beta")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
+
+
+def plot_reward_kl(df: pd.DataFrame, swept: Sequence[str], path: str) -> Optional[str]:
+    """sample/reward vs sample/kl of every run that has them, over the exact frontier if synthetic."""
+    from dpo_jax import plots  # pylint: disable=g-import-not-at-top
+
+    kl, reward = _num(df, "sample/kl"), _num(df, "sample/reward")
+    ok = kl.notna() & reward.notna()
+    if not ok.any():
+        return None
+    points = []
+    for i in np.flatnonzero(ok.to_numpy()):
+        row = df.iloc[i]
+        points.append({"label": run_label(row, swept), "kl": kl.iloc[i], "reward": reward.iloc[i],
+                       "kl_stderr": _num(df, "sample/kl_stderr").fillna(0.0).iloc[i],
+                       "reward_stderr": _num(df, "sample/reward_stderr").fillna(0.0).iloc[i]})
+    exact = exact_frontier(df[ok].iloc[0]["workdir"], kl_max=float(kl[ok].max()))
+    frontier = (exact[0], exact[1]) if exact else None
+    ref = exact[2] if exact else None
+    return plots.plot_reward_kl(points, frontier, path=path, reference_reward=ref,
+                                title="Reward vs KL" + (" (exact frontier of the synthetic world)" if exact else ""))
+
+
+def aggregate(root: str, out: Optional[str] = None) -> dict[str, str]:
+    """Write the table and the plots of the sweep directory `root` (to `out`, default root);
+    returns {what: path}."""
+    df, swept = load_table(root)
+    return write_all(df, swept, out or root)
+
+
+def write_all(df: pd.DataFrame, swept: Sequence[str], out: str) -> dict[str, str]:
+    paths = write_table(df, out)
+    plot_dir = os.path.join(out, "plots")
+    os.makedirs(plot_dir, exist_ok=True)
+    made = {"reward_kl": plot_reward_kl(df, swept, os.path.join(plot_dir, "reward_kl.png")),
+            "accuracy_vs_beta": plot_vs_beta(df, swept, "eval/accuracy", os.path.join(plot_dir, "accuracy_vs_beta.png"),
+                                             "eval/accuracy (preference accuracy)"),
+            "margins_vs_beta": plot_vs_beta(df, swept, "eval/rewards/margins",
+                                            os.path.join(plot_dir, "margins_vs_beta.png"),
+                                            "eval/rewards/margins (beta-scaled)")}
+    for what, p in made.items():
+        if p is None:
+            print(f"aggregate: no {what} plot: no run has the metrics it needs", file=sys.stderr)
+        else:
+            paths[what] = p
+    return paths
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m launch.aggregate", description=__doc__.split("\n\n")[0])
+    p.add_argument("root", help="sweep directory (launch.sweep --root) or a directory of run workdirs")
+    p.add_argument("--out", default=None, help="where to write results.* and plots/ (default: root)")
+    a = p.parse_args(argv)
+    try:
+        df, swept = load_table(a.root)
+    except ValueError as e:
+        p.error(str(e))
+    paths = write_all(df, swept, a.out or a.root)
+    cols = [c for c in ["run", "status", *swept, "eval/accuracy", "eval/rewards/margins", "sample/kl",
+                        "sample/reward", "frontier/regret"] if c in df]
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(df[cols].to_string(index=False))
+    for what, path in paths.items():
+        print(f"{what}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""launch.aggregate on fake sweep directories: the table (varying keys, final metrics, report), CSV
+and parquet, the plots, and the exact frontier of the synthetic world."""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dpo_jax import plots
+from dpo_jax.data import synthetic
+from launch import aggregate
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_run(root, name, loss, beta, *, report=True, world_dir=None, steps=100):
+    """A run directory as dpo_jax.main leaves it (config.json, metrics.jsonl, report.json, data/)."""
+    workdir = os.path.join(root, name)
+    os.makedirs(workdir)
+    config = {"seed": 0, "loss": {"name": loss, "beta": beta, "weights": None},
+              "train": {"steps": steps, "log_every": 50}, "eval": {"num_prompts": 6},
+              "model": {"lora": {"targets": ["attention", "mlp"]}}}
+    json.dump(config, open(os.path.join(workdir, "config.json"), "w"))
+    rows = [{"step": 50, "sft/loss": 9.0},
+            {"step": 50, "loss": 0.6, "rewards/margins": 0.1 * beta},
+            {"step": 100, "loss": 0.5 - 0.1 * beta, "rewards/margins": 0.2 * beta},
+            {"step": 100, "eval/loss": 0.55}]
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+        f.write('{"step": 150, "loss": 0.')  # cut short by a killed process
+    if report:
+        rep = {"loss": loss, "steps": steps, "eval/accuracy": 0.6 + 0.05 * beta, "eval/rewards/margins": beta,
+               "sample/kl": 4.0 / beta, "sample/reward": 3.0 + beta, "sample/kl_stderr": 0.1}
+        json.dump(rep, open(os.path.join(workdir, "report.json"), "w"))
+    else:
+        os.makedirs(os.path.join(workdir, "checkpoints"))
+    if world_dir:
+        os.symlink(world_dir, os.path.join(workdir, "data"))
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def world_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("world"))
+    world = synthetic.make_world(synthetic.WorldConfig(vocab_size=4, prompt_len=2, completion_len=3))
+    synthetic.write_dataset(world, d, n_sft=4, n_pairs=4, n_eval=10, seed=0)
+    return d
+
+
+def make_sweep(root, world_dir=None):
+    specs = [("loss.name=sigmoid,loss.beta=0.5", "sigmoid", 0.5), ("loss.name=sigmoid,loss.beta=1.0", "sigmoid", 1.0),
+             ("loss.name=ipo,loss.beta=1.0", "ipo", 1.0), ("loss.name=ipo,loss.beta=2.0", "ipo", 2.0)]
+    runs = []
+    for i, (name, loss, beta) in enumerate(specs):
+        workdir = fake_run(root, name, loss, beta, report=i != 3, world_dir=world_dir)
+        runs.append({"name": name, "workdir": workdir, "overrides": {"loss.name": loss, "loss.beta": beta},
+                     "status": "finished" if i != 3 else "interrupted"})
+    json.dump({"config": "configs/synthetic.py", "runs": runs}, open(os.path.join(root, "manifest.json"), "w"))
+    return runs
+
+
+def test_table_has_varying_keys_final_metrics_and_report(tmp_path, world_dir):
+    root = str(tmp_path)
+    make_sweep(root, world_dir)
+    paths = aggregate.aggregate(root)
+    df = pd.read_csv(paths["csv"])
+    assert list(df["run"]) == ["loss.name=sigmoid,loss.beta=0.5", "loss.name=sigmoid,loss.beta=1.0",
+                               "loss.name=ipo,loss.beta=1.0", "loss.name=ipo,loss.beta=2.0"]
+    assert list(df["status"]) == ["finished", "finished", "finished", "interrupted"]
+    _, swept = aggregate.load_table(root)
+    assert swept == ["loss.name", "loss.beta"]  # seed, train.steps, lists ... are the same everywhere
+    assert "train.steps" not in df and "model.lora.targets" not in df
+    assert list(df["loss.beta"]) == [0.5, 1.0, 1.0, 2.0]
+    # last logged value of each metric; the shared SFT stage's metrics left out; a cut row ignored
+    np.testing.assert_allclose(df["last/loss"], [0.45, 0.4, 0.4, 0.3])
+    np.testing.assert_allclose(df["last/rewards/margins"], [0.1, 0.2, 0.2, 0.4])
+    assert (df["last/step"] == 100).all() and (df["last/eval/loss"] == 0.55).all()
+    assert not any(c.startswith("last/sft/") for c in df.columns)
+    np.testing.assert_allclose(df["eval/accuracy"][:3], [0.625, 0.65, 0.65])
+    assert np.isnan(df["eval/accuracy"][3])  # interrupted: no report
+    parquet = pd.read_parquet(paths["parquet"])
+    pd.testing.assert_frame_equal(parquet.reset_index(drop=True), df, check_dtype=False)
+    for what in ("reward_kl", "accuracy_vs_beta", "margins_vs_beta"):
+        assert paths[what] == os.path.join(root, "plots", f"{what}.png")
+        with open(paths[what], "rb") as f:
+            assert f.read(8) == PNG, what
+
+
+def test_reward_kl_plot_uses_the_exact_frontier_on_the_eval_prompts(tmp_path, world_dir, monkeypatch):
+    root = str(tmp_path)
+    make_sweep(root, world_dir)
+    seen = {}
+
+    def spy(runs, frontier=None, **kw):
+        seen.update(runs=runs, frontier=frontier, **kw)
+        return plots_plot(runs, frontier, **kw)
+    plots_plot = plots.plot_reward_kl
+    monkeypatch.setattr(plots, "plot_reward_kl", spy)
+    out = aggregate.aggregate(root, str(tmp_path / "out"))
+    assert out["reward_kl"] == str(tmp_path / "out" / "plots" / "reward_kl.png")
+    assert [r["label"] for r in seen["runs"]] == ["sigmoid beta=0.5", "sigmoid beta=1.0", "ipo beta=1.0"]
+    assert [r["kl"] for r in seen["runs"]] == [8.0, 4.0, 4.0]
+    world = synthetic.load_world(world_dir)
+    rows = [json.loads(line) for line in open(os.path.join(world_dir, "eval_pairs.jsonl"))][:6]  # eval.num_prompts
+    prompts = np.stack([synthetic.text_to_tokens(r["prompt"]) for r in rows])
+    kl_f, reward_f = seen["frontier"]
+    ref = synthetic.expected_reward(world, synthetic.reference_policy(world), prompts)
+    assert kl_f[0] == 0.0 and reward_f[0] == pytest.approx(ref) and seen["reference_reward"] == pytest.approx(ref)
+    kl1, r1 = synthetic.frontier(world, [1.0], prompts)
+    np.testing.assert_allclose(np.interp(kl1, kl_f, reward_f), r1, rtol=2e-3)  # on the exact curve
+    assert np.all(np.diff(kl_f) > 0) and np.all(np.diff(reward_f) > 0)  # KL ascending, reward too
+
+
+def test_without_manifest_and_without_synthetic_world(tmp_path, capsys):
+    root = str(tmp_path)
+    fake_run(root, "a", "sigmoid", 0.5)
+    fake_run(root, "b", "sigmoid", 1.0, steps=200)
+    os.makedirs(os.path.join(root, "not_a_run"))
+    df, swept = aggregate.load_table(root)
+    assert list(df["run"]) == ["a", "b"] and swept == ["loss.beta", "train.steps"]
+    paths = aggregate.aggregate(root)
+    assert "reward_kl" in paths  # points only: these runs have no data/world.json
+    assert aggregate.main([root]) == 0
+    out = capsys.readouterr().out
+    assert "train.steps" in out and "results.csv" in out
+    with pytest.raises(ValueError, match="no runs"):
+        aggregate.load_table(os.path.join(root, "not_a_run"))

@@ -1,0 +1,266 @@
+"""launch.sweep: declaring, expanding, naming, the manifest, dry runs, skip / resume, the shared SFT
+model and parallel runs. The scheduling tests run a fake trainer (a script that mimics the run
+layout: workdir/checkpoints, workdir/report.json, the shared SFT model written atomically); one
+test runs the real `dpo_jax.main` on tiny runs end to end."""
+
+import json
+import os
+import pathlib
+import shlex
+import sys
+import textwrap
+
+import pytest
+
+from launch import sweep
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+SYNTHETIC = str(REPO / "configs" / "synthetic.py")
+
+FAKE_MAIN = textwrap.dedent("""
+    import json, os, sys, time
+    args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
+    workdir, sft = args["workdir"], args.get("config.sft.model_dir")
+    name = os.path.basename(workdir)
+    def event(kind):
+        with open(os.environ["FAKE_LOG"], "a") as f:
+            f.write(json.dumps({"run": name, "event": kind, "t": time.time()}) + "\\n")
+    event("start")
+    if name in os.environ.get("FAKE_DIE", "").split(";"):
+        sys.exit(7)
+    os.makedirs(workdir, exist_ok=True)
+    resumed = os.path.isdir(os.path.join(workdir, "checkpoints"))
+    if sft and not os.path.exists(os.path.join(sft, "config.json")):
+        os.makedirs(os.path.join(workdir, "sft", "checkpoints"), exist_ok=True)
+        time.sleep(0.2)
+        tmp = sft + ".tmp-%d" % os.getpid()
+        os.makedirs(tmp)
+        open(os.path.join(tmp, "config.json"), "w").write("{}")
+        os.replace(tmp, sft)
+        event("sft")
+    os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
+    time.sleep(float(os.environ.get("FAKE_RUN_S", "0.3")))
+    if name in os.environ.get("FAKE_FAIL", "").split(";"):
+        event("fail")
+        sys.exit(3)
+    json.dump({"resumed": resumed, "args": args}, open(os.path.join(workdir, "report.json"), "w"))
+    event("end")
+""")
+
+
+def write_config(tmp_path, sweep_body: str, name: str = "cfg.py") -> str:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent("""
+        from configs import synthetic
+        from launch import sweep
+
+        def get_config(arg=""):
+            return synthetic.get_config(arg)
+
+        def get_sweep(arg=""):
+            return {}
+    """).format(sweep_body))
+    return str(path)
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    """(entry, events()) for the fake trainer; runs from the repository root like the real one."""
+    monkeypatch.chdir(REPO)
+    script = tmp_path / "fake_main.py"
+    script.write_text(FAKE_MAIN)
+    log = tmp_path / "events.jsonl"
+    monkeypatch.setenv("FAKE_LOG", str(log))
+
+    def events():
+        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return [sys.executable, str(script)], events
+
+
+# ---------------------------------------------------------------------------------------------- declaring
+
+def test_product_and_zip():
+    assert sweep.product(("a.x", [1, 2]), ("b.y", ["p", "q"])) == [
+        {"a.x": 1, "b.y": "p"}, {"a.x": 1, "b.y": "q"}, {"a.x": 2, "b.y": "p"}, {"a.x": 2, "b.y": "q"}]
+    assert sweep.zip(("a.x", [1, 2]), ("b.y", [3, 4])) == [{"a.x": 1, "b.y": 3}, {"a.x": 2, "b.y": 4}]
+    nested = sweep.product(("loss.name", ["simpo"]), sweep.zip(("loss.beta", [1.0, 2.0]), ("loss.gamma", [0.5, 1.0])))
+    assert nested == [{"loss.name": "simpo", "loss.beta": 1.0, "loss.gamma": 0.5},
+                      {"loss.name": "simpo", "loss.beta": 2.0, "loss.gamma": 1.0}]
+    with pytest.raises(ValueError, match=r"different lengths \[2, 3\]"):
+        sweep.zip(("a", [1, 2]), ("b", [1, 2, 3]))
+    with pytest.raises(ValueError, match="'a' is set twice"):
+        sweep.product(("a", [1]), ("a", [2]))
+    with pytest.raises(ValueError, match="not a dotted config key"):
+        sweep.product(("loss beta", [1]))
+    with pytest.raises(ValueError, match="no values for 'a'"):
+        sweep.product(("a", []))
+
+
+def test_default_synthetic_sweep_expands_to_12_named_runs(tmp_path):
+    runs = sweep.expand(SYNTHETIC, str(tmp_path))
+    names = [r.name for r in runs]
+    assert len(runs) == 12 and len(set(names)) == 12
+    assert names[0] == "loss.name=sigmoid,loss.beta=0.25"
+    assert "loss.name=ipo,loss.beta=0.5" in names
+    assert "loss.name=simpo,loss.beta=8.0,reference.mode=none" in names
+    by_loss = {}
+    for r in runs:
+        by_loss.setdefault(r.overrides["loss.name"], []).append(r.overrides["loss.beta"])
+        assert r.overrides["train.steps"] == 300
+        assert r.overrides.get("reference.mode") == ("none" if r.overrides["loss.name"] == "simpo" else None)
+        assert r.workdir == os.path.join(str(tmp_path), r.name)
+        assert r.sft_model_dir == os.path.join(str(tmp_path), "sft_model")  # one SFT model for all 12
+        assert r.command[:3] == [sys.executable, "-m", "dpo_jax.main"]
+        assert r.command[3:5] == [f"--config={SYNTHETIC}", f"--workdir={r.workdir}"]
+        assert f"--config.loss.beta={r.overrides['loss.beta']!r}" in r.command
+        assert r.command[-1] == f"--config.sft.model_dir={tmp_path}/sft_model"
+    assert {k: len(v) for k, v in by_loss.items()} == {"sigmoid": 4, "ipo": 4, "simpo": 4}
+    # runlocal keeps the config's own (tiny) step count
+    assert all("train.steps" not in r.overrides for r in sweep.expand(SYNTHETIC + ":runlocal=1", str(tmp_path)))
+
+
+def test_hf_sweep_over_beta(tmp_path):
+    fixture = REPO / "tests" / "fixtures" / "trl_parity"
+    spec = f"{REPO}/configs/hf.py:policy={fixture}/policy,data={fixture}/pairs.jsonl,loss=ipo"
+    runs = sweep.expand(spec, str(tmp_path))
+    assert [r.name for r in runs] == ["loss.beta=0.01", "loss.beta=0.05", "loss.beta=0.1", "loss.beta=0.5"]
+    assert all(r.sft_model_dir is None and r.args[0] == f"--config={spec}" for r in runs)  # no SFT stage
+    with pytest.raises(ValueError, match="policy=DIR,data=FILE"):
+        sweep.expand(f"{REPO}/configs/hf.py", str(tmp_path))
+
+
+def test_bad_members_fail_before_anything_runs(tmp_path):
+    with pytest.raises(ValueError, match=r"sweep member 'loss.betta=0.5': config key 'loss.betta' does not exist"):
+        sweep.expand(write_config(tmp_path, 'sweep.product(("loss.betta", [0.5, 1.0]))'), str(tmp_path))
+    with pytest.raises(ValueError, match=r"sweep member 'loss.name=ipo'.*reference.mode='none'"):
+        sweep.expand(write_config(tmp_path, 'sweep.product(("reference.mode", ["none"]), '
+                                            '("loss.name", ["simpo", "ipo"]))'), str(tmp_path))
+    with pytest.raises(ValueError, match="identical members"):
+        sweep.expand(write_config(tmp_path, '[{"loss.beta": 1.0}, {"loss.beta": 1.0}]'), str(tmp_path))
+    with pytest.raises(ValueError, match="declares no sweep"):
+        sweep.expand(str(REPO / "configs" / "base.py"), str(tmp_path))
+
+
+def test_sft_groups_follow_the_keys_that_change_sft(tmp_path):
+    cfg = write_config(tmp_path, 'sweep.product(("sft.lr", [0.001, 0.003]), ("loss.beta", [0.5, 1.0]))')
+    runs = sweep.expand(cfg, str(tmp_path))
+    dirs = {r.name: r.sft_model_dir for r in runs}
+    assert dirs["sft.lr=0.001,loss.beta=0.5"] == dirs["sft.lr=0.001,loss.beta=1.0"] == f"{tmp_path}/sft_model.sft.lr=0.001"
+    assert dirs["sft.lr=0.003,loss.beta=0.5"] == f"{tmp_path}/sft_model.sft.lr=0.003"
+    no_sft = sweep.expand(cfg, str(tmp_path), extra={"sft.steps": 0})
+    assert all(r.sft_model_dir is None and not any("sft.model_dir" in a for a in r.args) for r in no_sft)
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+def test_manifest_sft_once_parallel_skip_and_resume(tmp_path, fake, monkeypatch):
+    entry, events = fake
+    monkeypatch.setenv("FAKE_RUN_S", "0.5")
+    cfg = write_config(tmp_path, 'sweep.product(("loss.beta", [0.25, 0.5, 1.0, 2.0]))')
+    root = str(tmp_path / "sweep")
+    runs = sweep.expand(cfg, root, entry=entry)
+    # a finished run (report.json) is skipped; an interrupted one (checkpoints) is run again and resumes
+    os.makedirs(os.path.join(runs[1].workdir, "checkpoints"))
+    os.makedirs(runs[3].workdir)
+    json.dump({"fake": "finished"}, open(os.path.join(runs[3].workdir, "report.json"), "w"))
+    assert [sweep.run_status(r) for r in runs] == ["pending", "interrupted", "pending", "finished"]
+
+    state = sweep.run_local(runs, root, parallel=2, poll_s=0.05, log=lambda _: None)
+    assert {n: s["status"] for n, s in state.items()} == {r.name: "finished" for r in runs}
+    ev = events()
+    assert sorted(e["run"] for e in ev if e["event"] == "start") == sorted(r.name for r in runs[:3])
+    sft_events = [e for e in ev if e["event"] == "sft"]
+    assert [e["run"] for e in sft_events] == [runs[0].name]  # trained once, by the first member
+    assert [r.name for r in runs if os.path.isdir(os.path.join(r.workdir, "sft"))] == [runs[0].name]
+    starts = {e["run"]: e["t"] for e in ev if e["event"] == "start"}
+    assert min(starts[r.name] for r in runs[1:3]) >= sft_events[0]["t"]  # the others wait for the model
+    running, most = 0, 0
+    for e in sorted((e for e in ev if e["event"] in ("start", "end")), key=lambda e: e["t"]):
+        running += 1 if e["event"] == "start" else -1
+        most = max(most, running)
+    assert most == 2  # two at a time, never more
+    report = lambda r: json.load(open(os.path.join(r.workdir, "report.json")))  # noqa: E731
+    assert report(runs[1])["resumed"] and not report(runs[2])["resumed"]
+    assert report(runs[3]) == {"fake": "finished"}  # untouched
+
+    manifest = json.load(open(os.path.join(root, "manifest.json")))
+    assert [m["name"] for m in manifest["runs"]] == [r.name for r in runs]
+    for m, r in zip(manifest["runs"], runs):
+        assert m["overrides"] == {"loss.beta": r.overrides["loss.beta"]}
+        assert m["command"] == r.command and m["command_line"] == shlex.join(r.command)
+        assert m["status"] == "finished" and m["sft_model_dir"] == os.path.join(root, "sft_model")
+    assert "returncode" not in manifest["runs"][3] and manifest["runs"][0]["returncode"] == 0
+    assert os.path.exists(os.path.join(root, "logs", f"{runs[0].name}.log"))
+
+    # a second launch has nothing left to do
+    again = sweep.run_local(runs, root, parallel=2, poll_s=0.05, log=lambda _: None)
+    assert all(s["status"] == "finished" for s in again.values()) and len(events()) == len(ev)
+
+
+def test_failed_builder_hands_sft_to_the_next_member(tmp_path, fake, monkeypatch):
+    entry, events = fake
+    cfg = write_config(tmp_path, 'sweep.product(("loss.beta", [0.5, 1.0, 2.0]))')
+    root = str(tmp_path / "sweep")
+    runs = sweep.expand(cfg, root, entry=entry)
+    monkeypatch.setenv("FAKE_DIE", runs[0].name)  # the first member dies before its SFT stage
+    state = sweep.run_local(runs, root, parallel=3, poll_s=0.05, log=lambda _: None)
+    assert state[runs[0].name]["status"] == "failed" and state[runs[0].name]["returncode"] == 7
+    assert [e["run"] for e in events() if e["event"] == "sft"] == [runs[1].name]
+    assert state[runs[1].name]["status"] == state[runs[2].name]["status"] == "finished"
+    manifest = json.load(open(os.path.join(root, "manifest.json")))
+    assert [r["status"] for r in manifest["runs"]] == ["failed", "finished", "finished"]
+
+
+def test_dry_run_prints_the_exact_commands_in_launch_order(tmp_path, fake, capsys):
+    cfg = write_config(tmp_path, 'sweep.product(("loss.name", ["sigmoid", "ipo"]), ("loss.beta", [0.5, 1.0]))')
+    root = str(tmp_path / "sweep")
+    runs = sweep.expand(cfg, root)
+    os.makedirs(runs[0].workdir)
+    open(os.path.join(runs[0].workdir, "report.json"), "w").write("{}")
+    assert sweep.main([f"--config={cfg}", f"--root={root}", "--dry_run", "--set", "train.steps=7"]) == 0
+    out, err = capsys.readouterr()
+    expected = [r for r in sweep.expand(cfg, root, extra={"train.steps": 7})][1:]
+    assert out.splitlines() == [shlex.join(r.command) for r in expected]
+    assert all("--config.train.steps=7" in line for line in out.splitlines())
+    assert f"# skip (finished): {runs[0].name}" in err
+    assert not os.path.exists(os.path.join(root, "manifest.json"))  # a dry run writes nothing
+
+
+def test_print_pod_and_slurm(tmp_path, capsys):
+    cfg = write_config(tmp_path, 'sweep.product(("loss.beta", [0.5, 1.0, 2.0]))')
+    root = str(tmp_path / "sweep")
+    runs = sweep.expand(cfg, root)
+    assert sweep.main([f"--config={cfg}", f"--root={root}", "--print_pod"]) == 0
+    pod = capsys.readouterr().out.splitlines()
+    calls = [shlex.split(line) for line in pod if line.startswith("launch/tpu_pod.sh")]
+    assert calls == [["launch/tpu_pod.sh", *r.args] for r in runs]
+    assert f"# {runs[0].name} trains the shared SFT model {root}/sft_model" in pod
+    assert sweep.main([f"--config={cfg}", f"--root={root}", "--print_slurm"]) == 0
+    slurm = capsys.readouterr().out.splitlines()
+    jobs = [line for line in slurm if "sbatch" in line]
+    assert jobs[0].startswith("job0=$(sbatch --parsable --job-name=dpo-000 launch/slurm.sbatch ")
+    assert all('--dependency=afterok:"$job0"' in j for j in jobs[1:])
+    assert shlex.split(jobs[2].split(" launch/slurm.sbatch ", 1)[1]) == runs[2].args
+
+
+def test_real_runs_share_one_sft_model_two_at_a_time(tmp_path, monkeypatch):
+    """dpo_jax.main on tiny runs: the first trains the SFT model, then both run; resumable layout."""
+    monkeypatch.chdir(REPO)
+    cfg = write_config(tmp_path, 'sweep.product(("loss.beta", [0.5, 1.0]))')
+    root = str(tmp_path / "sweep")
+    code = sweep.main([f"--config={cfg}:runlocal=1", f"--root={root}", "--parallel=2", "--set", "sft.steps=2",
+                       "--set", "train.steps=2", "--set", "train.export_final=False", "--set", "train.peak_flops=1.0",
+                       "--set", "train.progress=False"])
+    manifest = json.load(open(os.path.join(root, "manifest.json")))
+    logs = {r["name"]: open(r["log"]).read()[-3000:] for r in manifest["runs"]}
+    assert code == 0, logs
+    assert [r["status"] for r in manifest["runs"]] == ["finished", "finished"], logs
+    trained_sft = [r["name"] for r in manifest["runs"] if os.path.isdir(os.path.join(r["workdir"], "sft"))]
+    assert trained_sft == ["loss.beta=0.5"]
+    assert os.path.exists(os.path.join(root, "sft_model", "config.json"))
+    for r in manifest["runs"]:
+        report = json.load(open(os.path.join(r["workdir"], "report.json")))
+        assert report["steps"] == 2 and "eval/loss" in report
+        config = json.load(open(os.path.join(r["workdir"], "config.json")))
+        assert config["loss"]["beta"] == r["overrides"]["loss.beta"]
+        assert config["sft"]["model_dir"] == os.path.join(root, "sft_model")
