@@ -10,9 +10,9 @@ config.json or report.json. Table (OUT/results.csv and OUT/results.parquet), one
   report.json as is (eval/*, sample/*, exact/*, frontier/* ...);
   last/<metric>: the last logged value of every metric of metrics.jsonl (the preference stage;
   the shared SFT stage's sft/* metrics belong to whichever run trained it and are left out).
-Plots (OUT/plots/): reward_kl.png (sample/reward vs sample/kl of every run that has them, over the
-exact reward-KL frontier of the synthetic world when the runs are on it, on the same eval prompts
-as the reports), accuracy_vs_beta.png and margins_vs_beta.png (eval/accuracy and
+Plots (OUT/plots/): reward_kl.png (sample/reward vs sample/kl, or --kl_key, of every run that has
+them, over the exact reward-KL frontier of the synthetic world when the runs are on it, on the same
+eval prompts as the reports), accuracy_vs_beta.png and margins_vs_beta.png (eval/accuracy and
 eval/rewards/margins against loss.beta, one line per loss; margins are beta-scaled implicit
 rewards, so compare them within a loss).
 """
@@ -107,6 +107,7 @@ def load_table(root: str) -> tuple[pd.DataFrame, list[str]]:
         configs.append(flatten(cfg) if cfg is not None else dict(r["overrides"]))
     keys = list(dict.fromkeys(k for c in configs for k in c))
     swept = [k for k in keys if len({json.dumps(c.get(k, "<unset>"), default=str) for c in configs}) > 1]
+    swept.sort(key=lambda k: (k != "loss.name", k != "loss.beta"))  # the loss first, then its beta
     rows = []
     for r, cfg in zip(runs, configs):
         row = {"run": r["name"], "status": _status(r["workdir"]), "workdir": r["workdir"]}
@@ -134,10 +135,20 @@ def write_table(df: pd.DataFrame, out: str) -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------
 # Plots.
 
-def run_label(row: pd.Series, swept: Sequence[str]) -> str:
-    """'ipo beta=0.5' from the swept keys (loss.name bare, other keys by their last component)."""
+def label_keys(df: pd.DataFrame, swept: Sequence[str]) -> list[str]:
+    """The swept keys worth a label: loss.name first, without keys that loss.name determines (e.g.
+    reference.mode='none' for every simpo run)."""
+    keys = [k for k in dict.fromkeys(["loss.name", *swept]) if k in df and (k in swept or k == "loss.name")]
+    if "loss.name" not in df:
+        return keys
+    by_loss = df.astype(str).groupby("loss.name")
+    return [k for k in keys if k == "loss.name" or (by_loss[k].nunique() > 1).any()]
+
+
+def run_label(row: pd.Series, keys: Sequence[str]) -> str:
+    """'ipo beta=0.5' (loss.name bare, other keys by their last component)."""
     parts = [str(row[k]) if k == "loss.name" else f"{k.rsplit('.', 1)[-1]}={row[k]}"
-             for k in swept if k in row and pd.notna(row[k])]
+             for k in keys if k in row and pd.notna(row[k])]
     return " ".join(parts) or str(row["run"])
 
 
@@ -186,7 +197,7 @@ def plot_vs_beta(df: pd.DataFrame, swept: Sequence[str], metric: str, path: str,
 
     fig = Figure(figsize=(6.0, 4.2), dpi=120)
     ax = fig.add_subplot()
-    line_keys = [k for k in dict.fromkeys(["loss.name", *swept]) if k != "loss.beta" and k in df]
+    line_keys = [k for k in label_keys(df, swept) if k != "loss.beta"]
     lines = df.apply(lambda row: run_label(row, line_keys) if line_keys else "runs", axis=1)
     for i, line in enumerate(dict.fromkeys(lines[ok])):
         sel = ok & (lines == line)
@@ -202,39 +213,41 @@ def plot_vs_beta(df: pd.DataFrame, swept: Sequence[str], metric: str, path: str,
     return path
 
 
-def plot_reward_kl(df: pd.DataFrame, swept: Sequence[str], path: str) -> Optional[str]:
-    """sample/reward vs sample/kl of every run that has them, over the exact frontier if synthetic."""
+def plot_reward_kl(df: pd.DataFrame, swept: Sequence[str], path: str, kl_key: str = "sample/kl") -> Optional[str]:
+    """sample/reward vs `kl_key` of every run that has them, over the exact frontier if synthetic.
+    sample/kl is against the run's reference model (the SFT model), the frontier against the world's
+    pi_ref; kl_key='sample/kl_world' plots the KL to the world's pi_ref (well-formed samples only)."""
     from dpo_jax import plots  # pylint: disable=g-import-not-at-top
 
-    kl, reward = _num(df, "sample/kl"), _num(df, "sample/reward")
+    kl, reward = _num(df, kl_key), _num(df, "sample/reward")
     ok = kl.notna() & reward.notna()
     if not ok.any():
         return None
-    points = []
+    points, keys = [], label_keys(df, swept)
     for i in np.flatnonzero(ok.to_numpy()):
         row = df.iloc[i]
-        points.append({"label": run_label(row, swept), "kl": kl.iloc[i], "reward": reward.iloc[i],
-                       "kl_stderr": _num(df, "sample/kl_stderr").fillna(0.0).iloc[i],
+        points.append({"label": run_label(row, keys), "kl": kl.iloc[i], "reward": reward.iloc[i],
+                       "kl_stderr": _num(df, f"{kl_key}_stderr").fillna(0.0).iloc[i],
                        "reward_stderr": _num(df, "sample/reward_stderr").fillna(0.0).iloc[i]})
     exact = exact_frontier(df[ok].iloc[0]["workdir"], kl_max=float(kl[ok].max()))
     frontier = (exact[0], exact[1]) if exact else None
     ref = exact[2] if exact else None
     return plots.plot_reward_kl(points, frontier, path=path, reference_reward=ref,
-                                title="Reward vs KL" + (" (exact frontier of the synthetic world)" if exact else ""))
+                                title=f"sample/reward vs {kl_key}" + (" over the exact frontier" if exact else ""))
 
 
-def aggregate(root: str, out: Optional[str] = None) -> dict[str, str]:
+def aggregate(root: str, out: Optional[str] = None, kl_key: str = "sample/kl") -> dict[str, str]:
     """Write the table and the plots of the sweep directory `root` (to `out`, default root);
     returns {what: path}."""
     df, swept = load_table(root)
-    return write_all(df, swept, out or root)
+    return write_all(df, swept, out or root, kl_key)
 
 
-def write_all(df: pd.DataFrame, swept: Sequence[str], out: str) -> dict[str, str]:
+def write_all(df: pd.DataFrame, swept: Sequence[str], out: str, kl_key: str = "sample/kl") -> dict[str, str]:
     paths = write_table(df, out)
     plot_dir = os.path.join(out, "plots")
     os.makedirs(plot_dir, exist_ok=True)
-    made = {"reward_kl": plot_reward_kl(df, swept, os.path.join(plot_dir, "reward_kl.png")),
+    made = {"reward_kl": plot_reward_kl(df, swept, os.path.join(plot_dir, "reward_kl.png"), kl_key),
             "accuracy_vs_beta": plot_vs_beta(df, swept, "eval/accuracy", os.path.join(plot_dir, "accuracy_vs_beta.png"),
                                              "eval/accuracy (preference accuracy)"),
             "margins_vs_beta": plot_vs_beta(df, swept, "eval/rewards/margins",
@@ -252,12 +265,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m launch.aggregate", description=__doc__.split("\n\n")[0])
     p.add_argument("root", help="sweep directory (launch.sweep --root) or a directory of run workdirs")
     p.add_argument("--out", default=None, help="where to write results.* and plots/ (default: root)")
+    p.add_argument("--kl_key", default="sample/kl", help="report key of the reward-KL plot's x axis "
+                   "(sample/kl: to the run's reference model; sample/kl_world: to the synthetic world's pi_ref)")
     a = p.parse_args(argv)
     try:
         df, swept = load_table(a.root)
     except ValueError as e:
         p.error(str(e))
-    paths = write_all(df, swept, a.out or a.root)
+    paths = write_all(df, swept, a.out or a.root, a.kl_key)
     cols = [c for c in ["run", "status", *swept, "eval/accuracy", "eval/rewards/margins", "sample/kl",
                         "sample/reward", "frontier/regret"] if c in df]
     with pd.option_context("display.width", 200, "display.max_columns", 20):

@@ -111,6 +111,11 @@ class Run:
     args: list  # the arguments of dpo_jax.main
     command: list  # the full local command line (interpreter + module + args)
     sft_model_dir: Optional[str] = None  # shared SFT model this run reads (or writes, if first)
+    env: dict = dataclasses.field(default_factory=dict)  # set for the local process, on top of os.environ
+
+    def command_line(self) -> str:
+        """The shell line that runs it here: `VAR=value ... command`."""
+        return shlex.join([*(f"{k}={v}" for k, v in self.env.items()), *self.command])
 
 
 def split_config_spec(spec: str) -> tuple[str, str]:
@@ -189,12 +194,24 @@ def _sft_neutral(key: str) -> bool:
     return any(key.startswith(p) if p.endswith(".") else key == p for p in SFT_NEUTRAL)
 
 
+def compile_cache_env(cache_dir: str) -> dict:
+    """JAX's persistent compilation cache in `cache_dir`, shared by the members: the programs do not
+    depend on beta or other loss hyper-parameters (traced), so most members compile nothing. A
+    maximum size turns on JAX's file lock, which makes the cache safe for parallel runs. Nothing is
+    set when the environment already names a cache directory or `cache_dir` is empty."""
+    if not cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return {}
+    return {"JAX_COMPILATION_CACHE_DIR": cache_dir, "JAX_COMPILATION_CACHE_MAX_SIZE": str(4 << 30),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.1"}
+
+
 def expand(config_spec: str, root: str, *, extra: Optional[dict] = None, entry: Optional[Sequence[str]] = None,
-           validate: bool = True) -> list[Run]:
+           validate: bool = True, compile_cache: Optional[str] = "") -> list[Run]:
     """The runs of the sweep declared by `get_sweep(arg)` in the config file of `config_spec`.
 
     `extra` overrides apply to every member (after the sweep's own); `entry` is the command prefix
-    (default: this interpreter, `-m dpo_jax.main`). Every member's config is built and validated
+    (default: this interpreter, `-m dpo_jax.main`); `compile_cache` the shared compilation cache
+    (default root/jax_cache; None: none). Every member's config is built and validated
     (`dpo_jax.config_check.validate`) before anything runs."""
     path, arg = split_config_spec(config_spec)
     module = load_config_module(path)
@@ -228,6 +245,7 @@ def expand(config_spec: str, root: str, *, extra: Optional[dict] = None, entry: 
     distinct = list(dict.fromkeys(g for g in groups if g is not None))
     group_keys = varying_keys([dict(g) for g in distinct])
     prefix = tuple(entry) if entry is not None else (sys.executable, *MAIN)
+    env = compile_cache_env(os.path.join(root, "jax_cache") if compile_cache == "" else compile_cache)
     runs = []
     for m, n, g in builtins.zip(members, names, groups):
         sft_dir = None
@@ -239,7 +257,7 @@ def expand(config_spec: str, root: str, *, extra: Optional[dict] = None, entry: 
         args += [f"--config.{k}={format_value(k, v)}" for k, v in m.items()]
         if sft_dir:
             args.append(f"--config.sft.model_dir={sft_dir}")
-        runs.append(Run(name=n, workdir=workdir, overrides=m, args=args, command=[*prefix, *args],
+        runs.append(Run(name=n, workdir=workdir, overrides=m, args=args, command=[*prefix, *args], env=dict(env),
                         sft_model_dir=sft_dir))
     return runs
 
@@ -265,7 +283,8 @@ def write_manifest(root: str, runs: Sequence[Run], state: dict, meta: dict) -> s
     os.makedirs(root, exist_ok=True)
     out = {**meta, "runs": [{"name": r.name, "workdir": r.workdir, "overrides": r.overrides,
                              "sft_model_dir": r.sft_model_dir, "command": r.command,
-                             "command_line": shlex.join(r.command), **state.get(r.name, {})} for r in runs]}
+                             "env": r.env, "command_line": r.command_line(), **state.get(r.name, {})}
+                            for r in runs]}
     path = os.path.join(root, "manifest.json")
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
@@ -288,30 +307,33 @@ def launch_order(runs: Sequence[Run]) -> list[Run]:
 
 
 def run_local(runs: Sequence[Run], root: str, *, parallel: int = 1, meta: Optional[dict] = None,
-              poll_s: float = 0.5, log: Callable[[str], None] = print) -> dict[str, dict]:
+              poll_s: float = 0.5, log: Callable[[str], None] = print,
+              listed: Optional[Sequence[Run]] = None) -> dict[str, dict]:
     """Run the unfinished runs, `parallel` processes at a time; returns {name: state} (status,
     returncode, seconds, log). Output of each run goes to root/logs/NAME.log. A run that needs an
     SFT model nobody has written yet waits while another run of its group is running (that one
-    writes it). On SIGINT/SIGTERM every running child gets SIGTERM (it checkpoints and stops)."""
+    writes it). On SIGINT/SIGTERM every running child gets SIGTERM (it checkpoints and stops).
+    The manifest lists `listed` (default: `runs`; the whole sweep when only some members run)."""
     if parallel < 1:
         raise ValueError(f"--parallel={parallel}; must be >= 1")
     meta = dict(meta or {})
-    state = {r.name: {"status": run_status(r)} for r in runs}
+    listed = list(listed if listed is not None else runs)
+    state = {r.name: {"status": run_status(r)} for r in [*listed, *runs]}
     queue = launch_order(runs)
     skipped = [r.name for r in runs if state[r.name]["status"] == "finished"]
     for name in skipped:
         log(f"skip (finished): {name}")
     os.makedirs(os.path.join(root, "logs"), exist_ok=True)
     running: dict[str, tuple[Run, subprocess.Popen, float, Any]] = {}
-    write_manifest(root, runs, state, meta)
+    write_manifest(root, listed, state, meta)
 
     def start(r: Run):
         log_path = os.path.join(root, "logs", f"{r.name}.log")
         f = open(log_path, "a")  # pylint: disable=consider-using-with
-        f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} ({state[r.name]['status']}) {shlex.join(r.command)}\n")
+        f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} ({state[r.name]['status']}) {r.command_line()}\n")
         f.flush()
         proc = subprocess.Popen(r.command, stdout=f, stderr=subprocess.STDOUT,  # pylint: disable=consider-using-with
-                                start_new_session=True)
+                                env={**os.environ, **r.env}, start_new_session=True)
         running[r.name] = (r, proc, time.time(), f)
         state[r.name].update(status="running", log=log_path, pid=proc.pid)
         log(f"start [{len(running)} running] {r.name}")
@@ -335,12 +357,12 @@ def run_local(runs: Sequence[Run], root: str, *, parallel: int = 1, meta: Option
                 if ready(r):
                     queue.remove(r)
                     start(r)
-                    write_manifest(root, runs, state, meta)
+                    write_manifest(root, listed, state, meta)
             time.sleep(poll_s)
             for name, (_, proc, _, _) in list(running.items()):
                 if proc.poll() is not None:
                     finish(name, proc.returncode)
-                    write_manifest(root, runs, state, meta)
+                    write_manifest(root, listed, state, meta)
     except KeyboardInterrupt:
         log(f"interrupted: stopping {len(running)} running runs (SIGTERM: they checkpoint and exit)")
         for _, proc, _, _ in running.values():
@@ -352,9 +374,9 @@ def run_local(runs: Sequence[Run], root: str, *, parallel: int = 1, meta: Option
                 proc.kill()
                 proc.wait()
             finish(name, proc.returncode)
-        write_manifest(root, runs, state, meta)
+        write_manifest(root, listed, state, meta)
         raise
-    return state
+    return {r.name: state[r.name] for r in runs}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,14 +450,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override for every member (after the sweep's own), repeatable")
     p.add_argument("--only", action="append", default=[], metavar="NAME", help="run only these members")
+    p.add_argument("--compile_cache", default="", metavar="DIR",
+                   help="JAX compilation cache shared by the local runs (default ROOT/jax_cache; 'none': off)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--print_pod", action="store_true", help="print a TPU-pod script (launch/tpu_pod.sh)")
     out.add_argument("--print_slurm", action="store_true", help="print a Slurm submission script")
     a = p.parse_args(argv)
     try:
-        runs = expand(a.config, a.root, extra=_parse_sets(a.set))
+        cache = None if a.compile_cache == "none" else a.compile_cache
+        runs = expand(a.config, a.root, extra=_parse_sets(a.set), compile_cache=cache)
     except ValueError as e:
         p.error(str(e))
+    listed = runs
     if a.only:
         unknown = sorted(set(a.only) - {r.name for r in runs})
         if unknown:
@@ -449,14 +475,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if run_status(r) == "finished":
                 print(f"# skip (finished): {r.name}", file=sys.stderr)
         for r in launch_order(runs):
-            print(shlex.join(r.command))
+            print(r.command_line())
         return 0
     meta = {"config": a.config, "root": a.root, "parallel": a.parallel, "extra": _parse_sets(a.set),
-            "sweep_keys": varying_keys([r.overrides for r in runs]), "cwd": os.getcwd()}
+            "sweep_keys": varying_keys([r.overrides for r in listed]), "cwd": os.getcwd()}
     signal.signal(signal.SIGTERM, _interrupt)
     t0 = time.time()
     try:
-        state = run_local(runs, a.root, parallel=a.parallel, meta=meta)
+        state = run_local(runs, a.root, parallel=a.parallel, meta=meta, listed=listed)
     except KeyboardInterrupt:
         return 130
     counts = {s: sum(v["status"] == s for v in state.values()) for s in ("finished", "failed", "interrupted")}

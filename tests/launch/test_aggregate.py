@@ -3,6 +3,7 @@ and parquet, the plots, and the exact frontier of the synthetic world."""
 
 import json
 import os
+import pathlib
 
 import numpy as np
 import pandas as pd
@@ -15,6 +16,16 @@ from launch import aggregate
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+def write_json(path, value):
+    with open(path, "w") as f:
+        json.dump(value, f)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 def fake_run(root, name, loss, beta, *, report=True, world_dir=None, steps=100):
     """A run directory as dpo_jax.main leaves it (config.json, metrics.jsonl, report.json, data/)."""
     workdir = os.path.join(root, name)
@@ -22,7 +33,7 @@ def fake_run(root, name, loss, beta, *, report=True, world_dir=None, steps=100):
     config = {"seed": 0, "loss": {"name": loss, "beta": beta, "weights": None},
               "train": {"steps": steps, "log_every": 50}, "eval": {"num_prompts": 6},
               "model": {"lora": {"targets": ["attention", "mlp"]}}}
-    json.dump(config, open(os.path.join(workdir, "config.json"), "w"))
+    write_json(os.path.join(workdir, "config.json"), config)
     rows = [{"step": 50, "sft/loss": 9.0},
             {"step": 50, "loss": 0.6, "rewards/margins": 0.1 * beta},
             {"step": 100, "loss": 0.5 - 0.1 * beta, "rewards/margins": 0.2 * beta},
@@ -32,8 +43,9 @@ def fake_run(root, name, loss, beta, *, report=True, world_dir=None, steps=100):
         f.write('{"step": 150, "loss": 0.')  # cut short by a killed process
     if report:
         rep = {"loss": loss, "steps": steps, "eval/accuracy": 0.6 + 0.05 * beta, "eval/rewards/margins": beta,
-               "sample/kl": 4.0 / beta, "sample/reward": 3.0 + beta, "sample/kl_stderr": 0.1}
-        json.dump(rep, open(os.path.join(workdir, "report.json"), "w"))
+               "sample/kl": 4.0 / beta, "sample/reward": 3.0 + beta, "sample/kl_stderr": 0.1,
+               "sample/kl_world": 2.0 / beta}
+        write_json(os.path.join(workdir, "report.json"), rep)
     else:
         os.makedirs(os.path.join(workdir, "checkpoints"))
     if world_dir:
@@ -57,7 +69,7 @@ def make_sweep(root, world_dir=None):
         workdir = fake_run(root, name, loss, beta, report=i != 3, world_dir=world_dir)
         runs.append({"name": name, "workdir": workdir, "overrides": {"loss.name": loss, "loss.beta": beta},
                      "status": "finished" if i != 3 else "interrupted"})
-    json.dump({"config": "configs/synthetic.py", "runs": runs}, open(os.path.join(root, "manifest.json"), "w"))
+    write_json(os.path.join(root, "manifest.json"), {"config": "configs/synthetic.py", "runs": runs})
     return runs
 
 
@@ -103,7 +115,7 @@ def test_reward_kl_plot_uses_the_exact_frontier_on_the_eval_prompts(tmp_path, wo
     assert [r["label"] for r in seen["runs"]] == ["sigmoid beta=0.5", "sigmoid beta=1.0", "ipo beta=1.0"]
     assert [r["kl"] for r in seen["runs"]] == [8.0, 4.0, 4.0]
     world = synthetic.load_world(world_dir)
-    rows = [json.loads(line) for line in open(os.path.join(world_dir, "eval_pairs.jsonl"))][:6]  # eval.num_prompts
+    rows = [json.loads(line) for line in pathlib.Path(world_dir, "eval_pairs.jsonl").read_text().splitlines()][:6]  # eval.num_prompts
     prompts = np.stack([synthetic.text_to_tokens(r["prompt"]) for r in rows])
     kl_f, reward_f = seen["frontier"]
     ref = synthetic.expected_reward(world, synthetic.reference_policy(world), prompts)
@@ -111,6 +123,9 @@ def test_reward_kl_plot_uses_the_exact_frontier_on_the_eval_prompts(tmp_path, wo
     kl1, r1 = synthetic.frontier(world, [1.0], prompts)
     np.testing.assert_allclose(np.interp(kl1, kl_f, reward_f), r1, rtol=2e-3)  # on the exact curve
     assert np.all(np.diff(kl_f) > 0) and np.all(np.diff(reward_f) > 0)  # KL ascending, reward too
+    aggregate.aggregate(root, str(tmp_path / "out"), kl_key="sample/kl_world")  # KL to the world's pi_ref
+    assert [r["kl"] for r in seen["runs"]] == [4.0, 2.0, 2.0] and [r["kl_stderr"] for r in seen["runs"]] == [0, 0, 0]
+    assert seen["title"] == "sample/reward vs sample/kl_world over the exact frontier"
 
 
 def test_without_manifest_and_without_synthetic_world(tmp_path, capsys):

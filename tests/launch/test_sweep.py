@@ -35,7 +35,8 @@ FAKE_MAIN = textwrap.dedent("""
         time.sleep(0.2)
         tmp = sft + ".tmp-%d" % os.getpid()
         os.makedirs(tmp)
-        open(os.path.join(tmp, "config.json"), "w").write("{}")
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            f.write("{}")
         os.replace(tmp, sft)
         event("sft")
     os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
@@ -43,9 +44,20 @@ FAKE_MAIN = textwrap.dedent("""
     if name in os.environ.get("FAKE_FAIL", "").split(";"):
         event("fail")
         sys.exit(3)
-    json.dump({"resumed": resumed, "args": args}, open(os.path.join(workdir, "report.json"), "w"))
+    with open(os.path.join(workdir, "report.json"), "w") as f:
+        json.dump({"resumed": resumed, "args": args}, f)
     event("end")
 """)
+
+
+def write_json(path, value):
+    with open(path, "w") as f:
+        json.dump(value, f)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def write_config(tmp_path, sweep_body: str, name: str = "cfg.py") -> str:
@@ -114,6 +126,7 @@ def test_default_synthetic_sweep_expands_to_12_named_runs(tmp_path):
         assert r.command[3:5] == [f"--config={SYNTHETIC}", f"--workdir={r.workdir}"]
         assert f"--config.loss.beta={r.overrides['loss.beta']!r}" in r.command
         assert r.command[-1] == f"--config.sft.model_dir={tmp_path}/sft_model"
+        assert r.env["JAX_COMPILATION_CACHE_DIR"] == f"{tmp_path}/jax_cache"  # compiled once, shared
     assert {k: len(v) for k, v in by_loss.items()} == {"sigmoid": 4, "ipo": 4, "simpo": 4}
     # runlocal keeps the config's own (tiny) step count
     assert all("train.steps" not in r.overrides for r in sweep.expand(SYNTHETIC + ":runlocal=1", str(tmp_path)))
@@ -162,7 +175,7 @@ def test_manifest_sft_once_parallel_skip_and_resume(tmp_path, fake, monkeypatch)
     # a finished run (report.json) is skipped; an interrupted one (checkpoints) is run again and resumes
     os.makedirs(os.path.join(runs[1].workdir, "checkpoints"))
     os.makedirs(runs[3].workdir)
-    json.dump({"fake": "finished"}, open(os.path.join(runs[3].workdir, "report.json"), "w"))
+    write_json(os.path.join(runs[3].workdir, "report.json"), {"fake": "finished"})
     assert [sweep.run_status(r) for r in runs] == ["pending", "interrupted", "pending", "finished"]
 
     state = sweep.run_local(runs, root, parallel=2, poll_s=0.05, log=lambda _: None)
@@ -179,15 +192,16 @@ def test_manifest_sft_once_parallel_skip_and_resume(tmp_path, fake, monkeypatch)
         running += 1 if e["event"] == "start" else -1
         most = max(most, running)
     assert most == 2  # two at a time, never more
-    report = lambda r: json.load(open(os.path.join(r.workdir, "report.json")))  # noqa: E731
+    report = lambda r: read_json(os.path.join(r.workdir, "report.json"))  # noqa: E731
     assert report(runs[1])["resumed"] and not report(runs[2])["resumed"]
     assert report(runs[3]) == {"fake": "finished"}  # untouched
 
-    manifest = json.load(open(os.path.join(root, "manifest.json")))
+    manifest = read_json(os.path.join(root, "manifest.json"))
     assert [m["name"] for m in manifest["runs"]] == [r.name for r in runs]
     for m, r in zip(manifest["runs"], runs):
         assert m["overrides"] == {"loss.beta": r.overrides["loss.beta"]}
-        assert m["command"] == r.command and m["command_line"] == shlex.join(r.command)
+        assert m["command"] == r.command and m["env"] == r.env
+        assert m["command_line"] == shlex.join([*(f"{k}={v}" for k, v in r.env.items()), *r.command])
         assert m["status"] == "finished" and m["sft_model_dir"] == os.path.join(root, "sft_model")
     assert "returncode" not in manifest["runs"][3] and manifest["runs"][0]["returncode"] == 0
     assert os.path.exists(os.path.join(root, "logs", f"{runs[0].name}.log"))
@@ -207,8 +221,20 @@ def test_failed_builder_hands_sft_to_the_next_member(tmp_path, fake, monkeypatch
     assert state[runs[0].name]["status"] == "failed" and state[runs[0].name]["returncode"] == 7
     assert [e["run"] for e in events() if e["event"] == "sft"] == [runs[1].name]
     assert state[runs[1].name]["status"] == state[runs[2].name]["status"] == "finished"
-    manifest = json.load(open(os.path.join(root, "manifest.json")))
+    manifest = read_json(os.path.join(root, "manifest.json"))
     assert [r["status"] for r in manifest["runs"]] == ["failed", "finished", "finished"]
+
+
+def test_only_some_members_run_and_the_manifest_lists_all(tmp_path, fake):
+    entry, events = fake
+    runs = sweep.expand(write_config(tmp_path, 'sweep.product(("loss.beta", [0.5, 1.0, 2.0]))'),
+                        str(tmp_path / "sweep"), entry=entry)
+    state = sweep.run_local(runs[2:], str(tmp_path / "sweep"), poll_s=0.05, log=lambda _: None, listed=runs)
+    assert list(state) == [runs[2].name] and state[runs[2].name]["status"] == "finished"
+    assert [e["run"] for e in events() if e["event"] == "sft"] == [runs[2].name]
+    manifest = read_json(tmp_path / "sweep" / "manifest.json")
+    assert [(r["name"], r["status"]) for r in manifest["runs"]] == [
+        (runs[0].name, "pending"), (runs[1].name, "pending"), (runs[2].name, "finished")]
 
 
 def test_dry_run_prints_the_exact_commands_in_launch_order(tmp_path, fake, capsys):
@@ -216,11 +242,12 @@ def test_dry_run_prints_the_exact_commands_in_launch_order(tmp_path, fake, capsy
     root = str(tmp_path / "sweep")
     runs = sweep.expand(cfg, root)
     os.makedirs(runs[0].workdir)
-    open(os.path.join(runs[0].workdir, "report.json"), "w").write("{}")
+    write_json(os.path.join(runs[0].workdir, "report.json"), {})
     assert sweep.main([f"--config={cfg}", f"--root={root}", "--dry_run", "--set", "train.steps=7"]) == 0
     out, err = capsys.readouterr()
     expected = [r for r in sweep.expand(cfg, root, extra={"train.steps": 7})][1:]
-    assert out.splitlines() == [shlex.join(r.command) for r in expected]
+    assert out.splitlines() == [r.command_line() for r in expected]
+    assert out.splitlines()[0].startswith(f"JAX_COMPILATION_CACHE_DIR={root}/jax_cache ")
     assert all("--config.train.steps=7" in line for line in out.splitlines())
     assert f"# skip (finished): {runs[0].name}" in err
     assert not os.path.exists(os.path.join(root, "manifest.json"))  # a dry run writes nothing
@@ -250,17 +277,17 @@ def test_real_runs_share_one_sft_model_two_at_a_time(tmp_path, monkeypatch):
     root = str(tmp_path / "sweep")
     code = sweep.main([f"--config={cfg}:runlocal=1", f"--root={root}", "--parallel=2", "--set", "sft.steps=2",
                        "--set", "train.steps=2", "--set", "train.export_final=False", "--set", "train.peak_flops=1.0",
-                       "--set", "train.progress=False"])
-    manifest = json.load(open(os.path.join(root, "manifest.json")))
-    logs = {r["name"]: open(r["log"]).read()[-3000:] for r in manifest["runs"]}
+                       "--set", "train.progress=False", "--set", "eval.num_prompts=0"])
+    manifest = read_json(os.path.join(root, "manifest.json"))
+    logs = {r["name"]: pathlib.Path(r["log"]).read_text()[-3000:] for r in manifest["runs"]}
     assert code == 0, logs
     assert [r["status"] for r in manifest["runs"]] == ["finished", "finished"], logs
     trained_sft = [r["name"] for r in manifest["runs"] if os.path.isdir(os.path.join(r["workdir"], "sft"))]
     assert trained_sft == ["loss.beta=0.5"]
     assert os.path.exists(os.path.join(root, "sft_model", "config.json"))
     for r in manifest["runs"]:
-        report = json.load(open(os.path.join(r["workdir"], "report.json")))
+        report = read_json(os.path.join(r["workdir"], "report.json"))
         assert report["steps"] == 2 and "eval/loss" in report
-        config = json.load(open(os.path.join(r["workdir"], "config.json")))
+        config = read_json(os.path.join(r["workdir"], "config.json"))
         assert config["loss"]["beta"] == r["overrides"]["loss.beta"]
         assert config["sft"]["model_dir"] == os.path.join(root, "sft_model")
