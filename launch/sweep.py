@@ -16,6 +16,8 @@ skipped; an interrupted run (checkpoints, no report) resumes by running its comm
 that train an SFT reference (config.sft.steps > 0) share one SFT model, DIR/sft_model (one per
 group of members whose SFT-relevant keys differ, see SFT_NEUTRAL): the first member of a group
 runs alone until the model appears (the trainer writes it atomically), then the rest start.
+Local members share JAX's persistent compilation cache (DIR/jax_cache): beta and the other loss
+hyper-parameters are traced, so after the first member of each loss most members compile nothing.
 `run_local` is one executor of the expanded runs; `pod_script` and `slurm_script` print the others.
 """
 

@@ -47,12 +47,17 @@ def test_slurm_dry_run_prints_coordinator_and_srun(nodelist, head, tmp_path):
            "SLURM_SUBMIT_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}  # no scontrol here: the fallback parser
     out = run(SLURM, env, *ARGS)
     assert out.returncode == 0, out.stderr
-    first, second = out.stdout.strip().splitlines()
+    first, devices, cmd = out.stdout.strip().splitlines()
     assert first == f"JAX_COORDINATOR_ADDRESS={head}:24242 (processes: 3, one per task)"
-    assert shlex.split(second) == ["srun", "--kill-on-bad-exit=1", f"--chdir={tmp_path}", "python", "-m",
-                                   "dpo_jax.main", *ARGS]
-    custom = run(SLURM, {**env, "JAX_COORDINATOR_PORT": "1234", "PYTHON": "/opt/py"}, *ARGS).stdout
+    assert devices == "JAX_LOCAL_DEVICE_IDS=(one GPU per task: SLURM_LOCALID)"
+    assert shlex.split(cmd) == ["srun", "--kill-on-bad-exit=1", f"--chdir={tmp_path}", "python", "-m",
+                                "dpo_jax.main", *ARGS]
+    custom = run(SLURM, {**env, "JAX_COORDINATOR_PORT": "1234", "PYTHON": "/opt/py", "SLURM_GPUS_ON_NODE": "4"},
+                 *ARGS).stdout
     assert f"={head}:1234 " in custom and " /opt/py -m dpo_jax.main " in custom
+    assert "JAX_LOCAL_DEVICE_IDS=0,1,2,3\n" in custom  # one task per node: all its GPUs
+    per_gpu = run(SLURM, {**env, "SLURM_GPUS_ON_NODE": "4", "SLURM_NTASKS_PER_NODE": "4"}, *ARGS).stdout
+    assert "(one GPU per task: SLURM_LOCALID)" in per_gpu
 
 
 def test_slurm_outside_an_allocation_says_so():
