@@ -340,10 +340,10 @@ def run_local(runs: Sequence[Run], root: str, *, parallel: int = 1, meta: Option
         state[r.name].update(status="running", log=log_path, pid=proc.pid)
         log(f"start [{len(running)} running] {r.name}")
 
-    def finish(name: str, rc: int):
+    def finish(name: str, rc: int, stopped: bool = False):
         r, _, t0, f = running.pop(name)
         f.close()
-        status = "finished" if run_status(r) == "finished" else ("failed" if rc else "interrupted")
+        status = "finished" if run_status(r) == "finished" else ("failed" if rc and not stopped else "interrupted")
         state[name].update(status=status, returncode=rc, seconds=round(time.time() - t0, 1))
         state[name].pop("pid", None)
         log(f"{status} ({rc}) in {state[name]['seconds']:.0f} s: {name}  [log: {state[name]['log']}]")
@@ -365,7 +365,7 @@ def run_local(runs: Sequence[Run], root: str, *, parallel: int = 1, meta: Option
                 if proc.poll() is not None:
                     finish(name, proc.returncode)
                     write_manifest(root, listed, state, meta)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM to the launcher (main)
         log(f"interrupted: stopping {len(running)} running runs (SIGTERM: they checkpoint and exit)")
         for _, proc, _, _ in running.values():
             proc.send_signal(signal.SIGTERM)
@@ -375,7 +375,7 @@ def run_local(runs: Sequence[Run], root: str, *, parallel: int = 1, meta: Option
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            finish(name, proc.returncode)
+            finish(name, proc.returncode, stopped=True)
         write_manifest(root, listed, state, meta)
         raise
     return {r.name: state[r.name] for r in runs}
@@ -481,12 +481,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     meta = {"config": a.config, "root": a.root, "parallel": a.parallel, "extra": _parse_sets(a.set),
             "sweep_keys": varying_keys([r.overrides for r in listed]), "cwd": os.getcwd()}
-    signal.signal(signal.SIGTERM, _interrupt)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     t0 = time.time()
     try:
         state = run_local(runs, a.root, parallel=a.parallel, meta=meta, listed=listed)
     except KeyboardInterrupt:
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     counts = {s: sum(v["status"] == s for v in state.values()) for s in ("finished", "failed", "interrupted")}
     print(f"sweep: {counts['finished']}/{len(runs)} finished, {counts['failed']} failed, "
           f"{counts['interrupted']} interrupted in {time.time() - t0:.0f} s; manifest: "

@@ -9,6 +9,7 @@ import pathlib
 import shlex
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -18,18 +19,22 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 SYNTHETIC = str(REPO / "configs" / "synthetic.py")
 
 FAKE_MAIN = textwrap.dedent("""
-    import json, os, sys, time
+    import json, os, signal, sys, time
     args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
     workdir, sft = args["workdir"], args.get("config.sft.model_dir")
     name = os.path.basename(workdir)
     def event(kind):
         with open(os.environ["FAKE_LOG"], "a") as f:
             f.write(json.dumps({"run": name, "event": kind, "t": time.time()}) + "\\n")
+    def sigterm(*_):  # like the trainer: checkpoint, exit 0
+        event("sigterm")
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, sigterm)
     event("start")
     if name in os.environ.get("FAKE_DIE", "").split(";"):
         sys.exit(7)
     os.makedirs(workdir, exist_ok=True)
-    resumed = os.path.isdir(os.path.join(workdir, "checkpoints"))
+    resumed = any(os.path.isdir(os.path.join(workdir, *p, "checkpoints")) for p in ((), ("sft",)))
     if sft and not os.path.exists(os.path.join(sft, "config.json")):
         os.makedirs(os.path.join(workdir, "sft", "checkpoints"), exist_ok=True)
         time.sleep(0.2)
@@ -223,6 +228,30 @@ def test_failed_builder_hands_sft_to_the_next_member(tmp_path, fake, monkeypatch
     assert state[runs[1].name]["status"] == state[runs[2].name]["status"] == "finished"
     manifest = read_json(os.path.join(root, "manifest.json"))
     assert [r["status"] for r in manifest["runs"]] == ["failed", "finished", "finished"]
+
+
+def test_interrupted_launcher_stops_its_runs_and_a_relaunch_resumes_them(tmp_path, fake, monkeypatch):
+    entry, events = fake
+    monkeypatch.setenv("FAKE_RUN_S", "30")
+    runs = sweep.expand(write_config(tmp_path, 'sweep.product(("loss.beta", [0.5, 1.0]))'),
+                        str(tmp_path / "sweep"), entry=entry)
+
+    def ctrl_c(message):  # Ctrl-C once the first run is past its SFT stage
+        if message.startswith("start"):
+            deadline = time.time() + 20
+            while not any(e["event"] == "sft" for e in events()) and time.time() < deadline:
+                time.sleep(0.05)
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_local(runs, str(tmp_path / "sweep"), poll_s=0.05, log=ctrl_c)
+    assert [e["event"] for e in events()] == ["start", "sft", "sigterm"]
+    manifest = read_json(tmp_path / "sweep" / "manifest.json")
+    assert [r["status"] for r in manifest["runs"]] == ["interrupted", "pending"]
+    assert sweep.run_status(runs[0]) == "interrupted"  # its checkpoints are there
+    monkeypatch.setenv("FAKE_RUN_S", "0.1")
+    state = sweep.run_local(runs, str(tmp_path / "sweep"), poll_s=0.05, log=lambda _: None)
+    assert all(s["status"] == "finished" for s in state.values())
+    assert read_json(os.path.join(runs[0].workdir, "report.json"))["resumed"]
 
 
 def test_only_some_members_run_and_the_manifest_lists_all(tmp_path, fake):
