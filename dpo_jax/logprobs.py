@@ -392,21 +392,24 @@ def completion_logps(
     capacity: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     vocab_chunk_size: int = DEFAULT_VOCAB_CHUNK_SIZE,
+    naive: bool = False,
 ) -> SequenceLogps:
     """Per-pair log-probs of a batch (docs/design.md, "The batch") from its final hidden states.
 
     capacity None: logits at all B*T positions. capacity C: logits only at the first C loss-masked
     positions (`gather_completions`); every field of a pair that lost tokens to the capacity is
-    NaN, so an overflow cannot pass silently.
+    NaN, so an overflow cannot pass silently. naive: `naive_token_logps` (float32 [N, V] logits at
+    once) instead of the chunked `token_logps`, to measure what chunking saves.
     """
     _check_batch(batch, hidden_BxTxD)
     mask, pairs, branches = batch["loss_mask_BxT"], batch["pair_ids_BxT"], batch["branch_ids_BxT"]
     sizes = dict(bias_V=bias_V, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size)
+    token_logps_fn = naive_token_logps if naive else token_logps
     if capacity is None:
-        logps_BxT = token_logps(hidden_BxTxD, unembed_DxV, batch["targets_BxT"], **sizes)
+        logps_BxT = token_logps_fn(hidden_BxTxD, unembed_DxV, batch["targets_BxT"], **sizes)
         return sequence_logps(logps_BxT, mask, pairs, branches, num_pairs)
     comp = gather_completions(hidden_BxTxD, batch, capacity)
-    logps_C = token_logps(comp.hidden_CxD, unembed_DxV, comp.targets_C, **sizes)
+    logps_C = token_logps_fn(comp.hidden_CxD, unembed_DxV, comp.targets_C, **sizes)
     seq = sequence_logps(logps_C, comp.loss_mask_C, comp.pair_ids_C, comp.branch_ids_C, num_pairs)
     masked_N = mask.reshape(-1) > 0
     dropped_N = masked_N & (jnp.cumsum(masked_N, dtype=jnp.int32) > capacity)
