@@ -11,9 +11,9 @@ Each member becomes one run of `python -m dpo_jax.main --config=FILE[:arg] --wor
 --config.KEY=VALUE ...`; NAME lists the keys that vary across members (`loss.name=ipo,loss.beta=0.5`).
 DIR/manifest.json records the runs, their overrides, commands and status.
 
-Running (`run_local`): N processes at a time; a run with DIR/NAME/report.json is finished and
-skipped; an interrupted run (checkpoints, no report) resumes by running its command again. Members
-that train an SFT reference (config.sft.steps > 0) share one SFT model, DIR/sft_model (one per
+Running (`run_local`): N processes at a time (default: 1 on an accelerator host, else min(2, CPU
+cores)); a run with DIR/NAME/report.json is finished and skipped; an interrupted run (checkpoints,
+no report) resumes by running its command again. Members that train an SFT reference (config.sft.steps > 0) share one SFT model, DIR/sft_model (one per
 group of members whose SFT-relevant keys differ, see SFT_NEUTRAL): the first member of a group
 runs alone until the model appears (the trainer writes it atomically), then the rest start.
 Local members share JAX's persistent compilation cache (DIR/jax_cache): beta and the other loss
@@ -321,6 +321,12 @@ def run_local(runs: Sequence[Run], root: str, *, parallel: int = 1, meta: Option
     meta = dict(meta or {})
     listed = list(listed if listed is not None else runs)
     state = {r.name: {"status": run_status(r)} for r in [*listed, *runs]}
+    previous = os.path.join(root, "manifest.json")
+    if os.path.exists(previous):  # keep what an earlier launch recorded about runs finished since
+        with open(previous) as f:
+            for old in json.load(f).get("runs", []):
+                if state.get(old.get("name"), {}).get("status") == "finished" and old.get("status") == "finished":
+                    state[old["name"]].update({k: old[k] for k in ("returncode", "seconds", "log") if k in old})
     queue = launch_order(runs)
     skipped = [r.name for r in runs if state[r.name]["status"] == "finished"]
     for name in skipped:
@@ -438,6 +444,19 @@ def _parse_sets(items: Sequence[str]) -> dict:
     return out
 
 
+def default_parallel() -> int:
+    """1 on a host where JAX would use an accelerator (a CUDA, ROCm or TPU plugin is installed and
+    JAX_PLATFORMS does not say cpu): members would compete for its memory. Otherwise
+    min(2, CPU cores): a small member keeps about one core busy, so two share a 2-core CPU well."""
+    platforms = {p for p in os.environ.get("JAX_PLATFORMS", "").split(",") if p}
+    if not platforms or platforms - {"cpu"}:
+        import pkgutil  # pylint: disable=g-import-not-at-top
+
+        if any(m.name.startswith(("jax_cuda", "jax_rocm", "jax_plugins", "libtpu")) for m in pkgutil.iter_modules()):
+            return 1
+    return max(1, min(2, os.cpu_count() or 1))
+
+
 def _interrupt(signum, frame):  # SIGTERM to the launcher: stop like Ctrl-C
     del signum, frame
     raise KeyboardInterrupt
@@ -447,13 +466,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m launch.sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="config file with get_sweep, e.g. configs/synthetic.py[:arg]")
     p.add_argument("--root", required=True, help="sweep directory: one workdir per run, manifest.json, logs/")
-    p.add_argument("--parallel", type=int, default=1, help="runs at a time (local)")
+    p.add_argument("--parallel", type=int, default=None,
+                   help="runs at a time (local); default: 1 with an accelerator, else min(2, CPU cores)")
     p.add_argument("--dry_run", action="store_true", help="print the commands that would run, in order")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override for every member (after the sweep's own), repeatable")
     p.add_argument("--only", action="append", default=[], metavar="NAME", help="run only these members")
     p.add_argument("--compile_cache", default="", metavar="DIR",
                    help="JAX compilation cache shared by the local runs (default ROOT/jax_cache; 'none': off)")
+    p.add_argument("--fused", action="store_true", help="train the members that differ only in loss "
+                   "hyper-parameters as one program each group (launch/fused_sweep.py)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--print_pod", action="store_true", help="print a TPU-pod script (launch/tpu_pod.sh)")
     out.add_argument("--print_slurm", action="store_true", help="print a Slurm submission script")
@@ -472,6 +494,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.print_pod or a.print_slurm:
         sys.stdout.write(pod_script(runs, a.config) if a.print_pod else slurm_script(runs, a.config))
         return 0
+    if a.fused:
+        from launch import fused_sweep  # pylint: disable=g-import-not-at-top
+
+        return 1 if fused_sweep.run(a.config, runs, dry_run=a.dry_run) else 0
     if a.dry_run:
         for r in runs:
             if run_status(r) == "finished":
@@ -479,12 +505,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for r in launch_order(runs):
             print(r.command_line())
         return 0
-    meta = {"config": a.config, "root": a.root, "parallel": a.parallel, "extra": _parse_sets(a.set),
+    parallel = a.parallel if a.parallel is not None else default_parallel()
+    print(f"sweep: {len(runs)} runs, {parallel} at a time, in {a.root}")
+    meta = {"config": a.config, "root": a.root, "parallel": parallel, "extra": _parse_sets(a.set),
             "sweep_keys": varying_keys([r.overrides for r in listed]), "cwd": os.getcwd()}
     previous = signal.signal(signal.SIGTERM, _interrupt)
     t0 = time.time()
     try:
-        state = run_local(runs, a.root, parallel=a.parallel, meta=meta, listed=listed)
+        state = run_local(runs, a.root, parallel=parallel, meta=meta, listed=listed)
     except KeyboardInterrupt:
         return 130
     finally:

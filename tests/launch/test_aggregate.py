@@ -115,7 +115,8 @@ def test_reward_kl_plot_uses_the_exact_frontier_on_the_eval_prompts(tmp_path, wo
     assert [r["label"] for r in seen["runs"]] == ["sigmoid beta=0.5", "sigmoid beta=1.0", "ipo beta=1.0"]
     assert [r["kl"] for r in seen["runs"]] == [8.0, 4.0, 4.0]
     world = synthetic.load_world(world_dir)
-    rows = [json.loads(line) for line in pathlib.Path(world_dir, "eval_pairs.jsonl").read_text().splitlines()][:6]  # eval.num_prompts
+    lines = pathlib.Path(world_dir, "eval_pairs.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines][:6]  # the first eval.num_prompts
     prompts = np.stack([synthetic.text_to_tokens(r["prompt"]) for r in rows])
     kl_f, reward_f = seen["frontier"]
     ref = synthetic.expected_reward(world, synthetic.reference_policy(world), prompts)

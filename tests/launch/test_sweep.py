@@ -163,7 +163,8 @@ def test_sft_groups_follow_the_keys_that_change_sft(tmp_path):
     cfg = write_config(tmp_path, 'sweep.product(("sft.lr", [0.001, 0.003]), ("loss.beta", [0.5, 1.0]))')
     runs = sweep.expand(cfg, str(tmp_path))
     dirs = {r.name: r.sft_model_dir for r in runs}
-    assert dirs["sft.lr=0.001,loss.beta=0.5"] == dirs["sft.lr=0.001,loss.beta=1.0"] == f"{tmp_path}/sft_model.sft.lr=0.001"
+    assert dirs["sft.lr=0.001,loss.beta=0.5"] == dirs["sft.lr=0.001,loss.beta=1.0"]
+    assert dirs["sft.lr=0.001,loss.beta=0.5"] == f"{tmp_path}/sft_model.sft.lr=0.001"
     assert dirs["sft.lr=0.003,loss.beta=0.5"] == f"{tmp_path}/sft_model.sft.lr=0.003"
     no_sft = sweep.expand(cfg, str(tmp_path), extra={"sft.steps": 0})
     assert all(r.sft_model_dir is None and not any("sft.model_dir" in a for a in r.args) for r in no_sft)
@@ -211,9 +212,10 @@ def test_manifest_sft_once_parallel_skip_and_resume(tmp_path, fake, monkeypatch)
     assert "returncode" not in manifest["runs"][3] and manifest["runs"][0]["returncode"] == 0
     assert os.path.exists(os.path.join(root, "logs", f"{runs[0].name}.log"))
 
-    # a second launch has nothing left to do
+    # a second launch has nothing left to do, and keeps what the first recorded
     again = sweep.run_local(runs, root, parallel=2, poll_s=0.05, log=lambda _: None)
     assert all(s["status"] == "finished" for s in again.values()) and len(events()) == len(ev)
+    assert read_json(os.path.join(root, "manifest.json"))["runs"] == manifest["runs"]
 
 
 def test_failed_builder_hands_sft_to_the_next_member(tmp_path, fake, monkeypatch):
@@ -264,6 +266,14 @@ def test_only_some_members_run_and_the_manifest_lists_all(tmp_path, fake):
     manifest = read_json(tmp_path / "sweep" / "manifest.json")
     assert [(r["name"], r["status"]) for r in manifest["runs"]] == [
         (runs[0].name, "pending"), (runs[1].name, "pending"), (runs[2].name, "finished")]
+
+
+def test_default_parallel(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert sweep.default_parallel() == 2  # a CPU host: two members share the 2 cores
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert sweep.default_parallel() == 1
 
 
 def test_dry_run_prints_the_exact_commands_in_launch_order(tmp_path, fake, capsys):
