@@ -52,7 +52,7 @@ def get_config(arg: str = ""):
 #   margin gamma/beta it stops pushing at to 1-0.125 nats: larger beta, smaller moves away from pi_ref.
 SWEEP_BETAS = {"sigmoid": (0.25, 0.5, 1.0, 2.0), "ipo": (0.5, 1.0, 2.0, 4.0), "simpo": (1.0, 2.0, 4.0, 8.0)}
 # Preference steps per member (~1 epoch of the 20k pairs at batch 64). The 12 runs take ~500 CPU-s
-# with the launcher's shared compilation cache: 9 min on a busy 2-core CPU two at a time (the default).
+# with the launcher's shared compilation cache: 9-11 min on a busy 2-core CPU two at a time (the default).
 SWEEP_STEPS = 300
 
 
