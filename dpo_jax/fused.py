@@ -1,8 +1,10 @@
 """Fused sweep members: K runs that differ only in loss hyper-parameters, trained as one program.
 
 The K policies start from the same initialization (same seed and model), so their parameters and
-optimizer states are stacked on a leading member axis and one vmapped update per member runs on
-each batch; the data pipeline, the batch and the reference forward are shared, and beta / loss
+optimizer states are stacked on a leading member axis and one update per member runs on
+each batch (one member after the other inside the program: `lax.map` keeps the plain step's
+kernels, where a vmap over member weights turned every matmul into a slower batched one on CPU); the
+data pipeline, the batch and the reference forward are shared, and beta / loss
 weights / variant hyper-parameters enter as arrays [K]. Member k computes exactly what the separate
 run k computes (the same batches, the same reference log-probs, its own update).
 
@@ -93,3 +95,47 @@ def stack_state(state, shardings, k: int):
 def member(tree, k: int):
     """Member k's slice of a stacked tree (host arrays)."""
     return jax.tree.map(lambda x: np.asarray(x[k]), jax.device_get(tree))
+
+
+def run_fused(configs: Sequence[Any], workdirs: Sequence[str]) -> list[dict]:
+    """Train the runs `configs` (one fusable group) as one program; each member writes the workdir
+    layout of a separate run (config, metrics, final/, report.json). The shared checkpoints of the
+    fused state live in the first member's workdir (`checkpoints/`): re-running the same group
+    resumes it. Returns the K reports."""
+    from dpo_jax import build, checkpoint, config_check, metrics, sharding, train  # pylint: disable=g-import-not-at-top
+
+    if not configs or len(configs) != len(workdirs):
+        raise ValueError(f"run_fused needs one workdir per config; got {len(configs)} configs, {len(workdirs)} workdirs")
+    if len(groups(configs)) != 1:
+        raise ValueError("fused members may differ only in loss hyper-parameters (loss.beta, loss.weights, "
+                         "loss.<variant parameters>); these configs differ in more")
+    for c in configs:
+        config_check.validate(c)
+    c0 = configs[0]
+    if c0.model.lora.rank > 0 or c0.reference.mode in ("sync", "base"):
+        raise ValueError("fused members support full fine-tuning with reference.mode frozen, precomputed or none")
+    hp = stack_hparams([config_check.loss_hparams(c) for c in configs])
+    sharding.maybe_initialize_distributed()
+    mesh = sharding.make_mesh(c0.mesh.shape)
+    sharding.check_batch_divisible(c0.data.batch_size, mesh)
+    for c, w in zip(configs, workdirs):
+        train.write_run_info(c, w)
+    files = build.data_files(c0, workdirs[0])
+    tok = build.tokenizer(files.tokenizer)
+    writers = [metrics.Writer(w, enabled=jax.process_index() == 0) for w in workdirs]
+    peak = c0.train.peak_flops or metrics.device_peak_flops()
+    preempt = checkpoint.install_sigterm_handler()
+    try:
+        model = build.policy(c0, tok)
+        if c0.sft.steps > 0:
+            model = train.sft_stage(c0, workdirs[0], files, tok, model, mesh, writers[0], preempt, peak)
+        reference = build.reference(c0, model)
+        stage = train.make_stage(c0, "train", workdirs[0], objective=config_check.objective(c0), hp=hp,
+                                 steps=c0.train.steps, optim_cfg=c0.optim, ref_mode=c0.reference.mode,
+                                 train_path=files.train, eval_path=files.eval, tok=tok, batch_size=c0.data.batch_size)
+        models, _, evals = train.run_stage(c0, stage, model, reference, mesh, None, preempt, peak,
+                                           tokenizer_dir=files.tokenizer, writers=writers)
+    finally:
+        preempt.uninstall()
+    return [train.finish_run(c, w, m, e, files, tok, stage, writer)
+            for c, w, m, e, writer in zip(configs, workdirs, models, evals, writers)]

@@ -155,6 +155,14 @@ def summary_line(metrics: Mapping[str, Any], keys=("loss", "rewards/accuracies",
     return "  ".join(f"{k}={float(metrics[k]):.4g}" for k in keys if k in metrics)
 
 
+def fetch_members(tree: Any, members: int = 0) -> list[dict]:
+    """Device -> host of a metrics dict; with fused members (arrays [K]) one dict per member."""
+    host = jax.device_get(tree)
+    if not members:
+        return [{k: float(v) for k, v in host.items()}]
+    return [{k: float(np.asarray(v)[i]) for k, v in host.items()} for i in range(members)]
+
+
 def fetch(tree: Optional[Any]) -> Optional[dict]:
     """Device -> host of a metrics dict (called one step late, so the device never waits)."""
     return None if tree is None else {k: float(v) for k, v in jax.device_get(tree).items()}

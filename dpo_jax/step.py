@@ -144,15 +144,15 @@ def train_step(cfg: StepConfig, state: TrainState, batch, hp) -> tuple[TrainStat
     unchanged and reports `nonfinite` = 1; the training loop decides whether to stop or go on.
 
     Fused members (`cfg.members` = K > 0): params and optimizer state carry a leading axis K, every
-    hyper-parameter in `hp` is an array [K, ...], and one policy update per member is vmapped
-    over the same batch and the same reference log-probs (computed once); metrics are [K].
+    hyper-parameter in `hp` is an array [K, ...], and one policy update per member runs (`lax.map`)
+    on the same batch with the same reference log-probs (computed once); metrics are [K].
     """
     hp = {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}
     ref = reference_logps(cfg, state, batch)
     update = functools.partial(_member_update, cfg, count=state.step, base_params=state.base_params, ref=ref,
                                batch=batch)
-    if cfg.members:
-        params, opt_state, metrics = jax.vmap(update)(state.params, state.opt_state, hp)
+    if cfg.members:  # members one after the other inside one program (the same kernels as a plain step)
+        params, opt_state, metrics = jax.lax.map(lambda x: update(*x), (state.params, state.opt_state, hp))
     else:
         params, opt_state, metrics = update(state.params, state.opt_state, hp)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -167,7 +167,7 @@ def eval_step(cfg: StepConfig, state: TrainState, batch, hp) -> dict[str, jax.Ar
         loss, (pairs, terms) = _loss(params, cfg, ref, batch, hp, state.base_params)
         return batch_metrics(cfg, pairs, loss, terms, hp, batch)
 
-    return jax.vmap(member)(state.params, hp) if cfg.members else member(state.params, hp)
+    return jax.lax.map(lambda x: member(*x), (state.params, hp)) if cfg.members else member(state.params, hp)
 
 
 def sync_reference(state: TrainState, alpha) -> TrainState:

@@ -25,7 +25,7 @@ from absl import logging
 from flax import nnx
 
 import dpo_jax
-from dpo_jax import build, checkpoint, config_check, losses, metrics, optim, reference_cache, sharding, step
+from dpo_jax import build, checkpoint, config_check, fused, losses, metrics, optim, reference_cache, sharding, step
 from dpo_jax.data import layouts, pipeline
 from dpo_jax.models import hf, lora
 
@@ -124,25 +124,29 @@ def compiled_steps(step_cfg: step.StepConfig, state_sh, mesh, batch_keys):
     return train, evaluate
 
 
-def evaluate_batches(eval_fn, state, batches, hp, mesh) -> dict[str, float]:
-    """Pair-weighted mean of the eval metrics over every eval batch."""
-    mean = metrics.Mean()
+def evaluate_batches(eval_fn, state, batches, hp, mesh, members: int = 0) -> list[dict[str, float]]:
+    """Pair-weighted means of the eval metrics over every eval batch, one dict per member."""
+    means = [metrics.Mean() for _ in range(max(members, 1))]
     for local in batches:
-        m = metrics.fetch(eval_fn(state, sharding.global_batch(local, mesh), hp))
-        if m["pairs"] > 0:
-            mean.add(m, weight=m.pop("pairs"))
-    out = mean.result()
-    out.pop("pairs", None)
+        for mean, m in zip(means, metrics.fetch_members(eval_fn(state, sharding.global_batch(local, mesh), hp),
+                                                          members)):
+            if m["pairs"] > 0:
+                mean.add(m, weight=m.pop("pairs"))
+    out = [mean.result() for mean in means]
+    for o in out:
+        o.pop("pairs", None)
     return out
 
 
 # ----------------------------------------------------------------------------------------------
 # The loop.
 
-def fit(stage: Stage, state, state_sh, step_cfg: step.StepConfig, mesh, config, *, writer: metrics.Writer,
+def fit(stage: Stage, state, state_sh, step_cfg: step.StepConfig, mesh, config, *, writers: list[metrics.Writer],
         preempt: checkpoint.PreemptionFlag, peak_flops: float):
-    """Train `stage` to its last step (resuming from its latest checkpoint); returns (state, final eval)."""
+    """Train `stage` to its last step (resuming from its latest checkpoint); returns (state, final
+    evals): one writer and one final eval per fused member (one for a plain run)."""
     tc = config.train
+    members = step_cfg.members
     tx_steps = stage.steps * stage.optim_cfg.grad_accum
     batch_keys = layouts.BATCH_KEYS + tuple(f"{k}_P" for k in stage.data_cfg.pair_scalars)
     train_fn, eval_fn = compiled_steps(step_cfg, state_sh, mesh, batch_keys)
@@ -151,7 +155,8 @@ def fit(stage: Stage, state, state_sh, step_cfg: step.StepConfig, mesh, config, 
     if stage.eval_rows is not None:
         eval_batches, report = pipeline.make_eval_batches(stage.eval_rows, stage.eval_tokenize_fn or stage.tokenize_fn,
                                                           stage.eval_data_cfg)
-        writer.write(0, {"eval_rows_kept": report["kept"]}, prefix=f"{stage.name}/data/")
+        for writer in writers:
+            writer.write(0, {"eval_rows_kept": report["kept"]}, prefix=f"{stage.name}/data/")
     ckpt = checkpoint.Checkpointer(os.path.join(stage.workdir, "checkpoints"), keep=tc.keep_checkpoints,
                                    every=tc.checkpoint_every)
     start = 0
@@ -160,7 +165,8 @@ def fit(stage: Stage, state, state_sh, step_cfg: step.StepConfig, mesh, config, 
         state, _ = ckpt.restore(abstract, train_iter)
         start = int(jax.device_get(state.step))
         logging.info("%s: resumed from step %d", stage.name, start)
-        writer.truncate_after(start)
+        for writer in writers:
+            writer.truncate_after(start)
     model_cfg = nnx.merge(step_cfg.graphdef, state.params if state.base_params is None else state.base_params).cfg
     ref_forward = stage.ref_mode in ("frozen", "sync", "base")
     hp = stage.hp
@@ -169,24 +175,27 @@ def fit(stage: Stage, state, state_sh, step_cfg: step.StepConfig, mesh, config, 
     pending = None
 
     def handle(done_step: int, m_dev, tokens: float, flops: float):
-        m = metrics.fetch(m_dev)
-        if m["nonfinite"] > 0:
-            bad = [k for k in ("loss", "grad_norm") if not np.isfinite(m[k])] or ["loss"]
-            msg = f"{stage.name}: step {done_step}: non-finite {', '.join(bad)} ({ {k: m[k] for k in bad} }); " \
-                  f"the update was not applied"
-            if tc.on_nonfinite == "stop":
-                raise NonFiniteError(msg + "; stopping (train.on_nonfinite='stop'); the last checkpoint is intact")
-            logging.warning("%s; skipped (train.on_nonfinite='skip')", msg)
+        fetched = metrics.fetch_members(m_dev, members)
+        for k, m in enumerate(fetched):
+            if m["nonfinite"] > 0:
+                bad = [key for key in ("loss", "grad_norm") if not np.isfinite(m[key])] or ["loss"]
+                who = f" (member {k})" if members else ""
+                msg = (f"{stage.name}: step {done_step}{who}: non-finite {', '.join(bad)} "
+                       f"({ {key: m[key] for key in bad} }); the update was not applied")
+                if tc.on_nonfinite == "stop":
+                    raise NonFiniteError(msg + "; stopping (train.on_nonfinite='stop'); the last checkpoint is intact")
+                logging.warning("%s; skipped (train.on_nonfinite='skip')", msg)
         window["tokens"] += tokens
-        window["flops"] += flops
+        window["flops"] += flops * max(members, 1)
         if done_step % tc.log_every == 0 or done_step == tx_steps:
             elapsed = max(time.perf_counter() - window["t"], 1e-9)
-            m["tokens_per_s"] = window["tokens"] / elapsed
-            m["mfu"] = window["flops"] / elapsed / peak_flops if peak_flops else 0.0
-            writer.write(done_step, m, prefix=f"{stage.name}/" if stage.name != "train" else "")
+            for writer, m in zip(writers, fetched):
+                m["tokens_per_s"] = window["tokens"] / elapsed
+                m["mfu"] = window["flops"] / elapsed / peak_flops if peak_flops else 0.0
+                writer.write(done_step, m, prefix=f"{stage.name}/" if stage.name != "train" else "")
             window.update(tokens=0.0, flops=0.0, t=time.perf_counter())
         if bar is not None:
-            bar.set_postfix_str(metrics.summary_line(m), refresh=False)
+            bar.set_postfix_str(metrics.summary_line(fetched[0]), refresh=False)
             bar.update(1)
 
     try:
@@ -210,8 +219,8 @@ def fit(stage: Stage, state, state_sh, step_cfg: step.StepConfig, mesh, config, 
                 state = jax.jit(step.sync_reference, donate_argnums=(0,), out_shardings=state_sh)(
                     state, config.reference.sync_alpha)
             if eval_batches and tc.eval_every and (s + 1) % tc.eval_every == 0:
-                writer.write(s + 1, evaluate_batches(eval_fn, state, eval_batches, hp, mesh),
-                             prefix=f"{stage.name}/eval/" if stage.name != "train" else "eval/")
+                for writer, ev in zip(writers, evaluate_batches(eval_fn, state, eval_batches, hp, mesh, members)):
+                    writer.write(s + 1, ev, prefix=f"{stage.name}/eval/" if stage.name != "train" else "eval/")
             if ckpt.should_save(s + 1):
                 handle(*pending)  # never checkpoint past an unseen non-finite step
                 pending = None
@@ -225,8 +234,9 @@ def fit(stage: Stage, state, state_sh, step_cfg: step.StepConfig, mesh, config, 
         ckpt.close()
     if bar is not None:
         bar.close()
-    final_eval = evaluate_batches(eval_fn, state, eval_batches, hp, mesh) if eval_batches else {}
-    return state, final_eval
+    final_evals = (evaluate_batches(eval_fn, state, eval_batches, hp, mesh, members) if eval_batches
+                   else [{} for _ in range(max(members, 1))])
+    return state, final_evals
 
 
 def _progress(enabled: bool, start: int, total: int, name: str):
@@ -287,21 +297,31 @@ def precompute_reference(config, stage: Stage, reference, step_cfg: step.StepCon
                                eval_data_cfg=dataclasses.replace(stage.eval_data_cfg, **scalars))
 
 
-def run_stage(config, stage: Stage, model, reference, mesh, writer, preempt, peak_flops, tokenizer_dir=""):
+def run_stage(config, stage: Stage, model, reference, mesh, writer, preempt, peak_flops, tokenizer_dir="",
+              writers=None):
+    """Build the state and step of `stage`, train it, and return (trained model, state, final eval).
+    With `writers` (one per fused member; `stage.hp` then holds arrays [K]) the K members are
+    trained as one program and lists of models and final evals are returned."""
+    members = len(writers) if writers else 0
     tx, lr = optim.make_optimizer(stage.optim_cfg, stage.steps)
     lora_cfg = lora_config(config) if stage.name == "train" else None
     state, state_sh, graphdef = init_state(model, reference if stage.ref_mode in ("frozen", "sync") else None,
                                            tx, mesh, config.seed, lora_cfg)
+    if members:
+        state, state_sh = fused.stack_state(state, state_sh, members)
     step_cfg = step.StepConfig(graphdef=graphdef, objective=stage.objective, tx=tx, lr=lr, ref_mode=stage.ref_mode,
                                grad_accum=stage.optim_cfg.grad_accum, capacity=config.train.capacity or None,
                                chunk_size=config.train.chunk_size, vocab_chunk_size=config.train.vocab_chunk_size,
-                               lora=lora_cfg)
+                               lora=lora_cfg, members=members)
     if stage.ref_mode == "precomputed":
-        stage = precompute_reference(config, stage, reference, step_cfg, mesh, tokenizer_dir)
-    state, final_eval = fit(stage, state, state_sh, step_cfg, mesh, config, writer=writer, preempt=preempt,
-                            peak_flops=peak_flops)
+        stage = precompute_reference(config, stage, reference, dataclasses.replace(step_cfg, members=0), mesh,
+                                     tokenizer_dir)
+    state, final_evals = fit(stage, state, state_sh, step_cfg, mesh, config, writers=writers or [writer],
+                             preempt=preempt, peak_flops=peak_flops)
     params = jax.device_get(step.policy_params(step_cfg, state.params, state.base_params))
-    return nnx.merge(graphdef, params), state, final_eval
+    if members:
+        return [nnx.merge(graphdef, fused.member(params, k)) for k in range(members)], state, final_evals
+    return nnx.merge(graphdef, params), state, final_evals[0]
 
 
 def lora_config(config) -> Optional[lora.LoraConfig]:
@@ -357,10 +377,19 @@ def run(config, workdir: str) -> dict:
                                                tokenizer_dir=files.tokenizer)
     finally:
         preempt.uninstall()
+    return finish_run(config, workdir, trained, final_eval, files, tok, stage, writer)
+
+
+def finish_run(config, workdir: str, trained, final_eval: dict, files, tok, stage: Stage, writer) -> dict:
+    """The end of a run: sampled evaluation, the exported policy, report.json (returned)."""
     report = {"steps": config.train.steps, "loss": config.loss.name,
               **{f"eval/{k}": v for k, v in final_eval.items()}}
     if "eval/rewards/accuracies" in report:
         report["eval/accuracy"] = report["eval/rewards/accuracies"]
+    if config.eval.num_prompts > 0 and jax.process_index() == 0:  # sampled reward, KL, win rate, frontier
+        from dpo_jax import evaluate  # pylint: disable=g-import-not-at-top
+
+        report.update(evaluate.final_report(config, workdir, files, tok, trained, stage))
     if jax.process_index() == 0:
         if config.train.export_final:
             hf.export_model(trained, os.path.join(workdir, "final"), tokenizer_dir=files.tokenizer)

@@ -1,6 +1,7 @@
 """Fused sweep members: member k of a fused step equals the separate run k."""
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -85,3 +86,34 @@ def test_groups_fuse_only_loss_hyperparameters():
 def test_stack_hparams_requires_the_same_keys():
     with pytest.raises(ValueError, match="fused member 1 has loss hyper-parameters"):
         fused.stack_hparams([{"beta": 0.1}, {"beta": 0.2, "gamma": 1.0}])
+
+
+def test_run_fused_writes_each_members_workdir_like_a_separate_run(tmp_path):
+    from configs import synthetic
+
+    def config(beta):
+        c = synthetic.get_config("runlocal=1")
+        c.sft.steps = 0
+        c.eval.num_prompts = 0
+        c.train.update(steps=3, log_every=1, checkpoint_every=0, progress=False, export_final=True)
+        c.loss.beta = beta
+        return c
+
+    reports = fused.run_fused([config(0.5), config(2.0)], [str(tmp_path / "a"), str(tmp_path / "b")])
+    separate = train.run(config(2.0), str(tmp_path / "separate"))
+    np.testing.assert_allclose(reports[1]["eval/loss"], separate["eval/loss"], rtol=1e-5)
+    assert reports[0]["eval/loss"] != pytest.approx(reports[1]["eval/loss"], rel=1e-3)
+    for name in ("a", "b"):
+        for f in ("config.json", "run_info.json", "metrics.jsonl", "report.json", "final/model.safetensors"):
+            assert (tmp_path / name / f).exists(), f"{name}/{f}"
+    def losses(name):
+        rows = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if isinstance(r.get("loss"), float)}
+
+    got, want = losses("b"), losses("separate")
+    assert sorted(got) == sorted(want) == [1, 2, 3]
+    np.testing.assert_allclose([got[s] for s in want], [want[s] for s in want], rtol=1e-5)
+    with pytest.raises(ValueError, match="differ only in loss hyper-parameters"):
+        other = config(1.0)
+        other.optim.lr = 1e-2
+        fused.run_fused([config(1.0), other], [str(tmp_path / "x"), str(tmp_path / "y")])

@@ -1,0 +1,59 @@
+"""`python -m launch.sweep ... --fused`: train each group of fusable sweep members as one program.
+
+Members that differ only in loss hyper-parameters (beta, loss weights, variant parameters; see
+`dpo_jax.fused`) share one data pipeline and one reference forward, their policies stacked and
+vmapped; each member still writes its own workdir (config, metrics, final/, report.json). Groups
+run one after the other in this process; a group whose members all finished is skipped, and a
+re-launched group resumes from its checkpoints (in the first member's workdir).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+from dpo_jax import fused
+
+
+def member_configs(config_spec: str, runs) -> list:
+    """The resolved config of every run (the sweep's base config with the run's overrides)."""
+    from launch import sweep  # pylint: disable=g-import-not-at-top
+
+    path, arg = sweep.split_config_spec(config_spec)
+    base = sweep.load_config_module(path).get_config(arg)
+    out = []
+    for r in runs:
+        overrides = dict(r.overrides)
+        if r.sft_model_dir:
+            overrides["sft.model_dir"] = r.sft_model_dir
+        out.append(sweep.apply_overrides(base, overrides, where=f"sweep member {r.name!r}: "))
+    return out
+
+
+def plan(config_spec: str, runs) -> list[list[int]]:
+    """Indices of the runs of each fused group, in sweep order."""
+    return fused.groups(member_configs(config_spec, runs))
+
+
+def run(config_spec: str, runs: Sequence, *, dry_run: bool = False) -> int:
+    """Train every unfinished group; returns the number of groups that failed."""
+    from launch import sweep  # pylint: disable=g-import-not-at-top
+
+    configs = member_configs(config_spec, runs)
+    failed = 0
+    for group in fused.groups(configs):
+        names = [runs[i].name for i in group]
+        if all(sweep.run_status(runs[i]) == "finished" for i in group):
+            print(f"# skip (finished): fused group {names}")
+            continue
+        if dry_run:
+            print(f"# fused group of {len(group)}: {names}")
+            continue
+        t0 = time.time()
+        try:
+            fused.run_fused([configs[i] for i in group], [runs[i].workdir for i in group])
+            print(f"fused group {names}: finished in {time.time() - t0:.0f} s")
+        except (ValueError, FloatingPointError) as e:
+            failed += 1
+            print(f"fused group {names}: failed: {e}")
+    return failed

@@ -1,0 +1,271 @@
+"""Evaluation: the sampled KL estimator against exact answers, win rate, the frontier regret of the
+exact optimum, exact enumeration, the reward sources, and the report of a training run."""
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from dpo_jax import evaluate as ev
+from dpo_jax.data import synthetic as syn
+from dpo_jax.models.transformer import Decoder, ModelConfig
+
+OFF, EOS = syn.TOKEN_OFFSET, syn.EOS_ID
+
+
+def world(**kw):
+    return syn.make_world(syn.WorldConfig(**kw))
+
+
+def eval_prompts(w, n, seed=0):
+    content = syn.sample_prompts(w, n, np.random.default_rng(seed))
+    return content, ev.make_prompts([p + OFF for p in content])
+
+
+def random_tabular(w, seed, alpha=0.5):
+    rng = np.random.default_rng(seed)
+    return syn.TabularPolicy(rng.dirichlet(np.full(w.vocab_size, alpha), size=(w.completion_len, w.vocab_size)))
+
+
+def within(est, exact, se, k=4.0):
+    assert abs(est - exact) <= k * se, f"estimate {est:.4f} vs exact {exact:.4f}: {abs(est - exact) / se:.1f} stderr"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sampled_kl_matches_exact_kl_of_two_markov_chains(seed):
+    w = world(vocab_size=5, completion_len=6, seed=seed)
+    content, prompts = eval_prompts(w, 32, seed)
+    pi = random_tabular(w, seed + 10)
+    e = ev.Evaluator(reference=ev.MarkovPolicy(syn.reference_policy(w)), prompts=prompts, samples_per_prompt=256,
+                     seed=seed)
+    out = e(ev.MarkovPolicy(pi))
+    exact = syn.kl_to_ref(w, pi, content)
+    assert 0 < out["sample/kl_stderr"] < 0.05 * exact
+    within(out["sample/kl"], exact, out["sample/kl_stderr"])
+
+
+def test_model_policy_kl_matches_enumeration_of_every_sequence():
+    """A tiny random decoder without EOS: all V^3 completions enumerated give the exact KL; the sampler's
+    log-probs equal teacher-forced scores, and the sampled estimate matches within its error."""
+    cfg = ModelConfig(vocab_size=5, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                      init_std=0.6)
+    pi = ev.ModelPolicy(Decoder(cfg, rngs=nnx.Rngs(0)), eos_id=(), batch_size=256)
+    ref = ev.ModelPolicy(Decoder(cfg, rngs=nnx.Rngs(1)), eos_id=(), batch_size=256)
+    prompts = ev.make_prompts([[1, 3], [4], [2, 2, 0]])
+    seqs = np.stack(np.unravel_index(np.arange(125), (5, 5, 5)), axis=1).astype(np.int32)
+    rep = ev.Prompts(np.repeat(prompts.tokens_BxP, 125, 0), np.repeat(prompts.lens_B, 125))
+    toks, mask = np.tile(seqs, (3, 1)), np.ones((375, 3), np.float32)
+    lp, lr = pi.logprob(rep, toks, mask).reshape(3, 125), ref.logprob(rep, toks, mask).reshape(3, 125)
+    np.testing.assert_allclose(np.exp(lp).sum(1), 1.0, atol=1e-5)
+    exact = float(np.mean((np.exp(lp) * (lp - lr)).sum(1)))
+    e = ev.Evaluator(reference=ref, prompts=prompts, samples_per_prompt=512, max_new_tokens=3, eos_id=())
+    comps = e.draw(pi, 0)
+    np.testing.assert_allclose(comps.logps_N, pi.logprob(prompts.repeat(512), comps.tokens_NxM, comps.mask_NxM),
+                               atol=1e-4)
+    out = e(pi)
+    assert out["sample/length"] == 3.0
+    within(out["sample/kl"], exact, out["sample/kl_stderr"])
+
+
+def test_win_rate_half_against_itself_and_rises_with_reward():
+    w = world()
+    content, prompts = eval_prompts(w, 32)
+    ref = ev.MarkovPolicy(syn.reference_policy(w))
+    e = ev.Evaluator(reference=ref, prompts=prompts, reward=ev.SyntheticReward(w), world=w, beta=1.0,
+                     samples_per_prompt=64)
+    self_play = e(ref)
+    assert abs(self_play["sample/kl"]) < 1e-12 and self_play["sample/malformed_frac"] == 0.0
+    within(self_play["sample/win_rate"], 0.5, self_play["sample/win_rate_stderr"])
+    within(self_play["sample/reward"], syn.expected_reward(w, syn.reference_policy(w), content),
+           self_play["sample/reward_stderr"])
+    rates = [e(ev.MarkovPolicy(syn.optimal_policy(w, b)))["sample/win_rate"] for b in (8.0, 2.0, 0.5)]
+    assert 0.55 < rates[0] < rates[1] < rates[2], rates
+
+
+@pytest.mark.parametrize("beta", [0.5, 2.0])
+def test_regret_of_the_exact_optimum_is_zero(beta):
+    w = world()
+    content, prompts = eval_prompts(w, 32, seed=3)
+    e = ev.Evaluator(reference=ev.MarkovPolicy(syn.reference_policy(w)), prompts=prompts,
+                     reward=ev.SyntheticReward(w), world=w, beta=beta, samples_per_prompt=64)
+    out = e(ev.MarkovPolicy(syn.optimal_policy(w, beta)))
+    se = np.hypot(out["sample/reward_stderr"], beta * out["sample/kl_stderr"])
+    within(out["frontier/regret"], 0.0, se)
+    within(out["sample/kl"], out["exact/kl"], out["sample/kl_stderr"])
+    within(out["sample/reward"], out["exact/reward"], out["sample/reward_stderr"])
+    assert abs(out["frontier/regret_frac"]) < 0.02
+    # the reference itself sits at the frontier's origin, and a worse policy has positive regret
+    np.testing.assert_allclose(out["exact/reward_ref"], syn.expected_reward(w, syn.reference_policy(w), content))
+    worse = e(ev.MarkovPolicy(random_tabular(w, 0)))
+    assert worse["frontier/regret"] > 0.5
+
+
+def test_exact_model_report_equals_closed_form_for_tabular_policies():
+    w = world(vocab_size=4, completion_len=4)
+    content, prompts = eval_prompts(w, 6)
+    star = syn.optimal_policy(w, 0.7)
+    out = ev.exact_model_report(ev.MarkovPolicy(star), ev.MarkovPolicy(syn.reference_policy(w)), prompts, w,
+                                vocab=OFF + 4, block_rows=1000)
+    assert out["exact_model/mass"] == pytest.approx(1.0, abs=1e-12)
+    assert out["exact_model/well_formed"] == pytest.approx(1.0, abs=1e-12)
+    assert out["exact_model/kl"] == pytest.approx(syn.kl_to_ref(w, star, content), rel=1e-10)
+    assert out["exact_model/reward"] == pytest.approx(syn.expected_reward(w, star, content), rel=1e-10)
+    with pytest.raises(ValueError, match="max_sequences"):
+        ev.exact_model_report(ev.MarkovPolicy(star), ev.MarkovPolicy(star), prompts, w, vocab=OFF + 4,
+                              max_sequences=100)
+
+
+def test_exact_model_report_of_a_transformer_equals_brute_force_and_the_sampled_estimate():
+    """A random decoder over <pad> <s> </s> <unk> t0 t1 (malformed completions included): the tree sums
+    equal the sum over every leaf (up to T + 1 tokens, stopping at EOS), and the sampled KL and reward
+    match them within a few standard errors."""
+    w = world(vocab_size=2, completion_len=2, prompt_len=2)
+    cfg = ModelConfig(vocab_size=OFF + 2, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                      num_kv_heads=1, init_std=0.3)
+    pi = ev.ModelPolicy(Decoder(cfg, rngs=nnx.Rngs(0)), eos_id=EOS, batch_size=2048)
+    ref = ev.ModelPolicy(Decoder(cfg, rngs=nnx.Rngs(1)), eos_id=EOS, batch_size=2048)
+    prompts = ev.make_prompts([[OFF + 1, OFF + 0], [OFF + 0, OFF + 1]])
+    exact = ev.exact_model_report(pi, ref, prompts, w, vocab=OFF + 2)
+    assert exact["exact_model/mass"] == pytest.approx(1.0, abs=1e-5)
+    leaves = [s for n in (1, 2, 3) for s in np.ndindex(*(OFF + 2,) * n)
+              if EOS not in s[:-1] and (s[-1] == EOS or n == 3)]
+    toks = np.zeros((len(leaves), 3), np.int32)
+    mask = np.zeros((len(leaves), 3), np.float32)
+    for i, s in enumerate(leaves):
+        toks[i, : len(s)], mask[i, : len(s)] = s, 1.0
+    kl, reward = [], []
+    for b in range(2):
+        rep = ev.Prompts(np.repeat(prompts.tokens_BxP[b: b + 1], len(leaves), 0),
+                         np.repeat(prompts.lens_B[b], len(leaves)))
+        lp, lr = pi.logprob(rep, toks, mask), ref.logprob(rep, toks, mask)
+        np.testing.assert_allclose(np.exp(lp).sum(), 1.0, atol=1e-5)
+        r, _ = ev.SyntheticReward(w)([prompts.ids(b)] * len(leaves), [t[m > 0] for t, m in zip(toks, mask)])
+        kl.append(np.sum(np.exp(lp) * (lp - lr)))
+        reward.append(np.sum(np.exp(lp) * r))
+    assert exact["exact_model/kl"] == pytest.approx(np.mean(kl), rel=1e-4)
+    assert exact["exact_model/reward"] == pytest.approx(np.mean(reward), rel=1e-4, abs=1e-6)
+    e = ev.Evaluator(reference=ref, prompts=prompts, reward=ev.SyntheticReward(w), world=w, samples_per_prompt=1024)
+    out = e(pi)
+    assert 0 < out["sample/malformed_frac"] < 1
+    within(out["sample/kl"], exact["exact_model/kl"], out["sample/kl_stderr"])
+    within(out["sample/reward"], exact["exact_model/reward"], out["sample/reward_stderr"])
+
+
+def test_markov_policy_log_probs_and_malformed_completions():
+    w = world(vocab_size=4, completion_len=3)
+    pi = syn.optimal_policy(w, 1.0)
+    mp = ev.MarkovPolicy(pi)
+    prompts = ev.make_prompts([[OFF + 1, OFF + 2], [OFF + 3]])
+    toks = np.array([[OFF + 0, OFF + 3, OFF + 1, EOS], [OFF + 2, EOS, 0, 0]], np.int32)
+    mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0]], np.float32)
+    lp = mp.logprob(prompts, toks, mask)
+    assert lp[0] == pytest.approx(syn.sequence_logprob(pi, 2, [0, 3, 1]))
+    assert lp[1] == -np.inf  # EOS before T content tokens
+    with pytest.raises(ValueError, match="not a content token"):
+        mp.logprob(ev.make_prompts([[EOS]]), toks[:1], mask[:1])
+
+
+def test_synthetic_reward_rules():
+    w = world(vocab_size=4, completion_len=3)
+    reward = ev.SyntheticReward(w)
+    prompt = np.array([OFF + 1, OFF + 2])
+    comps = [np.array([OFF + 0, OFF + 3, OFF + 1, EOS]),  # well-formed
+             np.array([OFF + 0, EOS]),  # early EOS: one step, two missing
+             np.array([OFF + 0, OFF + 3, 1]),  # a special token in place of content
+             np.array([OFF + 0, OFF + 3, OFF + 1, OFF + 2])]  # no EOS after T tokens
+    r, bad = reward([prompt] * 4, comps)
+    full = syn.sequence_reward(w, 2, [0, 3, 1])
+    worst = w.reward_VxV.min()
+    np.testing.assert_allclose(r, [full, w.reward_VxV[2, 0] + 2 * worst,
+                                   w.reward_VxV[2, 0] + w.reward_VxV[0, 3] + worst, full])
+    assert bad.tolist() == [False, True, True, True]
+
+
+@pytest.fixture(scope="module")
+def world_tokenizer(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    path = syn.save_tokenizer(world(), str(tmp_path_factory.mktemp("tok")))
+    return path, AutoTokenizer.from_pretrained(path)
+
+
+def test_callable_reward_source(tmp_path, monkeypatch, world_tokenizer):
+    (tmp_path / "my_rewards.py").write_text(textwrap.dedent("""
+        def count_t1(prompts, completions):
+            return [c.split().count("t1") + 0.1 * len(p.split()) for p, c in zip(prompts, completions)]
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    source = ev.make_reward("my_rewards:count_t1", tok=world_tokenizer[1])
+    r, bad = source([np.array([5, 6]), np.array([7])], [np.array([5, 5, 4, EOS]), np.array([4, 6])])
+    np.testing.assert_allclose(r, [2.2, 0.1])
+    assert bad.tolist() == [False, True]  # the second never ended with EOS
+    with pytest.raises(ValueError, match="cannot import"):
+        ev.make_reward("my_rewards:missing", tok=world_tokenizer[1])
+    with pytest.raises(ValueError, match="config.eval.reward"):
+        ev.make_reward("not_a_spec", tok=world_tokenizer[1])
+    assert ev.make_reward("", tok=world_tokenizer[1]) is None  # no world, no reward
+
+
+def test_reward_model_directory(tmp_path, world_tokenizer):
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=12, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, num_labels=1, pad_token_id=0, eos_token_id=EOS, bos_token_id=1)
+    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path)
+    shutil.copytree(world_tokenizer[0], tmp_path, dirs_exist_ok=True)
+    source = ev.make_reward(str(tmp_path), tok=world_tokenizer[1])
+    assert isinstance(source, ev.ModelReward)
+    prompts = [np.array([5, 6]), np.array([7, 8, 9])]
+    comps = [np.array([4, 4, 4, 10, EOS]), np.array([9, EOS])]
+    r, bad = source(prompts, comps)
+    assert r.shape == (2,) and np.all(np.isfinite(r)) and r[0] != r[1] and not bad.any()
+    alone = [source([p], [c])[0][0] for p, c in zip(prompts, comps)]
+    np.testing.assert_allclose(r, alone, rtol=1e-5)  # padding in a batch changes nothing
+
+
+def test_training_run_reports_sampled_and_exact_metrics(tmp_path):
+    from configs import synthetic as synthetic_config
+    from dpo_jax import metrics, train
+
+    c = synthetic_config.get_config("runlocal=1")
+    c.sft.steps = 0
+    c.train.update(steps=1, progress=False, export_final=False, checkpoint_every=0)
+    c.eval.update(num_prompts=8, samples_per_prompt=2)
+    report = train.run(c, str(tmp_path))
+    keys = ("eval/accuracy", "eval/loss", "sample/reward", "sample/reward_ref", "sample/kl", "sample/kl_stderr",
+            "sample/win_rate", "exact/reward", "exact/kl", "frontier/reward_at_kl", "frontier/regret")
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    last = metrics.read_jsonl(str(tmp_path / "metrics.jsonl"))[-1]
+    for k in keys:
+        assert isinstance(report[k], float) and on_disk[k] == report[k] and last[k] == report[k], k
+    assert report["sample/num_prompts"] == 8.0
+    assert report["frontier/regret"] == pytest.approx(report["frontier/reward_at_kl"] - report["sample/reward"])
+    w = syn.load_world(str(tmp_path / "data"))
+    rows = metrics.read_jsonl(str(tmp_path / "data" / "eval_pairs.jsonl"))[:8]
+    content = np.stack([syn.text_to_tokens(r["prompt"]) for r in rows])
+    star = syn.optimal_policy(w, c.loss.beta)
+    assert report["exact/kl"] == pytest.approx(syn.kl_to_ref(w, star, content), rel=1e-9)
+    assert report["exact/reward"] == pytest.approx(syn.expected_reward(w, star, content), rel=1e-9)
+
+
+def test_reference_model_is_the_sft_export_when_the_run_trained_one(tmp_path, world_tokenizer):
+    from configs import synthetic as synthetic_config
+    from dpo_jax.models import hf
+
+    c = synthetic_config.get_config("runlocal=1")
+    tok = world_tokenizer[1]
+    initial = ev.reference_model(c, str(tmp_path), tok)  # no SFT export yet: the seeded initial policy
+    assert initial.cfg.vocab_size == len(tok)
+    sft = Decoder(initial.cfg, rngs=nnx.Rngs(123))
+    hf.export_model(sft, str(tmp_path / "sft" / "model"))
+    loaded = ev.reference_model(c, str(tmp_path), tok)
+    tokens = np.array([[5, 6, 7, 8]], np.int32)
+    np.testing.assert_allclose(loaded.logits(loaded(tokens)), sft.logits(sft(tokens)), atol=1e-6)
+    again = ev.reference_model(c, str(tmp_path / "other"), tok)
+    np.testing.assert_array_equal(again.logits(again(tokens)), initial.logits(initial(tokens)))

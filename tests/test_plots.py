@@ -1,0 +1,21 @@
+"""The reward-KL plot writes a PNG with the runs and the frontier."""
+
+import numpy as np
+import pytest
+
+from dpo_jax import plots
+from dpo_jax.data import synthetic as syn
+
+
+def test_plot_reward_kl_writes_png(tmp_path):
+    w = syn.make_world(syn.WorldConfig())
+    kl, reward = syn.frontier(w, np.geomspace(0.1, 20, 40))
+    runs = [{"label": "beta 1", "kl": 3.5, "reward": 6.8, "kl_stderr": 0.1, "reward_stderr": 0.05},
+            {"label": "report", "sample/kl": 8.0, "sample/reward": 9.0, "sample/kl_stderr": 0.2}]
+    path = plots.plot_reward_kl(runs, (kl, reward), path=str(tmp_path / "frontier.png"), reference_reward=0.8)
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    with pytest.raises(ValueError, match=r"runs\[0\] has none of the keys"):
+        plots.plot_reward_kl([{"label": "x"}], path=str(tmp_path / "bad.png"))
+    with pytest.raises(ValueError, match="must end with .png"):
+        plots.plot_reward_kl(runs, path=str(tmp_path / "bad.pdf"))
