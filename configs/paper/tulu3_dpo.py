@@ -1,7 +1,7 @@
 """Tulu 3 8B preference tuning: length-normalized DPO (Lambert et al. 2024, "Tulu 3: Pushing Frontiers in
 Open Language Model Post-Training"): the DPO stage that turns `allenai/Llama-3.1-Tulu-3-8B-SFT` into
-`allenai/Llama-3.1-Tulu-3-8B-DPO` (the DPO hyper-parameter table, and the loss ablation in which
-length-normalized DPO beat DPO and SimPO). Data `allenai/llama-3.1-tulu-3-8b-preference-mixture`
+`allenai/Llama-3.1-Tulu-3-8B-DPO` (the DPO hyper-parameter table; the objective ablation that chose
+length-normalized DPO over DPO and SimPO). Data `allenai/llama-3.1-tulu-3-8b-preference-mixture`
 (one `train` split; `chosen`/`rejected` message lists with the user turn, `prompt` a string).
   L = -log sigmoid(beta (rho_w / |y_w| - rho_l / |y_l|)),  rho = log pi - log pi_ref  (`sigmoid_norm`)
   python -m dpo_jax.main --workdir=/tmp/tulu3 --config=configs/paper/tulu3_dpo.py
