@@ -264,6 +264,7 @@ def make_stage(config, name: str, workdir: str, *, objective, hp, steps, optim_c
         eval_rows = eval_rows.map(lambda _: {"label": True}) if eval_rows is not None else None
         fmt = "unpaired"
     tokenize_fn = pipeline.make_row_step(tok, data_cfg, formats.FormatConfig(format=fmt), strict=config.data.strict)
+    check_rows_survive(train_rows, tokenize_fn, f"{name}: config.data.source={train_path!r}")
     eval_cfg = build.data_config(config, train_path, pairs=config.data.eval_batch_size, eval_split=True)
     return Stage(name=name, workdir=workdir, objective=objective, hp=hp, steps=steps, optim_cfg=optim_cfg,
                  ref_mode=ref_mode, train_rows=train_rows, eval_rows=eval_rows, tokenize_fn=tokenize_fn,
@@ -295,6 +296,20 @@ def precompute_reference(config, stage: Stage, reference, step_cfg: step.StepCon
     return dataclasses.replace(stage, tokenize_fn=fns["train"], eval_tokenize_fn=fns.get("eval"),
                                data_cfg=dataclasses.replace(stage.data_cfg, **scalars),
                                eval_data_cfg=dataclasses.replace(stage.eval_data_cfg, **scalars))
+
+
+def check_rows_survive(rows, tokenize_fn, where: str, probe: int = 256) -> None:
+    """Fail fast (rather than let a repeating iterator search forever) when the first rows of a
+    dataset are all dropped by formatting or tokenization; the error lists the drop reasons."""
+    import copy  # pylint: disable=g-import-not-at-top
+
+    if len(rows) == 0:
+        raise ValueError(f"{where}: the dataset is empty")
+    step = copy.deepcopy(tokenize_fn)  # keep the real counters untouched
+    n = min(len(rows), probe)
+    if all(step(rows[i]) is None for i in range(n)):
+        drops = step.drops.as_dict() if hasattr(step, "drops") else {}
+        raise ValueError(f"{where}: all of the first {n} rows were dropped; reasons: {drops.get('dropped', drops)}")
 
 
 def run_stage(config, stage: Stage, model, reference, mesh, writer, preempt, peak_flops, tokenizer_dir="",

@@ -172,7 +172,9 @@ def test_nonfinite_loss_skipped_when_configured(tmp_path, monkeypatch):
 
 ARGS = ["--config=configs/synthetic.py:runlocal=1", "--config.sft.steps=0", "--config.train.steps=12",
         "--config.train.checkpoint_every=3", "--config.train.log_every=1", "--config.train.progress=False",
-        "--config.train.export_final=False"]
+        "--config.train.export_final=False", "--config.train.keep_checkpoints=20", "--config.eval.num_prompts=0"]
+# keep_checkpoints=20: the test waits for specific checkpoint steps; with the default of 2 a fast run can
+# prune a step before the poll sees it.
 
 
 def _launch(workdir, extra=()):
@@ -223,3 +225,13 @@ def test_sigkill_then_resume_is_bitwise_identical_and_sigterm_exits_cleanly(tmp_
         for s in want:
             assert got[s] == want[s], f"{workdir.name}: step {s} differs after resume"
     assert json.loads((killed / "report.json").read_text()) == json.loads((full / "report.json").read_text())
+
+
+def test_dataset_with_every_row_dropped_is_an_error_not_a_hang(tmp_path, trl_fixture_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(json.dumps({"prompt": "w1 ", "chosen": "w2", "rejected": "w2"}) for _ in range(5)))
+    config = hf_config(trl_fixture_dir)
+    config.data.source = str(bad)
+    config.data.eval_source = str(bad)
+    with pytest.raises(ValueError, match=r"all of the first 5 rows were dropped; reasons: .*chosen_equals_rejected"):
+        train.run(config, str(tmp_path / "run"))
