@@ -249,17 +249,19 @@ class StepTimer:
         self.metrics = None
 
     def warmup(self) -> None:
-        for i in range(max(self.cfg.warmup, len(self.batches))):  # compiles every distinct shape
+        self.run_steps(max(self.cfg.warmup, len(self.batches)))  # compiles every distinct batch shape
+
+    def run_steps(self, n: int) -> None:
+        """n steps dispatched back to back, cycling the batches; returns when the last is done."""
+        for i in range(n):
             self.state, self.metrics = self.train_fn(self.state, self.batches[i % len(self.batches)], self.hp)
         jax.block_until_ready((self.state, self.metrics))
 
     def round(self) -> float:
-        """Mean step time of `cfg.steps` steps dispatched back to back (after this round's matmul peak)."""
+        """Mean step time of `cfg.steps` steps (after this round's matmul peak)."""
         self.peaks.append(matmul_rate())
         t = time.perf_counter()
-        for i in range(self.cfg.steps):
-            self.state, self.metrics = self.train_fn(self.state, self.batches[i % len(self.batches)], self.hp)
-        jax.block_until_ready((self.state, self.metrics))
+        self.run_steps(self.cfg.steps)
         self.rounds.append((time.perf_counter() - t) / self.cfg.steps)
         return self.rounds[-1]
 

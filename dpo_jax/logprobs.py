@@ -121,9 +121,34 @@ def _chunked_logps(h_KxRxD, w_DxV, b_V, t_KxR, vocab_chunk_size):
     return _chunked_fwd(h_KxRxD, w_DxV, b_V, t_KxR, vocab_chunk_size)[0]
 
 
+def _pick(logits_RxVc, t_R, offset):
+    """logits[r, t_r - offset] where the target falls in this vocabulary chunk, else 0 (a gather of R
+    values, not a masked pass over the tile)."""
+    width = logits_RxVc.shape[1]
+    local_R = t_R - offset
+    inside_R = (local_R >= 0) & (local_R < width)
+    picked_R = jnp.take_along_axis(logits_RxVc, jnp.clip(local_R, 0, width - 1)[:, None], axis=1)[:, 0]
+    return jnp.where(inside_R, picked_R, 0.0)
+
+
+def _one_tile(h_KxRxD, w_DxV, vocab_chunk_size):
+    """Whether all positions and the whole vocabulary fit in one [R, V] tile."""
+    return h_KxRxD.shape[0] == 1 and w_DxV.shape[1] <= vocab_chunk_size
+
+
 def _chunked_fwd(h_KxRxD, w_DxV, b_V, t_KxR, vocab_chunk_size):
-    """Scan over position chunks; inside, an online log-sum-exp over vocabulary chunks."""
+    """Scan over position chunks; inside, an online log-sum-exp over vocabulary chunks. When one
+    tile holds everything, its softmax is kept for the backward instead of recomputed."""
     vocab = w_DxV.shape[1]
+
+    if _one_tile(h_KxRxD, w_DxV, vocab_chunk_size):
+        h_RxD, t_R = h_KxRxD[0], t_KxR[0]
+        logits_RxV = _logits(h_RxD, w_DxV, b_V)
+        max_R = jnp.max(logits_RxV, axis=-1)
+        lse_R = max_R + jnp.log(jnp.sum(jnp.exp(logits_RxV - max_R[:, None]), axis=-1))
+        probs_RxV = jnp.exp(logits_RxV - lse_R[:, None])
+        logps_R = jnp.where((t_R >= 0) & (t_R < vocab), _pick(logits_RxV, t_R, 0) - lse_R, jnp.nan)
+        return logps_R[None], (h_KxRxD, w_DxV, b_V, t_KxR, lse_R[None], probs_RxV)
 
     def position_chunk(_, xs):
         h_RxD, t_R = xs
@@ -135,10 +160,7 @@ def _chunked_fwd(h_KxRxD, w_DxV, b_V, t_KxR, vocab_chunk_size):
             sum_R = sum_R * jnp.exp(max_R - new_max_R) + jnp.sum(
                 jnp.exp(logits_RxVc - new_max_R[:, None]), axis=-1
             )
-            iota_RxVc = lax.broadcasted_iota(jnp.int32, logits_RxVc.shape, 1)
-            hit_RxVc = iota_RxVc == (t_R - offset)[:, None]
-            target_R = target_R + jnp.sum(jnp.where(hit_RxVc, logits_RxVc, 0.0), axis=-1)
-            return new_max_R, sum_R, target_R
+            return new_max_R, sum_R, target_R + _pick(logits_RxVc, t_R, offset)
 
         rows = h_RxD.shape[0]
         init = (
@@ -155,14 +177,31 @@ def _chunked_fwd(h_KxRxD, w_DxV, b_V, t_KxR, vocab_chunk_size):
     return logps_KxR, (h_KxRxD, w_DxV, b_V, t_KxR, lse_KxR)
 
 
+def _dlogits(logits_or_probs_RxVc, t_R, lse_R, g_R, offset, *, probs=False):
+    """d logp / d logits times g: (onehot(t) - softmax) g, float32 [R, Vc]."""
+    p_RxVc = logits_or_probs_RxVc if probs else jnp.exp(logits_or_probs_RxVc - lse_R[:, None])
+    iota_RxVc = lax.broadcasted_iota(jnp.int32, p_RxVc.shape, 1)
+    hit_RxVc = iota_RxVc == (t_R - offset)[:, None]
+    return (hit_RxVc - p_RxVc) * g_R[:, None]
+
+
 def _chunked_bwd(vocab_chunk_size, residuals, g_KxR):
     """Over vocabulary chunks j, then position chunks k: recompute logits_kj; dlogits =
     (onehot - softmax) g (d logp / d logits); dh_k += dlogits W_j^T (float32 [N, D] accumulator);
     dW_j = sum_k h_k^T dlogits; db_j = sum_k sum_r dlogits. The matmuls take dlogits in the input
-    dtype promote(h, W) and accumulate in float32."""
-    h_KxRxD, w_DxV, b_V, t_KxR, lse_KxR = residuals
+    dtype promote(h, W) and accumulate in float32. One tile: the forward's softmax, no recompute."""
+    h_KxRxD, w_DxV, b_V, t_KxR, lse_KxR = residuals[:5]
     compute_dtype = jnp.promote_types(h_KxRxD.dtype, w_DxV.dtype)
     g_KxR = g_KxR.astype(jnp.float32)
+
+    if len(residuals) == 6:  # one tile
+        h_RxD = h_KxRxD[0]
+        dlogits_RxV = _dlogits(residuals[5], t_KxR[0], lse_KxR[0], g_KxR[0], 0, probs=True)
+        dl_RxV = dlogits_RxV.astype(compute_dtype)
+        dh_RxD = jnp.dot(dl_RxV, w_DxV.T, preferred_element_type=jnp.float32)
+        dw_DxV = jnp.dot(h_RxD.T, dl_RxV, preferred_element_type=jnp.float32)
+        db_V = None if b_V is None else jnp.sum(dlogits_RxV, axis=0).astype(b_V.dtype)
+        return dh_RxD[None].astype(h_KxRxD.dtype), dw_DxV.astype(w_DxV.dtype), db_V, None
 
     def step(carry, w_DxVc, b_Vc, offset):
         dh_KxRxD, dw_DxV, db_V = carry
@@ -171,11 +210,7 @@ def _chunked_bwd(vocab_chunk_size, residuals, g_KxR):
         def position_chunk(acc, xs):
             dw_DxVc, db_Vc = acc
             h_RxD, t_R, lse_R, g_R, dh_RxD = xs
-            logits_RxVc = _logits(h_RxD, w_DxVc, b_Vc)
-            probs_RxVc = jnp.exp(logits_RxVc - lse_R[:, None])
-            iota_RxVc = lax.broadcasted_iota(jnp.int32, logits_RxVc.shape, 1)
-            hit_RxVc = iota_RxVc == (t_R - offset)[:, None]
-            dlogits_RxVc = (hit_RxVc - probs_RxVc) * g_R[:, None]
+            dlogits_RxVc = _dlogits(_logits(h_RxD, w_DxVc, b_Vc), t_R, lse_R, g_R, offset)
             dl_RxVc = dlogits_RxVc.astype(compute_dtype)
             dh_RxD = dh_RxD + jnp.dot(dl_RxVc, w_DxVc.T, preferred_element_type=jnp.float32)
             dw_DxVc = dw_DxVc + jnp.dot(h_RxD.T, dl_RxVc, preferred_element_type=jnp.float32)
@@ -226,7 +261,8 @@ def token_logps(
     Forward: per position chunk, an online log-sum-exp over vocabulary chunks. Backward (custom
     VJP, logits recomputed): per vocabulary chunk, a scan over position chunks. Live memory beyond
     inputs and gradients: a few [R, Vc] float32 tiles, [D, Vc] float32, and a float32 [N, D]
-    accumulator for d hidden. Gradients w.r.t. hidden, unembed and bias come back in their dtypes.
+    accumulator for d hidden. When one tile holds everything (N <= chunk_size, V <=
+    vocab_chunk_size), its float32 softmax is kept from the forward for the backward. Gradients w.r.t. hidden, unembed and bias come back in their dtypes.
     Both chunk sizes must be Python ints (static under jit).
     """
     _check_token_args(hidden, unembed_DxV, targets, bias_V)

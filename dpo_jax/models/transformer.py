@@ -226,6 +226,16 @@ def _act(x, kind):
     return jax.nn.gelu(x, approximate=(kind == "gelu_tanh"))
 
 
+def _dense(x, w, in_axes: int = 1):
+    """x [..., I1..Ik] @ w [I1..Ik, O...] (k = in_axes) as ONE 2-D matmul over the flattened rows.
+    Same math as the einsum; on XLA:CPU the backward of a 3-D einsum such as "btd,df->btf"
+    materializes transposed copies of the [B*T, F] activations and runs about 2x slower."""
+    lead, inner = x.shape[:x.ndim - in_axes], x.shape[x.ndim - in_axes:]
+    k = math.prod(inner)
+    y = x.reshape(-1, k) @ w.reshape(k, -1)
+    return y.reshape(*lead, *w.shape[in_axes:])
+
+
 def _block(cfg: ModelConfig, x_BxTxD, p: dict, mask_Bx1xTxS, sin, cos, kv_cache=None, cache_index=None):
     """One transformer block on arrays `p` (this layer's slice). Returns (x, (k, v) or None)."""
     dt = x_BxTxD.dtype
@@ -234,9 +244,9 @@ def _block(cfg: ModelConfig, x_BxTxD, p: dict, mask_Bx1xTxS, sin, cos, kv_cache=
     add = lambda y, b: y if b is None else y + b  # noqa: E731
 
     def attention(h):
-        q = add(jnp.einsum("btd,dhe->bthe", h, w["wq"]), bias("bq"))
-        k = add(jnp.einsum("btd,dke->btke", h, w["wk"]), bias("bk"))
-        v = add(jnp.einsum("btd,dke->btke", h, w["wv"]), bias("bv"))
+        q = add(_dense(h, w["wq"]), bias("bq"))
+        k = add(_dense(h, w["wk"]), bias("bk"))
+        v = add(_dense(h, w["wv"]), bias("bv"))
         if cfg.qk_norm:
             q = _norm(q, w["q_norm"], None, "rms", cfg.norm_eps)
             k = _norm(k, w["k_norm"], None, "rms", cfg.norm_eps)
@@ -250,16 +260,16 @@ def _block(cfg: ModelConfig, x_BxTxD, p: dict, mask_Bx1xTxS, sin, cos, kv_cache=
             new_kv = (k, v)
             k, v = k.astype(dt), v.astype(dt)
         o = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xTxS, scale=cfg.head_dim ** -0.5)
-        return add(jnp.einsum("bthe,hed->btd", o, w["wo"]), bias("bo")), new_kv
+        return add(_dense(o, w["wo"], in_axes=2), bias("bo")), new_kv
 
     def mlp(h):
-        up = add(jnp.einsum("btd,df->btf", h, w["w_up"]), bias("b_up"))
+        up = add(_dense(h, w["w_up"]), bias("b_up"))
         if cfg.gated_mlp:
-            gate = add(jnp.einsum("btd,df->btf", h, w["w_gate"]), bias("b_gate"))
+            gate = add(_dense(h, w["w_gate"]), bias("b_gate"))
             a = _act(gate, cfg.activation) * up
         else:
             a = _act(up, cfg.activation)
-        return add(jnp.einsum("btf,fd->btd", a, w["w_down"]), bias("b_down"))
+        return add(_dense(a, w["w_down"]), bias("b_down"))
 
     attn_out, new_kv = attention(_norm(x_BxTxD, w["attn_norm"], bias("attn_norm_bias"), cfg.norm, cfg.norm_eps))
     if cfg.parallel_residual:
