@@ -312,7 +312,9 @@ class RowNormalizer:
         rejected = _value(row[cfg.rejected], "rejected", cfg.rejected, conv)
         if chosen == rejected:
             raise _Bad("chosen_equals_rejected", cfg.chosen, f"equals column {cfg.rejected!r}")
-        if fmt == "standard" or (conv and cfg.prompt in row):
+        # A conversational row whose prompt column is plain text (UltraFeedback, Tulu 3: the text of the
+        # first user turn) takes its prompt from the messages chosen and rejected share, as TRL does.
+        if fmt == "standard" or (conv and cfg.prompt in row and is_messages(row[cfg.prompt])):
             prompt = _value(row[cfg.prompt], "prompt", cfg.prompt, conv)
         elif conv:
             prompt, chosen, rejected = split_implicit_messages(chosen, rejected)

@@ -201,3 +201,16 @@ def test_drop_counter_merge_and_pickle():
     assert norm({"prompt": "p", "good": "a", "rejected": "b"}, 0) == Pair("p", "a", "b")
     with pytest.raises(FormatError, match="expected a mapping"):
         norm(["p", "a", "b"], 3)
+
+
+def test_conversational_row_with_a_text_prompt_column_takes_the_shared_messages():
+    """UltraFeedback-binarized / Tulu 3 rows: `prompt` is a string, chosen/rejected full conversations."""
+    from dpo_jax.data import formats
+
+    user = {"role": "user", "content": "hi"}
+    row = {"prompt": "hi", "chosen": [user, {"role": "assistant", "content": "a"}],
+           "rejected": [user, {"role": "assistant", "content": "b"}]}
+    rec = formats.RowNormalizer()(row)
+    assert rec is not None and rec.conversational
+    assert list(rec.prompt) == [user]
+    assert list(rec.chosen) == [{"role": "assistant", "content": "a"}]
