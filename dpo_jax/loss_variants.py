@@ -154,9 +154,10 @@ def _discopop(m, hp):
 def _d_discopop(m, hp):
     z, tau = hp["beta"] * m, hp["tau"]
     s_t, s_nt = sigmoid(z / tau), sigmoid(-z / tau)  # s_nt = 1 - s_t without cancellation
-    exp_mod = jnp.exp(jnp.minimum(-z + log_sigmoid(z / tau), EXP_CLAMP))
+    exponent = -z + log_sigmoid(z / tau)
+    exp_mod = jnp.exp(jnp.minimum(exponent, EXP_CLAMP))
     d_logistic = -sigmoid(-z) * s_nt + log_sigmoid(z) * s_t * s_nt / tau
-    d_exp = exp_mod * (-1.0 + s_nt / tau)
+    d_exp = jnp.where(exponent < EXP_CLAMP, exp_mod * (-1.0 + s_nt / tau), 0.0)  # flat where clamped
     return hp["beta"] * (d_logistic + d_exp)
 
 
