@@ -226,6 +226,25 @@ def _act(x, kind):
     return jax.nn.gelu(x, approximate=(kind == "gelu_tanh"))
 
 
+def masked_attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, mask_Bx1xTxS, scale: float):
+    """o_i = sum_j e_ij v_j / sum_j e_ij, e_ij = exp(s_ij - max_j s_ij), s_ij = scale q_i . k_j where
+    the mask admits j (else -inf); query heads grouped over the K key/value heads (H = K G).
+    Scores and the normalization in float32; a row that sees nothing averages all values (never
+    NaN). Same math as `jax.nn.dot_product_attention`; head-major layouts and normalizing after
+    the value product make it about 10% faster in the CPU train step (docs/performance.md)."""
+    B, T, H, E = q_BxTxHxE.shape
+    K = k_BxSxKxE.shape[2]
+    q_BxKxGxTxE = (q_BxTxHxE * jnp.asarray(scale, q_BxTxHxE.dtype)).reshape(B, T, K, H // K, E).transpose(
+        0, 2, 3, 1, 4)
+    k_BxKxSxE, v_BxKxSxE = k_BxSxKxE.transpose(0, 2, 1, 3), v_BxSxKxE.transpose(0, 2, 1, 3)
+    s = jnp.einsum("bkgte,bkse->bkgts", q_BxKxGxTxE, k_BxKxSxE, preferred_element_type=jnp.float32)
+    s = jnp.where(mask_Bx1xTxS[:, :, None], s, jnp.finfo(jnp.float32).min)
+    e = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))  # shift-invariant: no gradient
+    o = jnp.einsum("bkgts,bkse->bkgte", e.astype(v_BxKxSxE.dtype), v_BxKxSxE, preferred_element_type=jnp.float32)
+    o = o / jnp.sum(e, axis=-1, keepdims=True)
+    return o.astype(q_BxTxHxE.dtype).transpose(0, 3, 1, 2, 4).reshape(B, T, H, E)
+
+
 def _dense(x, w, in_axes: int = 1):
     """x [..., I1..Ik] @ w [I1..Ik, O...] (k = in_axes) as ONE 2-D matmul over the flattened rows.
     Same math as the einsum; on XLA:CPU the backward of a 3-D einsum such as "btd,df->btf"
@@ -259,7 +278,7 @@ def _block(cfg: ModelConfig, x_BxTxD, p: dict, mask_Bx1xTxS, sin, cos, kv_cache=
             v = jax.lax.dynamic_update_slice_in_dim(v_all, v.astype(v_all.dtype), cache_index, axis=1)
             new_kv = (k, v)
             k, v = k.astype(dt), v.astype(dt)
-        o = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xTxS, scale=cfg.head_dim ** -0.5)
+        o = masked_attention(q, k, v, mask_Bx1xTxS, cfg.head_dim ** -0.5)
         return add(_dense(o, w["wo"], in_axes=2), bias("bo")), new_kv
 
     def mlp(h):
