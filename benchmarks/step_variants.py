@@ -66,7 +66,8 @@ def pieces(timer: bench.StepTimer) -> dict:
 
     def value_and_grad(state, b):
         ref = step.reference_logps(scfg, state, b)
-        return jax.value_and_grad(step._loss, has_aux=True)(state.params, scfg, ref, b, hp)  # pylint: disable=protected-access
+        loss = step._loss  # pylint: disable=protected-access
+        return jax.value_and_grad(loss, has_aux=True)(state.params, scfg, ref, b, hp)
 
     fns = {"decoder_forward": forward, "decoder_forward_backward": forward_backward,
            "reference_logps": reference_logps, "policy_value_and_grad": value_and_grad}
@@ -99,7 +100,8 @@ def main(argv=None):
         timer = bench.StepTimer(override(base, text))
         timer.warmup()
         runners[text] = lambda timer=timer: timer.run_steps(args.round_steps)
-        flops[text] = (timer.per_step["flops"], timer.per_step["tokens"], timer.capacity)
+        flops[text] = (timer.per_step["flops"], timer.per_step["tokens"], timer.per_step["real_tokens"],
+                       timer.capacity)
         if args.pieces and text == args.variants[0]:
             for name, fn in pieces(timer).items():
                 jax.block_until_ready(fn())
@@ -123,9 +125,9 @@ def main(argv=None):
         row = {"variant": name, "step_time_s": s, "cpu_time_s": c, "page_faults": statistics.median(faults[name]),
                "rounds_s": [round(t, 4) for t in wall[name]], "matmul_flops_per_s": peak}
         if name in flops:
-            fl, tokens, capacity = flops[name]
-            row.update(tokens_per_s=tokens / s, model_flops_per_s=fl / s, mfu=fl / s / peak,
-                       cpu_mfu=fl / c / cpu_peak, capacity=capacity)
+            fl, tokens, real, capacity = flops[name]
+            row.update(tokens_per_s=tokens / s, real_tokens_per_s=real / s, model_flops_per_s=fl / s,
+                       mfu=fl / s / peak, cpu_mfu=fl / c / cpu_peak, capacity=capacity)
         print(json.dumps(row), flush=True)
 
 

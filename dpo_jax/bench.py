@@ -68,6 +68,7 @@ class BenchConfig:
     lengths: str = ""  # "uniform:LO:HI": each sequence (prompt + completion) length ~ U{LO..HI}
     pairs: int = 8
     layout: str = "standard"  # standard | prefix | packed
+    bucket: int = 16  # standard / prefix rows padded to a multiple of this
     pack_rows: int = 0  # packed: rows per batch (0 = 2 * pairs)
     pack_length: int = 0  # packed: row length (0 = the longest sequence)
     pack_pairs: int = 0  # packed: pair capacity of a batch (0 = 4 * pairs)
@@ -88,7 +89,7 @@ class BenchConfig:
             raise ValueError(f"--layout must be one of {layouts.LAYOUTS}; got {self.layout!r}")
         if self.ref_mode not in ("frozen", "precomputed", "none"):
             raise ValueError(f"--ref-mode must be frozen, precomputed or none; got {self.ref_mode!r}")
-        for name in ("prompt_len", "completion_len", "pairs", "steps", "repeats", "batches", "devices"):
+        for name in ("prompt_len", "completion_len", "pairs", "bucket", "steps", "repeats", "batches", "devices"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
         if self.lengths:
@@ -141,13 +142,14 @@ def synthetic_examples(cfg: BenchConfig, n: int, rng: np.random.Generator) -> li
 
 
 def layout_spec(cfg: BenchConfig) -> layouts.LayoutSpec:
-    """Buckets as the data pipeline makes them: powers of two from 16 up to the longest row."""
+    """Row lengths padded to a multiple of `cfg.bucket` (the same rule for every layout)."""
     longest = cfg.longest_sequence()
     if cfg.layout == "packed":
         return layouts.LayoutSpec(layout="packed", num_pairs=cfg.pack_pairs or 4 * cfg.pairs,
                                   num_rows=cfg.pack_rows or 2 * cfg.pairs, row_length=cfg.pack_length or longest)
     row = 2 * longest if cfg.layout == "prefix" else longest  # prefix rows: n + a + b + 1 <= 2 * longest
-    return layouts.LayoutSpec(layout=cfg.layout, num_pairs=cfg.pairs, buckets=layouts.power_of_two_buckets(row))
+    return layouts.LayoutSpec(layout=cfg.layout, num_pairs=cfg.pairs,
+                              buckets=tuple(range(cfg.bucket, row + cfg.bucket, cfg.bucket)))
 
 
 def make_batches(cfg: BenchConfig) -> tuple[list[dict], list[list[dict]]]:
@@ -364,8 +366,9 @@ def trl_bench(cfg: BenchConfig, timer: StepTimer, steps_per_round: int) -> dict:
         warmup = max(cfg.warmup, 3)
         args = trl.DPOConfig(output_dir=tmp, per_device_train_batch_size=cfg.pairs, beta=0.1, learning_rate=1e-6,
                              max_steps=warmup + steps_per_round * cfg.repeats, use_cpu=True, bf16=False,
-                             fp16=False, gradient_checkpointing=False, max_length=None, report_to=[], save_strategy="no",
-                             logging_steps=10**9, disable_tqdm=True, dataloader_num_workers=0, seed=cfg.seed)
+                             fp16=False, gradient_checkpointing=False, max_length=None, report_to=[],
+                             save_strategy="no", logging_steps=10**9, disable_tqdm=True, dataloader_num_workers=0,
+                             seed=cfg.seed)
         trainer = trl.DPOTrainer(model=load(), ref_model=load(), args=args, processing_class=tok,
                                  train_dataset=datasets.Dataset.from_list(rows))
         for key in ("prompt_ids", "chosen_ids", "rejected_ids"):

@@ -122,12 +122,13 @@ def _chunked_logps(h_KxRxD, w_DxV, b_V, t_KxR, vocab_chunk_size):
 
 
 def _pick(logits_RxVc, t_R, offset):
-    """logits[r, t_r - offset] where the target falls in this vocabulary chunk, else 0 (a gather of R
-    values, not a masked pass over the tile)."""
+    """logits[r, t_r - offset] where the target falls in this vocabulary chunk, else 0 (a gather
+    of R values, not a masked pass over the tile)."""
     width = logits_RxVc.shape[1]
     local_R = t_R - offset
     inside_R = (local_R >= 0) & (local_R < width)
-    picked_R = jnp.take_along_axis(logits_RxVc, jnp.clip(local_R, 0, width - 1)[:, None], axis=1)[:, 0]
+    index_Rx1 = jnp.clip(local_R, 0, width - 1)[:, None]
+    picked_R = jnp.take_along_axis(logits_RxVc, index_Rx1, axis=1)[:, 0]
     return jnp.where(inside_R, picked_R, 0.0)
 
 
@@ -262,7 +263,8 @@ def token_logps(
     VJP, logits recomputed): per vocabulary chunk, a scan over position chunks. Live memory beyond
     inputs and gradients: a few [R, Vc] float32 tiles, [D, Vc] float32, and a float32 [N, D]
     accumulator for d hidden. When one tile holds everything (N <= chunk_size, V <=
-    vocab_chunk_size), its float32 softmax is kept from the forward for the backward. Gradients w.r.t. hidden, unembed and bias come back in their dtypes.
+    vocab_chunk_size), its float32 softmax is kept from the forward for the backward.
+    Gradients w.r.t. hidden, unembed and bias come back in their dtypes.
     Both chunk sizes must be Python ints (static under jit).
     """
     _check_token_args(hidden, unembed_DxV, targets, bias_V)

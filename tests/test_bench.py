@@ -28,7 +28,7 @@ def test_bench_prints_one_json_line_with_the_documented_keys(capsys):
     assert not missing, f"missing keys {missing}"
     # 2 pairs of prompt 6 + completions 5 + 5, the prompt counted twice: 2 * (12 + 10) tokens per step.
     assert out["tokens_per_step"] == 44.0 and out["real_tokens_per_step"] == 44.0
-    assert out["batch_shape"] == [4, 11]  # 2P rows of the longest sequence (the only bucket below 16)
+    assert out["batch_shape"] == [4, 16]  # 2P rows, padded to a multiple of 16
     for key in ("step_time_s", "tokens_per_s", "model_flops_per_s", "peak_flops_per_s", "mfu", "peak_memory_bytes"):
         assert np.isfinite(out[key]) and out[key] > 0, (key, out[key])
     np.testing.assert_allclose(out["tokens_per_s"], 44.0 / out["step_time_s"], rtol=1e-9)
