@@ -13,20 +13,19 @@ import time
 from typing import Sequence
 
 from dpo_jax import fused
+from launch import sweep_plan
 
 
 def member_configs(config_spec: str, runs) -> list:
     """The resolved config of every run (the sweep's base config with the run's overrides)."""
-    from launch import sweep  # pylint: disable=g-import-not-at-top
-
-    path, arg = sweep.split_config_spec(config_spec)
-    base = sweep.load_config_module(path).get_config(arg)
+    path, arg = sweep_plan.split_config_spec(config_spec)
+    base = sweep_plan.load_config_module(path).get_config(arg)
     out = []
     for r in runs:
         overrides = dict(r.overrides)
         if r.sft_model_dir:
             overrides["sft.model_dir"] = r.sft_model_dir
-        out.append(sweep.apply_overrides(base, overrides, where=f"sweep member {r.name!r}: "))
+        out.append(sweep_plan.apply_overrides(base, overrides, where=f"sweep member {r.name!r}: "))
     return out
 
 
@@ -37,13 +36,11 @@ def plan(config_spec: str, runs) -> list[list[int]]:
 
 def run(config_spec: str, runs: Sequence, *, dry_run: bool = False) -> int:
     """Train every unfinished group; returns the number of groups that failed."""
-    from launch import sweep  # pylint: disable=g-import-not-at-top
-
     configs = member_configs(config_spec, runs)
     failed = 0
     for group in fused.groups(configs):
         names = [runs[i].name for i in group]
-        if all(sweep.run_status(runs[i]) == "finished" for i in group):
+        if all(sweep_plan.run_status(runs[i]) == "finished" for i in group):
             print(f"# skip (finished): fused group {names}")
             continue
         if dry_run:

@@ -1,5 +1,5 @@
-"""launch.sweep: declaring, expanding, naming, the manifest, dry runs, skip / resume, the shared SFT
-model and parallel runs. The scheduling tests run a fake trainer (a script that mimics the run
+"""launch.sweep: the manifest, dry runs, skip / resume, the shared SFT model, parallel runs, pod and
+Slurm scripts. The scheduling tests run a fake trainer (a script that mimics the run
 layout: workdir/checkpoints, workdir/report.json, the shared SFT model written atomically); one
 test runs the real `dpo_jax.main` on tiny runs end to end."""
 
@@ -92,82 +92,6 @@ def fake(tmp_path, monkeypatch):
     def events():
         return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     return [sys.executable, str(script)], events
-
-
-# ---------------------------------------------------------------------------------------------- declaring
-
-def test_product_and_zip():
-    assert sweep.product(("a.x", [1, 2]), ("b.y", ["p", "q"])) == [
-        {"a.x": 1, "b.y": "p"}, {"a.x": 1, "b.y": "q"}, {"a.x": 2, "b.y": "p"}, {"a.x": 2, "b.y": "q"}]
-    assert sweep.zip(("a.x", [1, 2]), ("b.y", [3, 4])) == [{"a.x": 1, "b.y": 3}, {"a.x": 2, "b.y": 4}]
-    nested = sweep.product(("loss.name", ["simpo"]), sweep.zip(("loss.beta", [1.0, 2.0]), ("loss.gamma", [0.5, 1.0])))
-    assert nested == [{"loss.name": "simpo", "loss.beta": 1.0, "loss.gamma": 0.5},
-                      {"loss.name": "simpo", "loss.beta": 2.0, "loss.gamma": 1.0}]
-    with pytest.raises(ValueError, match=r"different lengths \[2, 3\]"):
-        sweep.zip(("a", [1, 2]), ("b", [1, 2, 3]))
-    with pytest.raises(ValueError, match="'a' is set twice"):
-        sweep.product(("a", [1]), ("a", [2]))
-    with pytest.raises(ValueError, match="not a dotted config key"):
-        sweep.product(("loss beta", [1]))
-    with pytest.raises(ValueError, match="no values for 'a'"):
-        sweep.product(("a", []))
-
-
-def test_default_synthetic_sweep_expands_to_12_named_runs(tmp_path):
-    runs = sweep.expand(SYNTHETIC, str(tmp_path))
-    names = [r.name for r in runs]
-    assert len(runs) == 12 and len(set(names)) == 12
-    assert names[0] == "loss.name=sigmoid,loss.beta=0.25"
-    assert "loss.name=ipo,loss.beta=0.5" in names
-    assert "loss.name=simpo,loss.beta=8.0,reference.mode=none" in names
-    by_loss = {}
-    for r in runs:
-        by_loss.setdefault(r.overrides["loss.name"], []).append(r.overrides["loss.beta"])
-        assert r.overrides["train.steps"] == 300
-        assert r.overrides.get("reference.mode") == ("none" if r.overrides["loss.name"] == "simpo" else None)
-        assert r.workdir == os.path.join(str(tmp_path), r.name)
-        assert r.sft_model_dir == os.path.join(str(tmp_path), "sft_model")  # one SFT model for all 12
-        assert r.command[:3] == [sys.executable, "-m", "dpo_jax.main"]
-        assert r.command[3:5] == [f"--config={SYNTHETIC}", f"--workdir={r.workdir}"]
-        assert f"--config.loss.beta={r.overrides['loss.beta']!r}" in r.command
-        assert r.command[-1] == f"--config.sft.model_dir={tmp_path}/sft_model"
-        assert r.env["JAX_COMPILATION_CACHE_DIR"] == f"{tmp_path}/jax_cache"  # compiled once, shared
-    assert {k: len(v) for k, v in by_loss.items()} == {"sigmoid": 4, "ipo": 4, "simpo": 4}
-    # runlocal keeps the config's own (tiny) step count
-    assert all("train.steps" not in r.overrides for r in sweep.expand(SYNTHETIC + ":runlocal=1", str(tmp_path)))
-
-
-def test_hf_sweep_over_beta(tmp_path):
-    fixture = REPO / "tests" / "fixtures" / "trl_parity"
-    spec = f"{REPO}/configs/hf.py:policy={fixture}/policy,data={fixture}/pairs.jsonl,loss=ipo"
-    runs = sweep.expand(spec, str(tmp_path))
-    assert [r.name for r in runs] == ["loss.beta=0.01", "loss.beta=0.05", "loss.beta=0.1", "loss.beta=0.5"]
-    assert all(r.sft_model_dir is None and r.args[0] == f"--config={spec}" for r in runs)  # no SFT stage
-    with pytest.raises(ValueError, match="policy=DIR,data=FILE"):
-        sweep.expand(f"{REPO}/configs/hf.py", str(tmp_path))
-
-
-def test_bad_members_fail_before_anything_runs(tmp_path):
-    with pytest.raises(ValueError, match=r"sweep member 'loss.betta=0.5': config key 'loss.betta' does not exist"):
-        sweep.expand(write_config(tmp_path, 'sweep.product(("loss.betta", [0.5, 1.0]))'), str(tmp_path))
-    with pytest.raises(ValueError, match=r"sweep member 'loss.name=ipo'.*reference.mode='none'"):
-        sweep.expand(write_config(tmp_path, 'sweep.product(("reference.mode", ["none"]), '
-                                            '("loss.name", ["simpo", "ipo"]))'), str(tmp_path))
-    with pytest.raises(ValueError, match="identical members"):
-        sweep.expand(write_config(tmp_path, '[{"loss.beta": 1.0}, {"loss.beta": 1.0}]'), str(tmp_path))
-    with pytest.raises(ValueError, match="declares no sweep"):
-        sweep.expand(str(REPO / "configs" / "base.py"), str(tmp_path))
-
-
-def test_sft_groups_follow_the_keys_that_change_sft(tmp_path):
-    cfg = write_config(tmp_path, 'sweep.product(("sft.lr", [0.001, 0.003]), ("loss.beta", [0.5, 1.0]))')
-    runs = sweep.expand(cfg, str(tmp_path))
-    dirs = {r.name: r.sft_model_dir for r in runs}
-    assert dirs["sft.lr=0.001,loss.beta=0.5"] == dirs["sft.lr=0.001,loss.beta=1.0"]
-    assert dirs["sft.lr=0.001,loss.beta=0.5"] == f"{tmp_path}/sft_model.sft.lr=0.001"
-    assert dirs["sft.lr=0.003,loss.beta=0.5"] == f"{tmp_path}/sft_model.sft.lr=0.003"
-    no_sft = sweep.expand(cfg, str(tmp_path), extra={"sft.steps": 0})
-    assert all(r.sft_model_dir is None and not any("sft.model_dir" in a for a in r.args) for r in no_sft)
 
 
 # ---------------------------------------------------------------------------------------------- running

@@ -1,0 +1,220 @@
+"""The policies the evaluation samples from and scores, on B right-padded prompts.
+
+A policy is anything with `sample` (completions y ~ pi(.|x) at a temperature, with the log-prob of
+the distribution actually sampled), `logprob` (teacher-forced log pi(y|x) at temperature 1, summed
+over the completion incl. EOS) and, for the exact path (`evaluate_exact.exact_model_report`),
+`next_logprobs`: `ModelPolicy` wraps a Decoder, `MarkovPolicy` a `synthetic.TabularPolicy` (e.g.
+pi*_beta) in model token ids.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple, Optional, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dpo_jax.data import synthetic
+from dpo_jax.models import sampler
+
+
+class Prompts(NamedTuple):
+    """B right-padded prompts: tokens_BxP int32 (row b valid in [0, lens_B[b])), lens_B int32."""
+
+    tokens_BxP: np.ndarray
+    lens_B: np.ndarray
+
+    def ids(self, b: int) -> np.ndarray:
+        return self.tokens_BxP[b, : self.lens_B[b]]
+
+    def repeat(self, s: int) -> "Prompts":
+        """Each prompt s times in a row (prompt-major: row b * s + j)."""
+        return Prompts(np.repeat(self.tokens_BxP, s, axis=0), np.repeat(self.lens_B, s))
+
+
+def make_prompts(ids: Sequence[Sequence[int]], pad_id: int = 0) -> Prompts:
+    if not ids or any(len(x) == 0 for x in ids):
+        raise ValueError("make_prompts: need at least one prompt, each with >= 1 token")
+    lens = np.asarray([len(x) for x in ids], np.int32)
+    tokens = np.full((len(ids), int(lens.max())), pad_id, np.int32)
+    for b, x in enumerate(ids):
+        tokens[b, : len(x)] = x
+    return Prompts(tokens, lens)
+
+
+def tokenize_prompts(rows, tokenize_fn: Callable, n: int, pad_id: int = 0) -> Prompts:
+    """The prompt ids of the first `n` rows the tokenize step keeps (in order), tokenized like training."""
+    ids = []
+    for i in range(len(rows)):
+        example = tokenize_fn(rows[i])
+        if example is not None:
+            ids.append(np.asarray(example["prompt_ids"], np.int32))
+        if len(ids) == n:
+            break
+    if not ids:
+        raise ValueError(f"eval prompts: none of the {len(rows)} rows survived tokenization")
+    return make_prompts(ids, pad_id)
+
+
+class Completions(NamedTuple):
+    """tokens_NxM int32 (pad after the end), mask_NxM float32 (1 for generated tokens incl. EOS),
+    logps_N float64: log-prob of each completion under the distribution it was drawn from."""
+
+    tokens_NxM: np.ndarray
+    mask_NxM: np.ndarray
+    logps_N: np.ndarray
+
+    def ids(self, i: int) -> np.ndarray:
+        return self.tokens_NxM[i, self.mask_NxM[i] > 0]
+
+
+class Policy(Protocol):
+    def sample(self, prompts: Prompts, key, *, max_new_tokens: int, temperature: float) -> Completions: ...
+
+    def logprob(self, prompts: Prompts, tokens_NxM: np.ndarray, mask_NxM: np.ndarray) -> np.ndarray:
+        """log pi(y | x) [N] float64 at temperature 1, summed over mask."""
+
+    def next_logprobs(self, prompts: Prompts, tokens_NxM: np.ndarray) -> np.ndarray:
+        """log pi(. | x, y_<n) for n = 0..M: [N, M + 1, V] float64 (only `exact_model_report` needs it)."""
+
+
+# ----------------------------------------------------------------------------------------- policies
+
+
+class ModelPolicy:
+    """A Decoder (or (graphdef, params)) through the KV-cache sampler and teacher-forced `score`.
+
+    Rows go through in chunks of `batch_size` (the last chunk padded), so one program is compiled
+    per (batch_size, prompt length, max_new_tokens)."""
+
+    def __init__(self, model, *, eos_id: Optional[int], pad_id: int = 0, batch_size: int = 512):
+        if not isinstance(model, tuple):
+            graphdef, state = nnx.split(model)
+            model = (graphdef, nnx.to_pure_dict(state))
+        self.model = model
+        self.eos_id, self.pad_id, self.batch_size = eos_id, int(pad_id), int(batch_size)
+
+    def _chunks(self, n: int):
+        size = min(self.batch_size, n)
+        for start in range(0, n, size):
+            rows = np.arange(start, start + size)
+            yield start, min(n, start + size) - start, np.minimum(rows, n - 1)
+
+    def sample(self, prompts: Prompts, key, *, max_new_tokens: int, temperature: float = 1.0) -> Completions:
+        n = prompts.lens_B.shape[0]
+        tokens, mask, logps = [], [], []
+        for c, (_, keep, rows) in enumerate(self._chunks(n)):
+            s = sampler.sample(self.model, prompts.tokens_BxP[rows], prompts.lens_B[rows], jax.random.fold_in(key, c),
+                               max_new_tokens=max_new_tokens, temperature=temperature, eos_id=self.eos_id,
+                               pad_id=self.pad_id)
+            s = jax.device_get(s)
+            tokens.append(s.tokens_BxN[:keep])
+            mask.append(s.mask_BxN[:keep])
+            logps.append(s.sample_logps_BxN[:keep].astype(np.float64).sum(axis=1))
+        return Completions(np.concatenate(tokens), np.concatenate(mask), np.concatenate(logps))
+
+    def logprob(self, prompts: Prompts, tokens_NxM: np.ndarray, mask_NxM: np.ndarray) -> np.ndarray:
+        out = []
+        for _, keep, rows in self._chunks(tokens_NxM.shape[0]):
+            lp = sampler.score(self.model, prompts.tokens_BxP[rows], prompts.lens_B[rows], tokens_NxM[rows],
+                               mask_NxM[rows])
+            out.append(np.asarray(lp, np.float64)[:keep].sum(axis=1))
+        return np.concatenate(out)
+
+    def next_logprobs(self, prompts: Prompts, tokens_NxM: np.ndarray) -> np.ndarray:
+        out = []
+        for _, keep, rows in self._chunks(tokens_NxM.shape[0]):
+            lp = _next_logprobs(self.model[1], prompts.tokens_BxP[rows], prompts.lens_B[rows], tokens_NxM[rows],
+                                graphdef=self.model[0])
+            out.append(np.asarray(lp, np.float64)[:keep])
+        return np.concatenate(out)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _next_logprobs(params, prompts_BxP, lens_B, tokens_BxM, *, graphdef):
+    """log softmax of the logits after the prompt and after each of the M tokens: [B, M + 1, V] float32."""
+    model = nnx.merge(graphdef, params)
+    (b, p), m = prompts_BxP.shape, tokens_BxM.shape[1]
+    pos_BxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    pos = jnp.concatenate([pos_BxP, lens_B[:, None] + jnp.arange(m, dtype=jnp.int32)], axis=1)
+    seg = jnp.concatenate([(pos_BxP < lens_B[:, None]).astype(jnp.int32), jnp.ones((b, m), jnp.int32)], axis=1)
+    hidden = model(jnp.concatenate([prompts_BxP, tokens_BxM], axis=1), positions_BxT=pos, segment_ids_BxT=seg)
+    src = jnp.concatenate([lens_B[:, None] - 1, p + jnp.broadcast_to(jnp.arange(m), (b, m))], axis=1)
+    return jax.nn.log_softmax(model.logits(jnp.take_along_axis(hidden, src[..., None], axis=1)), axis=-1)
+
+
+class MarkovPolicy:
+    """A `synthetic.TabularPolicy` in model token ids: T content tokens (content + token_offset)
+    then EOS with probability 1; any other completion has log-prob -inf."""
+
+    def __init__(self, policy: synthetic.TabularPolicy, *, token_offset: int = synthetic.TOKEN_OFFSET,
+                 eos_id: int = synthetic.EOS_ID, pad_id: int = synthetic.PAD_ID):
+        self.policy, self.offset, self.eos_id, self.pad_id = policy, token_offset, eos_id, pad_id
+
+    def _last_state(self, prompts: Prompts) -> np.ndarray:
+        rows = np.arange(prompts.lens_B.shape[0])
+        last = prompts.tokens_BxP[rows, prompts.lens_B - 1].astype(np.int64) - self.offset
+        bad = np.flatnonzero((last < 0) | (last >= self.policy.vocab_size))
+        if bad.size:
+            raise ValueError(f"prompt {bad[0]}: last token id {last[bad[0]] + self.offset} is not a content token "
+                             f"(ids {self.offset}..{self.offset + self.policy.vocab_size - 1})")
+        return last
+
+    def sample(self, prompts: Prompts, key, *, max_new_tokens: int, temperature: float = 1.0) -> Completions:
+        logp = self.policy.log_probs_TxVxV()
+        if temperature > 0:
+            q = synthetic.TabularPolicy.from_logits(logp / temperature).probs_TxVxV
+        else:  # greedy: a point mass on the argmax
+            q = np.eye(self.policy.vocab_size)[np.argmax(logp, axis=-1)]
+        rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+        n, n_t = prompts.lens_B.shape[0], self.policy.completion_len
+        m = min(max_new_tokens, n_t + 1)
+        tokens = np.full((n, max_new_tokens), self.pad_id, np.int32)
+        mask = np.zeros((n, max_new_tokens), np.float32)
+        mask[:, :m] = 1.0
+        logps, prev = np.zeros(n), self._last_state(prompts)
+        cdf = np.cumsum(q, axis=-1)
+        for t in range(min(m, n_t)):
+            u = rng.random(n) * cdf[t, prev, -1]
+            y = np.minimum((cdf[t, prev] <= u[:, None]).sum(axis=1), self.policy.vocab_size - 1)
+            with np.errstate(divide="ignore"):
+                logps += np.log(q[t, prev, y])
+            tokens[:, t], prev = y + self.offset, y
+        if m > n_t:
+            tokens[:, n_t] = self.eos_id
+        return Completions(tokens, mask, logps)
+
+    def logprob(self, prompts: Prompts, tokens_NxM: np.ndarray, mask_NxM: np.ndarray) -> np.ndarray:
+        n_t, v = self.policy.completion_len, self.policy.vocab_size
+        n, m = tokens_NxM.shape
+        live = mask_NxM > 0
+        y = tokens_NxM.astype(np.int64) - self.offset
+        content = (y >= 0) & (y < v)
+        steps = np.arange(m)[None, :]
+        ok = np.where(steps < n_t, content, tokens_NxM == self.eos_id) & (steps <= n_t)
+        yc = np.where(content, y, 0)
+        prev = np.concatenate([self._last_state(prompts)[:, None], yc[:, :-1]], axis=1)
+        with np.errstate(divide="ignore"):
+            table = self.policy.log_probs_TxVxV()[np.minimum(steps, n_t - 1), prev, yc]
+        per_token = np.where(ok, np.where(steps < n_t, table, 0.0), -np.inf)
+        return np.where(live, per_token, 0.0).sum(axis=1)
+
+    def next_logprobs(self, prompts: Prompts, tokens_NxM: np.ndarray) -> np.ndarray:
+        """Over ids 0..offset+V-1: the table for n < T after content tokens, EOS with probability 1
+        at n = T and after anything unreachable."""
+        n_t, v = self.policy.completion_len, self.policy.vocab_size
+        n, m = tokens_NxM.shape
+        y = tokens_NxM.astype(np.int64) - self.offset
+        reach = np.cumprod(np.concatenate([np.ones((n, 1), bool), (y >= 0) & (y < v)], axis=1), axis=1) > 0
+        prev = np.concatenate([self._last_state(prompts)[:, None], np.clip(y, 0, v - 1)], axis=1)
+        out = np.full((n, m + 1, self.offset + v), -np.inf)
+        out[..., self.eos_id] = 0.0
+        for k in range(min(m + 1, n_t)):
+            with np.errstate(divide="ignore"):
+                table = np.log(self.policy.probs_TxVxV[k, prev[:, k]])
+            out[reach[:, k], k, :] = -np.inf
+            out[reach[:, k], k, self.offset: self.offset + v] = table[reach[:, k]]
+        return out
