@@ -23,11 +23,17 @@ import statistics
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-from flax import nnx
+from dpo_jax import host_memory
 
-from dpo_jax import bench, step
+if __name__ == "__main__":  # before the heavy imports: the process may be re-executed
+    host_memory.reexec_with_hugepages()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from dpo_jax import bench, step  # noqa: E402
 
 
 def override(cfg: bench.BenchConfig, text: str) -> bench.BenchConfig:

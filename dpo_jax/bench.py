@@ -34,13 +34,19 @@ import tempfile
 import time
 from typing import Optional
 
-import jax
-import numpy as np
-from flax import nnx
+from dpo_jax import host_memory
 
-from dpo_jax import losses, metrics, optim, sharding, step, train
-from dpo_jax.data import layouts
-from dpo_jax.models import transformer
+if __name__ == "__main__":  # before the heavy imports: the process may be re-executed
+    host_memory.reexec_with_hugepages()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from dpo_jax import losses, metrics, optim, sharding, step, train  # noqa: E402
+from dpo_jax.data import layouts  # noqa: E402
+from dpo_jax.models import transformer  # noqa: E402
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3  # special ids of the word-level tokenizer of the TRL comparison
 # Keys of the JSON line of a timed run (docs/performance.md describes each).
@@ -342,7 +348,8 @@ def trl_bench(cfg: BenchConfig, timer: StepTimer, steps_per_round: int) -> dict:
     the same random Llama exported with `hf.export_model`, and the same pairs. After every
     `steps_per_round` timed TRL steps a trainer callback runs one round of the JAX step, so both
     see the same machine load. A TRL step is timed from `on_step_begin` to `on_step_end`: forward,
-    backward, gradient clipping and the AdamW update."""
+    backward, gradient clipping and the AdamW update (`between_steps_s`: the trainer's work between
+    steps, next batch and logging, reported apart, as the JAX side's batch building is left out)."""
     if cfg.ref_mode != "frozen" or cfg.dtype != "float32":
         raise ValueError("--compare trl needs --ref-mode frozen and --dtype float32")
     import datasets  # pylint: disable=g-import-not-at-top
@@ -377,16 +384,19 @@ def trl_bench(cfg: BenchConfig, timer: StepTimer, steps_per_round: int) -> dict:
 
         class Interleave(transformers.TrainerCallback):
             def __init__(self):
-                self.t0, self.times = 0.0, []
+                self.t0, self.end, self.times, self.between = 0.0, None, [], []
 
             def on_step_begin(self, *_, **__):
                 self.t0 = time.perf_counter()
+                if self.end is not None:  # the trainer's own work between steps: next batch, logging
+                    self.between.append(self.t0 - self.end)
 
             def on_step_end(self, *_, **__):
                 self.times.append(time.perf_counter() - self.t0)
                 timed = len(self.times) - warmup
                 if timed > 0 and timed % steps_per_round == 0:
                     timer.round()
+                self.end = time.perf_counter()
 
         cb = Interleave()
         trainer.add_callback(cb)
@@ -397,9 +407,11 @@ def trl_bench(cfg: BenchConfig, timer: StepTimer, steps_per_round: int) -> dict:
     step_s = statistics.median(rounds)
     tokens = sum(2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples)
     tokens_per_step = tokens / len(examples) * cfg.pairs  # exact for fixed lengths, else the dataset's mean
+    between = statistics.median(cb.between[warmup:]) if len(cb.between) > warmup else 0.0
     return {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "step_time_s": step_s,
-            "step_time_rounds_s": [round(r, 5) for r in rounds], "tokens_per_step": tokens_per_step,
+            "step_time_rounds_s": [round(r, 5) for r in rounds], "between_steps_s": between,
+            "tokens_per_s_with_between": tokens_per_step / (step_s + between), "tokens_per_step": tokens_per_step,
             "tokens_per_s": tokens_per_step / step_s, "pairs_per_s": cfg.pairs / step_s,
             "layout": "standard (TRL pads chosen and rejected rows; padding_free is disabled in TRL 1.16)"}
 

@@ -1,9 +1,15 @@
 """Entrypoint: python -m dpo_jax.main --config=configs/synthetic.py --workdir=/tmp/run [--config.key=value ...]"""
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from dpo_jax import host_memory
 
-from dpo_jax import train
+if __name__ == "__main__":  # before the heavy imports: the process may be re-executed
+    host_memory.reexec_with_hugepages()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from dpo_jax import train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/synthetic.py[:arg].",
                                           lock_config=True)
