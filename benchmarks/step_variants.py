@@ -47,7 +47,8 @@ def override(cfg: bench.BenchConfig, text: str) -> bench.BenchConfig:
         if key not in fields:
             raise ValueError(f"variant {text!r}: BenchConfig has no field {key!r}")
         kind = fields[key].type
-        kw[key] = value if kind == "str" else value not in ("0", "false", "False") if kind == "bool" else int(value)
+        kw[key] = (value if kind == "str" else value not in ("0", "false", "False") if kind == "bool"
+                   else float(value) if kind == "float" else int(value))
     return dataclasses.replace(cfg, **kw)
 
 

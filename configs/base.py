@@ -64,6 +64,7 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
         max_prompt_length=placeholder(int),
         truncation_mode="keep_start",  # keep_start | keep_end (which part of the prompt survives)
         layout="standard",   # standard | prefix (prompt encoded once per pair) | packed
+        prefix_min_saving=0.1,  # prefix: batches whose prefix rows save less padding are laid out standard
         batch_size=8,        # pairs per optimizer micro-step (all processes together)
         eval_batch_size=16,  # pairs per eval batch
         min_bucket=16,       # padding buckets: powers of two from here up to the longest row

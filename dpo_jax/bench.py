@@ -74,6 +74,7 @@ class BenchConfig:
     lengths: str = ""  # "uniform:LO:HI": each sequence (prompt + completion) length ~ U{LO..HI}
     pairs: int = 8
     layout: str = "standard"  # standard | prefix | packed
+    prefix_min_saving: float = 0.1  # prefix: batches saving less of the padded tokens are laid out standard
     bucket: int = 16  # standard / prefix rows padded to a multiple of this
     pack_rows: int = 0  # packed: rows per batch (0 = 2 * pairs)
     pack_length: int = 0  # packed: row length (0 = the longest sequence)
@@ -154,7 +155,7 @@ def layout_spec(cfg: BenchConfig) -> layouts.LayoutSpec:
         return layouts.LayoutSpec(layout="packed", num_pairs=cfg.pack_pairs or 4 * cfg.pairs,
                                   num_rows=cfg.pack_rows or 2 * cfg.pairs, row_length=cfg.pack_length or longest)
     row = 2 * longest if cfg.layout == "prefix" else longest  # prefix rows: n + a + b + 1 <= 2 * longest
-    return layouts.LayoutSpec(layout=cfg.layout, num_pairs=cfg.pairs,
+    return layouts.LayoutSpec(layout=cfg.layout, num_pairs=cfg.pairs, prefix_min_saving=cfg.prefix_min_saving,
                               buckets=tuple(range(cfg.bucket, row + cfg.bucket, cfg.bucket)))
 
 
@@ -423,7 +424,7 @@ def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
         if f.type == "bool":
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         else:
-            ap.add_argument(flag, type={"int": int, "str": str}[f.type], default=f.default)
+            ap.add_argument(flag, type={"int": int, "str": str, "float": float}[f.type], default=f.default)
     ap.add_argument("--compile-only", action="store_true", help="compile only: memory figures, no timing")
     ap.add_argument("--compare", choices=["trl"], help="also time TRL's DPOTrainer on the same model and pairs")
     ap.add_argument("--trl-steps", type=int, default=0, help="timed TRL steps per round (0 = --steps)")

@@ -100,6 +100,8 @@ def validate(config) -> None:
     _positive("data.batch_size", config.data.batch_size)
     _positive("data.eval_batch_size", config.data.eval_batch_size)
     _positive("data.max_length", config.data.max_length)
+    if not 0.0 <= config.data.prefix_min_saving < 1.0:
+        raise ValueError(f"config.data.prefix_min_saving={config.data.prefix_min_saving}; must be in [0, 1)")
     if not 0.0 <= config.data.eval_fraction < 1.0:
         raise ValueError(f"config.data.eval_fraction={config.data.eval_fraction}; must be in [0, 1)")
     if sum(bool(x) for x in (config.data.eval_fraction, config.data.eval_split, config.data.eval_source)) > 1:

@@ -113,6 +113,7 @@ def test_eval_sources_are_exclusive():
     raises(config(data=dict(eval_split="test", eval_fraction=0.1)), "eval_split", "eval_fraction")
     raises(config(data=dict(eval_source="x.jsonl", eval_fraction=0.1)), "eval_source", "eval_fraction")
     raises(config(data=dict(eval_fraction=1.0)), "config.data.eval_fraction=1.0", "[0, 1)")
+    raises(config(data=dict(prefix_min_saving=1.0)), "config.data.prefix_min_saving=1.0", "[0, 1)")
     config_check.validate(config(data=dict(eval_split="test")))
     config_check.validate(config(data=dict(eval_fraction=0.1)))
 

@@ -31,7 +31,7 @@ def random_examples(rng, n, vocab=64):
 
 def make_batches(seed=0, steps=5, pairs=8, layout="standard"):
     rng = np.random.default_rng(seed)
-    spec = layouts.LayoutSpec(layout=layout, num_pairs=pairs, buckets=(16, 32))
+    spec = layouts.LayoutSpec(layout=layout, num_pairs=pairs, buckets=(16, 32), prefix_min_saving=0.0)
     return [spec(random_examples(rng, pairs)) for _ in range(steps)]
 
 
@@ -116,6 +116,7 @@ def test_sharded_equals_unsharded(layout):
     """Five steps on a data=2, fsdp=2, tensor=2 mesh of 8 CPU devices give the one-device losses."""
     assert jax.device_count() >= 8, "tests/conftest.py sets 8 fake CPU devices"
     batches = make_batches(steps=5, layout=layout)
+    assert {b["tokens_BxT"].shape[0] for b in batches} == {8 if layout == "prefix" else 16}  # 8 pairs
     runs = {}
     for name, mesh in (("one", one_device_mesh()), ("mesh", sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))):
         state, train_fn, _, obj = setup(mesh, same_reference=False)

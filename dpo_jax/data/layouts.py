@@ -19,7 +19,10 @@ gives the chosen and rejected sums in every layout. Layouts (P = pair capacity, 
 
 * ``standard``: B = 2P rows, row p = sequence(x, chosen_p), row P+p = sequence(x, rejected_p),
   right-padded to T = the smallest length bucket >= the longest row;
-* ``prefix``: B = P rows, row p = prefix segment of pair p, T bucketed the same way;
+* ``prefix``: B = P rows, row p = prefix segment of pair p, T bucketed the same way. A batch
+  whose prefix rows would not save at least ``prefix_min_saving`` (default 10%) of the standard
+  layout's padded tokens P T_prefix vs 2P T_standard (short prompts, bucket rounding) is laid out
+  standard instead: the attention of the longer rows would cost more than the saving;
 * ``packed``: a fixed number of rows of a fixed length; the segments (two sequence segments per
   pair, or one prefix segment with ``share_prefix``) are placed greedily first-fit in example
   order, segment ids 1..S per row, positions restarting at 0 in each segment.
@@ -279,10 +282,13 @@ class LayoutSpec:
     share_prefix: bool = False
     pad_id: int = 0
     pair_scalars: tuple[str, ...] = ()  # per-example float fields carried into `<name>_P` (0 for filler)
+    prefix_min_saving: float = 0.1  # prefix: lay a batch out standard unless prefix rows save this much
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if not 0.0 <= self.prefix_min_saving < 1.0:
+            raise ValueError(f"prefix_min_saving must be in [0, 1), got {self.prefix_min_saving}")
         if self.num_pairs < 1:
             raise ValueError(f"num_pairs must be >= 1, got {self.num_pairs}")
         if self.layout == "packed":
@@ -332,8 +338,19 @@ class LayoutSpec:
                 share_prefix=self.share_prefix,
                 pad_id=self.pad_id,
             )
-        build = standard_batch if self.layout == "standard" else prefix_batch
+        build = prefix_batch if self.layout == "prefix" and self.prefix_saves(examples) else standard_batch
         return build(examples, num_pairs=self.num_pairs, buckets=self.buckets, pad_id=self.pad_id)
+
+    def prefix_saves(self, examples: Sequence[Example]) -> bool:
+        """Whether prefix rows, P x T_prefix, save at least `prefix_min_saving` of the standard
+        layout's 2P x T_standard padded tokens (T: the bucketed longest row of each layout)."""
+        if not examples or any(is_unpaired(e) for e in examples):
+            return True  # unpaired: one row per example either way
+        n = [len(_ids(e, "prompt_ids", None)) for e in examples]
+        ab = [(len(_ids(e, "chosen_ids", None)), len(_ids(e, "rejected_ids", None))) for e in examples]
+        t_prefix = bucket_length(max(k + a + b + 1 for k, (a, b) in zip(n, ab)), self.buckets)
+        t_standard = bucket_length(max(k + max(a, b) for k, (a, b) in zip(n, ab)), self.buckets)
+        return t_prefix <= (1.0 - self.prefix_min_saving) * 2 * t_standard
 
 
 def pack_groups(examples, spec: LayoutSpec):

@@ -75,6 +75,7 @@ class DataConfig:
     pack_rows: int = 0
     pack_length: int = 0
     share_prefix: bool = False
+    prefix_min_saving: float = 0.1  # prefix layout: a batch saving less (padded tokens) is laid out standard
     pad_id: int = 0
     num_threads: int = 0
     prefetch_buffer_size: int = 64
@@ -101,6 +102,7 @@ class DataConfig:
             share_prefix=self.share_prefix,
             pad_id=self.pad_id,
             pair_scalars=self.pair_scalars,
+            prefix_min_saving=self.prefix_min_saving,
         )
 
     def validate(self) -> None:

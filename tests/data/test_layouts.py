@@ -212,3 +212,26 @@ def test_segment_lengths_match_the_segments():
             spec = L.LayoutSpec(layout=layout, num_rows=2, row_length=64, share_prefix=share)
             segs = L.example_segments(example, 0, share or layout == "prefix")
             assert spec.segment_lengths(example) == [len(s) for s in segs], (layout, share)
+
+
+def test_prefix_layout_falls_back_to_standard_rows_when_sharing_saves_too_little():
+    long_prompt = _pair(np.arange(1, 25), [30, 31, 32, 33], [40, 41, 42, 43])  # 24 + 4 + 4
+    short_prompt = _pair([1, 2], np.arange(30, 44), np.arange(50, 64))  # 2 + 14 + 14
+    buckets = tuple(range(8, 72, 8))
+    spec = L.LayoutSpec(layout="prefix", num_pairs=2, buckets=buckets)
+    # Long prompt: prefix rows 2 x 40 (24 + 4 + 4 + 1 = 33 -> 40) vs standard 4 x 32: 37.5% saved.
+    assert spec.prefix_saves([long_prompt, long_prompt])
+    np.testing.assert_array_equal(spec([long_prompt])["tokens_BxT"],
+                                  L.prefix_batch([long_prompt], num_pairs=2, buckets=buckets)["tokens_BxT"])
+    # Short prompt: prefix rows 2 x 32 (31 -> 32) vs standard 4 x 16: nothing saved -> standard rows.
+    assert not spec.prefix_saves([short_prompt])
+    batch = spec([short_prompt, short_prompt])
+    expected = L.standard_batch([short_prompt, short_prompt], num_pairs=2, buckets=buckets)
+    assert set(batch) == set(expected)
+    for key in expected:
+        np.testing.assert_array_equal(batch[key], expected[key], err_msg=key)
+    # A zero threshold keeps prefix rows whenever they are not longer in padded tokens.
+    assert L.LayoutSpec(layout="prefix", num_pairs=2, buckets=buckets, prefix_min_saving=0.0).prefix_saves(
+        [short_prompt])
+    with pytest.raises(ValueError, match="prefix_min_saving must be in"):
+        L.LayoutSpec(layout="prefix", prefix_min_saving=1.0)
