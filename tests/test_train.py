@@ -8,7 +8,6 @@ import pathlib
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -173,26 +172,37 @@ def test_nonfinite_loss_skipped_when_configured(tmp_path, monkeypatch):
 ARGS = ["--config=configs/synthetic.py:runlocal=1", "--config.sft.steps=0", "--config.train.steps=12",
         "--config.train.checkpoint_every=3", "--config.train.log_every=1", "--config.train.progress=False",
         "--config.train.export_final=False", "--config.train.keep_checkpoints=20", "--config.eval.num_prompts=0"]
-# keep_checkpoints=20: the test waits for specific checkpoint steps; with the default of 2 a fast run can
-# prune a step before the poll sees it.
+# keep_checkpoints=20: every checkpoint stays for the assertions below.
 
 
-def _launch(workdir, extra=()):
+# The real entrypoint in a subprocess, with `metrics.step_flops` (called once per training step, before the
+# step runs) wrapped to send the process a real signal during a chosen step: deterministic, however fast
+# the machine is (a signal sent from outside when a checkpoint appears can arrive after the last step).
+SIGNAL_AT_STEP = """
+import os, runpy, signal, sys
+from dpo_jax import metrics
+signum, at_call = int(os.environ["TEST_SIGNAL"]), int(os.environ["TEST_SIGNAL_AT_CALL"])
+calls, step_flops = [0], metrics.step_flops
+def wrapped(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == at_call:
+        os.kill(os.getpid(), signum)
+    return step_flops(*args, **kwargs)
+metrics.step_flops = wrapped
+sys.argv = ["dpo_jax.main", *sys.argv[1:]]
+runpy.run_module("dpo_jax.main", run_name="__main__", alter_sys=True)
+"""
+
+
+def _launch(workdir, signum=None, at_call=0):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "dpo_jax.main", f"--workdir={workdir}", *ARGS, *extra],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _wait_for_checkpoint(workdir, step, proc, timeout=240):
-    target = pathlib.Path(workdir) / "checkpoints" / str(step)
-    start = time.time()
-    while not target.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before checkpoint {step}: {proc.stdout.read()[-3000:]}")
-        if time.time() - start > timeout:
-            proc.kill()
-            raise AssertionError(f"no checkpoint {step} after {timeout}s")
-        time.sleep(0.2)
+    if signum is None:
+        cmd = [sys.executable, "-m", "dpo_jax.main"]
+    else:
+        cmd = [sys.executable, "-c", SIGNAL_AT_STEP]
+        env.update(TEST_SIGNAL=str(int(signum)), TEST_SIGNAL_AT_CALL=str(at_call))
+    return subprocess.Popen([*cmd, f"--workdir={workdir}", *ARGS], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def _metrics(workdir):
@@ -203,16 +213,16 @@ def _metrics(workdir):
 
 def test_sigkill_then_resume_is_bitwise_identical_and_sigterm_exits_cleanly(tmp_path):
     full, killed, termed = tmp_path / "full", tmp_path / "killed", tmp_path / "termed"
-    procs = [_launch(full), _launch(killed), _launch(termed)]
-    _wait_for_checkpoint(killed, 6, procs[1])
-    procs[1].send_signal(signal.SIGKILL)
-    _wait_for_checkpoint(termed, 3, procs[2])
-    procs[2].send_signal(signal.SIGTERM)
-    out_term = procs[2].communicate(timeout=240)[0]
-    assert procs[2].returncode == 0, out_term[-3000:]
-    assert "SIGTERM" in out_term and not (termed / "report.json").exists()
-    procs[1].wait(timeout=60)
-    assert procs[0].wait(timeout=300) == 0, procs[0].stdout.read()[-3000:]
+    # SIGKILL during step 8 (checkpoint 6 may still be in flight); SIGTERM during step 5.
+    procs = [_launch(full), _launch(killed, signal.SIGKILL, 8), _launch(termed, signal.SIGTERM, 5)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert procs[0].returncode == 0, outs[0][-3000:]
+    assert procs[1].returncode == -signal.SIGKILL, outs[1][-3000:]
+    assert procs[2].returncode == 0, outs[2][-3000:]
+    assert "SIGTERM at step 5: checkpoint saved, exiting" in outs[2], outs[2][-3000:]
+    for workdir in (killed, termed):
+        assert not (workdir / "report.json").exists()
+    assert (termed / "checkpoints" / "5").is_dir()  # saved on SIGTERM, off the every-3-steps schedule
     for workdir in (killed, termed):
         resumed = _launch(workdir)
         out = resumed.communicate(timeout=300)[0]
