@@ -65,6 +65,7 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
         truncation_mode="keep_start",  # keep_start | keep_end (which part of the prompt survives)
         layout="standard",   # standard | prefix (prompt encoded once per pair) | packed
         prefix_min_saving=0.1,  # prefix: batches whose prefix rows save less padding are laid out standard
+        logit_slots=True,    # logits only at completion positions (per-row slots, a few C per T); False: all
         batch_size=8,        # pairs per optimizer micro-step (all processes together)
         eval_batch_size=16,  # pairs per eval batch
         min_bucket=16,       # padding buckets: powers of two from here up to the longest row
@@ -86,7 +87,7 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
         checkpoint_every=100,  # 0 = only at the end (and on SIGTERM)
         keep_checkpoints=2,
         on_nonfinite="stop",   # stop | skip (the update of a non-finite step is never applied)
-        capacity=0,            # logits at this many completion positions per batch (0 = all positions)
+        capacity=0,            # logits at this many completion positions per batch (0 = all, or data.logit_slots)
         chunk_size=1024,       # rows per log-prob chunk
         vocab_chunk_size=8192,
         export_final=True,     # write workdir/final/ in Hugging Face format

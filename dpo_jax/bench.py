@@ -15,7 +15,9 @@ n counted twice, completions a and b), in every layout, so the layouts compare o
 `real_tokens` = non-padding positions of the batch (segment id > 0; the prompt once per pair in
 the prefix layout); `padded_tokens` = B * T. FLOP model (`metrics.step_flops`): 6 N per trained
 token + 2 N per reference token (frozen reference) + attention pairs, N = matmul parameters
-including the unembedding, over the real tokens. MFU = model FLOP/s over the peak: on CPU a dense
+including the unembedding, over the real tokens; with logit slots (the default, as in training;
+`--no-logit-slots`: logits at every position, as TRL computes them) the unembedding counts only at
+the slots, where it runs. MFU = model FLOP/s over the peak: on CPU a dense
 float32 2048 x 2048 matmul measured in the same process, on GPU/TPU the chip's bf16 dense peak.
 Peak memory = temp + argument + output - alias bytes of the compiled step's memory analysis.
 """
@@ -75,6 +77,7 @@ class BenchConfig:
     pairs: int = 8
     layout: str = "standard"  # standard | prefix | packed
     prefix_min_saving: float = 0.1  # prefix: batches saving less of the padded tokens are laid out standard
+    logit_slots: bool = True  # logits only at completion positions (data.logit_slots; --no-logit-slots: all)
     bucket: int = 16  # standard / prefix rows padded to a multiple of this
     pack_rows: int = 0  # packed: rows per batch (0 = 2 * pairs)
     pack_length: int = 0  # packed: row length (0 = the longest sequence)
@@ -153,10 +156,12 @@ def layout_spec(cfg: BenchConfig) -> layouts.LayoutSpec:
     longest = cfg.longest_sequence()
     if cfg.layout == "packed":
         return layouts.LayoutSpec(layout="packed", num_pairs=cfg.pack_pairs or 4 * cfg.pairs,
-                                  num_rows=cfg.pack_rows or 2 * cfg.pairs, row_length=cfg.pack_length or longest)
+                                  num_rows=cfg.pack_rows or 2 * cfg.pairs, row_length=cfg.pack_length or longest,
+                                  logit_slots=cfg.logit_slots)
     row = 2 * longest if cfg.layout == "prefix" else longest  # prefix rows: n + a + b + 1 <= 2 * longest
     return layouts.LayoutSpec(layout=cfg.layout, num_pairs=cfg.pairs, prefix_min_saving=cfg.prefix_min_saving,
-                              buckets=tuple(range(cfg.bucket, row + cfg.bucket, cfg.bucket)))
+                              buckets=tuple(range(cfg.bucket, row + cfg.bucket, cfg.bucket)),
+                              logit_slots=cfg.logit_slots)
 
 
 def make_batches(cfg: BenchConfig) -> tuple[list[dict], list[list[dict]]]:
@@ -181,14 +186,16 @@ def batch_counts(batch: dict, examples: list[dict], model_cfg, ref_forward: bool
     """Per-step counts; `flops_completion_logits` leaves out the unembedding at positions that are not
     loss-masked (a DPO step needs the logits of completion tokens only)."""
     trl = sum(2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples)
-    flops = metrics.step_flops(model_cfg, batch, reference_forward=ref_forward)
+    flops = metrics.step_flops(model_cfg, batch, reference_forward=ref_forward)  # with logit slots: where they run
+    all_logits = {k: v for k, v in batch.items() if k != layouts.SLOTS_KEY}
+    flops_all_logits = metrics.step_flops(model_cfg, all_logits, reference_forward=ref_forward)
     elsewhere = float(np.sum(batch["segment_ids_BxT"] > 0) - np.sum(batch["loss_mask_BxT"] > 0))
     unembed_elsewhere = (8.0 if ref_forward else 6.0) * model_cfg.hidden_size * model_cfg.vocab_size * elsewhere
     return {"pairs": float(len(examples)), "tokens": float(trl),
             "real_tokens": float(np.sum(batch["segment_ids_BxT"] > 0)),
             "padded_tokens": float(batch["tokens_BxT"].size),
             "completion_tokens": float(np.sum(batch["loss_mask_BxT"])),
-            "flops": flops, "flops_completion_logits": flops - unembed_elsewhere}
+            "flops": flops, "flops_completion_logits": flops_all_logits - unembed_elsewhere}
 
 
 def memory_figures(compiled) -> dict[str, int]:
@@ -297,7 +304,8 @@ class StepTimer:
             "padded_tokens_per_step": c["padded_tokens"], "completion_tokens_per_step": c["completion_tokens"],
             "model_flops_per_step": c["flops"], "model_flops_per_s": c["flops"] / step_s,
             "flop_model": "6N per trained token + 2N per reference token + attention pairs (metrics.step_flops), "
-                          "N = matmul parameters incl. the unembedding, over the real tokens",
+                          "N = matmul parameters incl. the unembedding, over the real tokens (the unembedding "
+                          "only at the filled logit slots when the batch has them)",
             "peak_flops_per_s": statistics.median(self.peaks), "peak_source": peak_source(),
             "mfu": statistics.median(per_round(c["flops"])),
             "mfu_rounds": [round(m, 4) for m in per_round(c["flops"])],

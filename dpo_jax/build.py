@@ -91,7 +91,8 @@ def data_config(config, path: str, *, pairs: int, eval_split: bool = False) -> p
         shuffle=not eval_split, num_epochs=(d.num_epochs or None) if not eval_split else 1,
         pairs_per_batch=pairs // n, drop_remainder=not eval_split, layout=d.layout, max_length=d.max_length,
         max_prompt_length=d.max_prompt_length, truncation_mode=d.truncation_mode, min_bucket=d.min_bucket,
-        pack_length=d.pack_length, prefix_min_saving=d.prefix_min_saving, num_threads=d.num_threads)
+        pack_length=d.pack_length, prefix_min_saving=d.prefix_min_saving, logit_slots=d.logit_slots,
+        num_threads=d.num_threads)
 
 
 def model_config(config, vocab_size: int) -> ModelConfig:

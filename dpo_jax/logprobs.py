@@ -8,7 +8,9 @@ Pure functions; no model import. All log-prob math is float32 whatever the input
 - `sequence_logps`: segment sums over pair ids of the masked token log-probs, split by branch
   (1 = chosen, 2 = rejected), the token counts, and LD-DPO's shared-prefix sums.
 - `gather_completions` / `completion_logps`: only completion positions need logits; gather the
-  loss-masked positions of [B, T, D] hidden states into a static-capacity [C, D] buffer first.
+  loss-masked positions of [B, T, D] hidden states into a static-capacity [C, D] buffer first, or,
+  when the batch carries `logit_slots_BxC` (per-row positions computed on the host, see
+  `data.layouts.logit_slots`), into [B, C, D] rows (`slot_completions`: shards like the batch).
 """
 
 import functools
@@ -24,6 +26,7 @@ DEFAULT_CHUNK_SIZE = 1024
 DEFAULT_VOCAB_CHUNK_SIZE = 8192
 
 BATCH_KEYS = ("targets_BxT", "loss_mask_BxT", "pair_ids_BxT", "branch_ids_BxT")
+SLOTS_KEY = "logit_slots_BxC"  # optional: per-row loss-masked positions, -1 pads
 
 
 # --------------------------------------------------------------------------------------------
@@ -420,6 +423,23 @@ def gather_completions(hidden_BxTxD, batch: Mapping[str, Any], capacity: int) ->
     )
 
 
+def slot_completions(hidden_BxTxD, batch: Mapping[str, Any]):
+    """(hidden_BxCxD, targets_BxC, loss_mask_BxC, pair_ids_BxC, branch_ids_BxC) at the positions of
+    `batch["logit_slots_BxC"]` (row b, slot c -> position slots[b, c]); -1 slots get loss mask 0 and
+    branch 0, so they count nowhere. Rows stay rows: the gather shards with the batch."""
+    slots_BxC = batch[SLOTS_KEY]
+    if slots_BxC.ndim != 2 or slots_BxC.shape[0] != hidden_BxTxD.shape[0]:
+        raise ValueError(f"batch[{SLOTS_KEY!r}] must be [B, C] with B = {hidden_BxTxD.shape[0]}; "
+                         f"got {tuple(slots_BxC.shape)}")
+    valid_BxC = slots_BxC >= 0
+    index_BxC = jnp.where(valid_BxC, slots_BxC, 0).astype(jnp.int32)
+    take = lambda x: jnp.take_along_axis(x, index_BxC, axis=1)  # noqa: E731
+    hidden_BxCxD = jnp.take_along_axis(hidden_BxTxD, index_BxC[..., None], axis=1)
+    mask_BxC = jnp.where(valid_BxC, take(batch["loss_mask_BxT"]), 0).astype(batch["loss_mask_BxT"].dtype)
+    branch_BxC = jnp.where(valid_BxC, take(batch["branch_ids_BxT"]), 0)
+    return hidden_BxCxD, take(batch["targets_BxT"]), mask_BxC, take(batch["pair_ids_BxT"]), branch_BxC
+
+
 def completion_logps(
     hidden_BxTxD,
     unembed_DxV,
@@ -434,7 +454,8 @@ def completion_logps(
 ) -> SequenceLogps:
     """Per-pair log-probs of a batch (docs/design.md, "The batch") from its final hidden states.
 
-    capacity None: logits at all B*T positions. capacity C: logits only at the first C loss-masked
+    capacity None: logits at all B*T positions, or, when the batch has `logit_slots_BxC`, at its
+    B*C slots (`slot_completions`; same values). capacity C: logits only at the first C loss-masked
     positions (`gather_completions`); every field of a pair that lost tokens to the capacity is
     NaN, so an overflow cannot pass silently. naive: `naive_token_logps` (float32 [N, V] logits at
     once) instead of the chunked `token_logps`, to measure what chunking saves.
@@ -443,6 +464,10 @@ def completion_logps(
     mask, pairs, branches = batch["loss_mask_BxT"], batch["pair_ids_BxT"], batch["branch_ids_BxT"]
     sizes = dict(bias_V=bias_V, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size)
     token_logps_fn = naive_token_logps if naive else token_logps
+    if capacity is None and SLOTS_KEY in batch:
+        hidden_BxCxD, targets_BxC, mask_BxC, pairs_BxC, branches_BxC = slot_completions(hidden_BxTxD, batch)
+        logps_BxC = token_logps_fn(hidden_BxCxD, unembed_DxV, targets_BxC, **sizes)
+        return sequence_logps(logps_BxC, mask_BxC, pairs_BxC, branches_BxC, num_pairs)
     if capacity is None:
         logps_BxT = token_logps_fn(hidden_BxTxD, unembed_DxV, batch["targets_BxT"], **sizes)
         return sequence_logps(logps_BxT, mask, pairs, branches, num_pairs)

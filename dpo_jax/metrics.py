@@ -44,12 +44,17 @@ def attention_pairs(segment_ids_BxT: np.ndarray, positions_BxT: np.ndarray, bran
 
 
 def step_flops(cfg, batch: Mapping[str, np.ndarray], *, reference_forward: bool) -> float:
-    """Model FLOPs of one training step on `batch` (host arrays)."""
+    """Model FLOPs of one training step on `batch` (host arrays): 6 N per trained token (2 N per
+    frozen-reference token) + 12 (4) L H E per attended pair, N = matmul parameters; with
+    `logit_slots_BxC` the unembedding (D V of N) counts only at the filled slots, where it runs."""
     tokens = float(np.sum(np.asarray(batch["segment_ids_BxT"]) > 0))
     pairs = attention_pairs(batch["segment_ids_BxT"], batch["positions_BxT"], batch["branch_ids_BxT"])
     n, he = matmul_params(cfg), cfg.num_layers * cfg.num_heads * cfg.head_dim
-    train = 6.0 * n * tokens + 12.0 * he * pairs
-    ref = (2.0 * n * tokens + 4.0 * he * pairs) if reference_forward else 0.0
+    unembed = cfg.hidden_size * cfg.vocab_size
+    logit_positions = float(np.sum(np.asarray(batch["logit_slots_BxC"]) >= 0)) if "logit_slots_BxC" in batch else tokens
+    per_pass = (n - unembed) * tokens + unembed * logit_positions  # multiply-adds of one forward
+    train = 6.0 * per_pass + 12.0 * he * pairs
+    ref = (2.0 * per_pass + 4.0 * he * pairs) if reference_forward else 0.0
     return train + ref
 
 

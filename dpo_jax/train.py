@@ -148,7 +148,8 @@ def fit(stage: Stage, state, state_sh, step_cfg: step.StepConfig, mesh, config, 
     tc = config.train
     members = step_cfg.members
     tx_steps = stage.steps * stage.optim_cfg.grad_accum
-    batch_keys = layouts.BATCH_KEYS + tuple(f"{k}_P" for k in stage.data_cfg.pair_scalars)
+    batch_keys = (layouts.BATCH_KEYS + tuple(f"{k}_P" for k in stage.data_cfg.pair_scalars)
+                  + ((layouts.SLOTS_KEY,) if stage.data_cfg.logit_slots else ()))
     train_fn, eval_fn = compiled_steps(step_cfg, state_sh, mesh, batch_keys)
     train_iter = pipeline.make_train_iterator(stage.train_rows, stage.tokenize_fn, stage.data_cfg)
     eval_batches = None

@@ -71,13 +71,15 @@ def setup():
     steps = {}  # one jitted step per setting: a batch shape compiles once
 
     def run(spec, naive_logits=False):
-        if naive_logits not in steps:
+        batch = spec(examples)
+        key = (naive_logits, tuple(sorted(batch)))
+        if key not in steps:
             cfg = step.StepConfig(graphdef=graphdef, objective=losses.Objective(("sigmoid",)), tx=tx,
                                   lr=lambda s: 1e-2, chunk_size=16, vocab_chunk_size=16, naive_logits=naive_logits)
-            steps[naive_logits] = train.compiled_steps(cfg, state_sh, mesh, layouts.BATCH_KEYS)[0]
-        train_fn = steps[naive_logits]
+            steps[key] = train.compiled_steps(cfg, state_sh, mesh, key[1])[0]
+        train_fn = steps[key]
         fresh = jax.tree.map(lambda x: x.copy(), state)  # the step donates its state
-        _, m = train_fn(fresh, sharding.global_batch(spec(examples), mesh), HP)
+        _, m = train_fn(fresh, sharding.global_batch(batch, mesh), HP)
         return {k: float(v) for k, v in m.items()}
 
     return run
@@ -92,6 +94,10 @@ def test_train_step_loss_is_the_same_in_every_layout(setup):
         "packed": layouts.LayoutSpec(layout="packed", num_pairs=PAIRS, num_rows=8, row_length=32),
         "packed+prefix": layouts.LayoutSpec(layout="packed", num_pairs=PAIRS, num_rows=8, row_length=32,
                                             share_prefix=True),
+        "standard+slots": dataclasses.replace(STANDARD, logit_slots=True),
+        "prefix+slots": layouts.LayoutSpec(layout="prefix", num_pairs=PAIRS, buckets=(32,), logit_slots=True),
+        "packed+slots": layouts.LayoutSpec(layout="packed", num_pairs=PAIRS, num_rows=8, row_length=32,
+                                           logit_slots=True),
     }
     ref = setup(STANDARD)
     assert abs(ref["loss"] - np.log(2.0)) > 1e-3, "policy and reference differ: the loss is not ln 2"

@@ -308,6 +308,38 @@ def test_compacted_path_equals_full_path():
             np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5, err_msg=f"capacity {capacity}")
 
 
+def test_logit_slots_path_equals_full_path():
+    """Per-row slots from the host (`layouts.logit_slots`): same sums (LD-DPO's shared ones too) and
+    gradients as logits at every position; -1 slots count nowhere."""
+    from dpo_jax.data import layouts  # pylint: disable=g-import-not-at-top
+
+    hidden, unembed, batch = _batch(3, 8, 30)
+
+    def run(h, w, b):
+        seq = completion_logps(h, w, b, P, chunk_size=8, vocab_chunk_size=16)
+        return jnp.sum(seq.chosen_shared - 0.5 * seq.rejected + 0.1 * seq.chosen), seq
+
+    grad_fn = jax.jit(jax.value_and_grad(run, argnums=(0, 1), has_aux=True))
+    (_, full), full_grads = grad_fn(hidden, unembed, batch)
+    mask = np.asarray(batch["loss_mask_BxT"])
+    assert np.array_equal(layouts.logit_slots(mask), [np.r_[np.nonzero(r)[0], [-1] * (T - int(r.sum()))] for r in mask])
+    slots = np.full((len(mask), 12), -1, np.int32)  # C = 12 < T = 16: the fullest row has 11
+    for b, row in enumerate(mask):
+        (where,) = np.nonzero(row)
+        slots[b, :len(where)] = where
+    (_, sl), slot_grads = grad_fn(hidden, unembed, {**batch, "logit_slots_BxC": jnp.asarray(slots)})
+    for name in SequenceLogps._fields:
+        np.testing.assert_allclose(getattr(sl, name), getattr(full, name), rtol=1e-5, atol=1e-5, err_msg=name)
+    for g, r in zip(slot_grads, full_grads):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+    # A slot pointing at a masked position that is NOT listed drops that token: the path really reads the slots.
+    fewer = slots.copy()
+    fewer[0, 0] = -1
+    (_, dropped), _ = grad_fn(hidden, unembed, {**batch, "logit_slots_BxC": jnp.asarray(fewer)})
+    assert not np.allclose(np.asarray(dropped.chosen_len) + np.asarray(dropped.rejected_len),
+                           np.asarray(full.chosen_len) + np.asarray(full.rejected_len))
+
+
 def test_gather_completions_and_overflow_poisons_only_lost_pairs():
     hidden, unembed, batch = _batch(3, 8, 30)
     comp = jax.jit(gather_completions, static_argnums=2)(hidden, batch, 40)

@@ -96,6 +96,20 @@ def test_step_flops_is_6n_trained_and_2n_reference():
     assert metrics.step_flops(cfg, longer, reference_forward=True) == both
 
 
+def test_step_flops_count_the_unembedding_only_at_filled_logit_slots():
+    cfg = LLAMA
+    batch = SPECS["standard"](_examples(np.random.default_rng(3), 6))
+    slotted = {**batch, layouts.SLOTS_KEY: layouts.logit_slots(batch["loss_mask_BxT"])}
+    tokens = int((batch["segment_ids_BxT"] > 0).sum())
+    completions = int((batch["loss_mask_BxT"] > 0).sum())
+    assert 0 < completions < tokens
+    unembed = cfg.hidden_size * cfg.vocab_size
+    for ref, per_token in ((False, 6), (True, 8)):
+        saved = metrics.step_flops(cfg, batch, reference_forward=ref) - metrics.step_flops(
+            cfg, slotted, reference_forward=ref)
+        assert saved == pytest.approx(per_token * unembed * (tokens - completions), rel=1e-12)
+
+
 def test_mean_is_weighted():
     m = metrics.Mean()
     assert m.result() == {}

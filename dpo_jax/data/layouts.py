@@ -27,6 +27,11 @@ gives the chosen and rejected sums in every layout. Layouts (P = pair capacity, 
   pair, or one prefix segment with ``share_prefix``) are placed greedily first-fit in example
   order, segment ids 1..S per row, positions restarting at 0 in each segment.
 
+With ``logit_slots``, a batch also carries ``logit_slots_BxC``: per row, the positions whose loss
+mask is set (ascending; -1 pads), C = the smallest of T/4, T/2, 3T/4, T (rounded up to a multiple
+of 8, at most T) that holds every row's count. Log-probs then need logits at B x C positions
+instead of B x T (prompts and padding need none); the values are the same.
+
 Unpaired (KTO) examples: one sequence segment per example, branch 1 for desirable (label true),
 branch 2 for undesirable; ``standard`` and ``prefix`` give one row per example (B = P), ``packed``
 packs them; ``pair_ids``/``pair_mask_P`` index examples.
@@ -51,6 +56,7 @@ BATCH_KEYS = (
     "pair_ids_BxT",
     "pair_mask_P",
 )
+SLOTS_KEY = "logit_slots_BxC"
 
 Example = Mapping[str, Any]
 
@@ -266,6 +272,28 @@ def packed_batch(
     return batch
 
 
+def slot_levels(length: int) -> tuple[int, ...]:
+    """The allowed slot counts C of rows of length T: T/4, T/2, 3T/4, T rounded up to multiples of 8,
+    at most T (few distinct C, so few compiled shapes)."""
+    quarter = -(-length // 4)
+    return tuple(sorted({min(length, -(-(k * quarter) // 8) * 8) for k in (1, 2, 3)} | {length}))
+
+
+def logit_slots(loss_mask_BxT: np.ndarray) -> np.ndarray:
+    """[B, C] int32: per row, the positions with loss mask > 0 in ascending order, then -1;
+    C = the smallest of `slot_levels(T)` that holds the fullest row."""
+    mask_BxT = np.asarray(loss_mask_BxT) > 0
+    rows, length = mask_BxT.shape
+    counts_B = mask_BxT.sum(axis=1)
+    need = int(counts_B.max(initial=0))
+    c = min(level for level in slot_levels(length) if level >= need)
+    slots_BxC = np.full((rows, c), -1, np.int32)
+    for b in range(rows):
+        (where,) = np.nonzero(mask_BxT[b])
+        slots_BxC[b, : len(where)] = where
+    return slots_BxC
+
+
 @dataclasses.dataclass(frozen=True)
 class LayoutSpec:
     """Everything that fixes the batch shapes; calling it lays out a list of examples.
@@ -283,6 +311,7 @@ class LayoutSpec:
     pad_id: int = 0
     pair_scalars: tuple[str, ...] = ()  # per-example float fields carried into `<name>_P` (0 for filler)
     prefix_min_saving: float = 0.1  # prefix: lay a batch out standard unless prefix rows save this much
+    logit_slots: bool = False  # add `logit_slots_BxC`: logits only where the loss mask is set
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -319,6 +348,8 @@ class LayoutSpec:
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, np.ndarray]:
         batch = self._layout(examples)
+        if self.logit_slots:
+            batch[SLOTS_KEY] = logit_slots(batch["loss_mask_BxT"])
         for key in self.pair_scalars:  # e.g. precomputed reference log-probs of each pair
             values = np.zeros((self.num_pairs,), np.float32)
             for p, example in enumerate(examples):

@@ -76,6 +76,7 @@ class DataConfig:
     pack_length: int = 0
     share_prefix: bool = False
     prefix_min_saving: float = 0.1  # prefix layout: a batch saving less (padded tokens) is laid out standard
+    logit_slots: bool = False  # batches carry `logit_slots_BxC`: logits only at loss-masked positions
     pad_id: int = 0
     num_threads: int = 0
     prefetch_buffer_size: int = 64
@@ -103,6 +104,7 @@ class DataConfig:
             pad_id=self.pad_id,
             pair_scalars=self.pair_scalars,
             prefix_min_saving=self.prefix_min_saving,
+            logit_slots=self.logit_slots,
         )
 
     def validate(self) -> None:

@@ -235,3 +235,26 @@ def test_prefix_layout_falls_back_to_standard_rows_when_sharing_saves_too_little
         [short_prompt])
     with pytest.raises(ValueError, match="prefix_min_saving must be in"):
         L.LayoutSpec(layout="prefix", prefix_min_saving=1.0)
+
+
+def test_logit_slots_list_each_rows_loss_masked_positions():
+    assert L.slot_levels(128) == (32, 64, 96, 128)
+    assert L.slot_levels(16) == (8, 16) and L.slot_levels(8) == (8,)
+    batch = L.standard_batch([PAIR], num_pairs=2, buckets=(8,))  # loss mask rows [0,0,1,1,0..], [], [0,0,1,1,1,..], []
+    np.testing.assert_array_equal(L.logit_slots(batch["loss_mask_BxT"]),
+                                  [[2, 3, -1, -1, -1, -1, -1, -1], [-1] * 8, [2, 3, 4, -1, -1, -1, -1, -1], [-1] * 8])
+    mask = np.zeros((2, 128), np.float32)
+    mask[0, 64:128] = 1  # a 64-token completion after a 64-token prompt: C = 64, half of T
+    mask[1, 70:90] = 1
+    slots = L.logit_slots(mask)
+    assert slots.shape == (2, 64)
+    np.testing.assert_array_equal(slots[0], np.arange(64, 128))
+    np.testing.assert_array_equal(slots[1], np.r_[np.arange(70, 90), [-1] * 44])
+    mask[1, :] = 1
+    assert L.logit_slots(mask).shape == (2, 128)
+    for layout, extra in (("standard", {}), ("prefix", {}), ("packed", dict(num_rows=2, row_length=32))):
+        spec = L.LayoutSpec(layout=layout, num_pairs=2, buckets=(16, 32), logit_slots=True, **extra)
+        out = spec(_random_pairs(2, seed=3))
+        np.testing.assert_array_equal(out[L.SLOTS_KEY], L.logit_slots(out["loss_mask_BxT"]))
+        assert L.SLOTS_KEY not in L.LayoutSpec(layout=layout, num_pairs=2, buckets=(16, 32), **extra)(
+            _random_pairs(2, seed=3))
