@@ -31,6 +31,7 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
         dtype="float32",        # compute dtype: float32 | bfloat16 (log-probs and losses are float32 always)
         param_dtype="float32",  # master weights
         remat="none",           # none | full | dots | dots_all
+        scan_min_layers=9,      # scan the layer stack from this depth (shallower: unrolled, faster; 0 = always)
         tokenizer="",           # tokenizer dir; empty = model.path, or the synthetic world's tokenizer
         lora=dict(rank=0, alpha=16.0, targets=("attention", "mlp")),  # rank 0 = full fine-tuning
     )

@@ -71,6 +71,7 @@ class BenchConfig:
     dtype: str = "float32"  # compute and parameter dtype
     remat: str = "none"
     scan_layers: bool = True
+    scan_min_layers: int = transformer.ModelConfig.scan_min_layers  # shallower stacks run unrolled
     prompt_len: int = 64
     completion_len: int = 64  # tokens of each completion, EOS included
     lengths: str = ""  # "uniform:LO:HI": each sequence (prompt + completion) length ~ U{LO..HI}
@@ -110,6 +111,7 @@ class BenchConfig:
             vocab_size=self.vocab, hidden_size=self.hidden, intermediate_size=self.intermediate,
             num_layers=self.layers, num_heads=self.heads, num_kv_heads=self.kv_heads, tie_embeddings=self.tie,
             dtype=self.dtype, param_dtype=self.dtype, remat=self.remat, scan_layers=self.scan_layers,
+            scan_min_layers=self.scan_min_layers,
             max_position_embeddings=4096, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
 
     def objective(self) -> losses.Objective:

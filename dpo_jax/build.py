@@ -103,7 +103,8 @@ def model_config(config, vocab_size: int) -> ModelConfig:
               intermediate_size=a.intermediate_size, num_layers=a.num_layers, num_heads=a.num_heads,
               num_kv_heads=a.num_kv_heads, head_dim=a.head_dim or None, tie_embeddings=a.tie_embeddings,
               max_position_embeddings=a.max_position_embeddings, rope_theta=a.rope_theta,
-              dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat)
+              dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat,
+              scan_min_layers=config.model.scan_min_layers)
     kw.update(_FAMILY_TRAITS.get(a.family, {}))
     if a.family in ("gpt2", "gpt_neox"):  # no grouped-query attention in these families
         kw["num_kv_heads"] = a.num_heads
@@ -124,7 +125,7 @@ def policy(config, tok, path: str = "") -> Decoder:
     path = path or config.model.path
     kw = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype)
     if path:
-        return hf.load_model(path, remat=config.model.remat, **kw)
+        return hf.load_model(path, remat=config.model.remat, scan_min_layers=config.model.scan_min_layers, **kw)
     vocab = len(tok)
     cfg = model_config(config, vocab)
     cfg = dataclasses.replace(cfg, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -138,6 +139,7 @@ def reference(config, initial_policy: Decoder) -> Optional[Decoder]:
     if config.reference.mode not in ("frozen", "sync", "precomputed"):
         return None
     if config.reference.path:
-        return hf.load_model(config.reference.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+        return hf.load_model(config.reference.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                             scan_min_layers=config.model.scan_min_layers)
     graphdef, state = nnx.split(initial_policy)
     return nnx.merge(graphdef, jax.tree.map(lambda x: x.copy() if hasattr(x, "copy") else x, state))

@@ -92,6 +92,7 @@ def validate(config) -> None:
     _choice("model.dtype", config.model.dtype, DTYPES)
     _choice("model.param_dtype", config.model.param_dtype, DTYPES)
     _choice("model.remat", config.model.remat, REMAT_POLICIES)
+    _positive("model.scan_min_layers", config.model.scan_min_layers, zero_ok=True)
     if not config.model.path:
         _choice("model.arch.family", config.model.arch.family, FAMILIES)
     _choice("data.layout", config.data.layout, layouts.LAYOUTS)

@@ -1,5 +1,6 @@
 """Tests of the train/eval step: closed form at step 0, frozen reference, sharding, no recompiles."""
 
+import dataclasses
 import math
 
 import chex
@@ -35,9 +36,9 @@ def make_batches(seed=0, steps=5, pairs=8, layout="standard"):
     return [spec(random_examples(rng, pairs)) for _ in range(steps)]
 
 
-def setup(mesh, objective=("sigmoid",), ref_mode="frozen", same_reference=True, lr=1e-2):
-    policy = Decoder(CFG, rngs=nnx.Rngs(0))
-    reference = Decoder(CFG, rngs=nnx.Rngs(0 if same_reference else 1)) if ref_mode in ("frozen", "sync") else None
+def setup(mesh, objective=("sigmoid",), ref_mode="frozen", same_reference=True, lr=1e-2, cfg=CFG):
+    policy = Decoder(cfg, rngs=nnx.Rngs(0))
+    reference = Decoder(cfg, rngs=nnx.Rngs(0 if same_reference else 1)) if ref_mode in ("frozen", "sync") else None
     obj = losses.Objective(objective)
     tx = optax.adamw(lr)
     state, state_sh, graphdef = train.init_state(policy, reference, tx, mesh, seed=0)
@@ -111,15 +112,18 @@ def test_nonfinite_step_is_not_applied():
         np.testing.assert_array_equal(a, np.asarray(b))
 
 
-@pytest.mark.parametrize("layout", ["standard", "prefix"])
-def test_sharded_equals_unsharded(layout):
-    """Five steps on a data=2, fsdp=2, tensor=2 mesh of 8 CPU devices give the one-device losses."""
+@pytest.mark.parametrize("layout,scan", [("standard", True), ("prefix", True), ("standard", False)])
+def test_sharded_equals_unsharded(layout, scan):
+    """Five steps on a data=2, fsdp=2, tensor=2 mesh of 8 CPU devices give the one-device losses
+    (layer stack scanned, as in deep models, or unrolled, as in shallow ones)."""
     assert jax.device_count() >= 8, "tests/conftest.py sets 8 fake CPU devices"
     batches = make_batches(steps=5, layout=layout)
     assert {b["tokens_BxT"].shape[0] for b in batches} == {8 if layout == "prefix" else 16}  # 8 pairs
     runs = {}
+    cfg = dataclasses.replace(CFG, scan_min_layers=0 if scan else CFG.num_layers + 1)
+    assert cfg.scanned is scan
     for name, mesh in (("one", one_device_mesh()), ("mesh", sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))):
-        state, train_fn, _, obj = setup(mesh, same_reference=False)
+        state, train_fn, _, obj = setup(mesh, same_reference=False, cfg=cfg)
         hp = obj.params(beta=0.1)
         out = []
         for b in batches:

@@ -29,7 +29,8 @@ PRESETS = {
 
 
 def tiny(preset="llama", **kw):
-    return ModelConfig(**{**_BASE, **PRESETS[preset], **kw})
+    """A 2-layer model of `preset`; the layer stack is scanned (scan_min_layers=0), as in deep models."""
+    return ModelConfig(**{**_BASE, **PRESETS[preset], "scan_min_layers": 0, **kw})
 
 
 @functools.cache
@@ -214,7 +215,21 @@ def test_scan_and_unrolled_layers_agree():
     toks = tokens(2, 6)
     a = fwd(model_of(tiny("qwen3")), toks)
     b = fwd(model_of(tiny("qwen3", scan_layers=False)), toks)
+    c = fwd(model_of(tiny("qwen3", scan_min_layers=3)), toks)  # 2 layers < 3: unrolled
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(c, b, rtol=1e-5, atol=1e-5)
+
+
+def test_shallow_stacks_unroll_deep_stacks_scan():
+    assert ModelConfig(num_layers=2).scanned is False  # default scan_min_layers = 9
+    assert ModelConfig(num_layers=9).scanned is True
+    assert ModelConfig(num_layers=9, scan_layers=False).scanned is False
+    assert ModelConfig(num_layers=2, scan_min_layers=0).scanned is True
+    for cfg, has_scan in ((tiny(), True), (tiny(scan_min_layers=3), False)):
+        model = nnx.eval_shape(lambda cfg=cfg: Decoder(cfg, rngs=nnx.Rngs(0)))
+        graphdef, state = nnx.split(model)
+        jaxpr = str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens(2, 6)))(state))
+        assert ("scan[" in jaxpr) is has_scan
 
 
 # ----------------------------------------------------------------------------- KV cache
