@@ -118,25 +118,3 @@ def test_bench_config_fields_are_cli_flags():
     cfg, _ = bench.parse_args(["--layout", "packed", "--no-scan-layers", "--capacity", "-1"])
     assert cfg == dataclasses.replace(bench.BenchConfig(), layout="packed", scan_layers=False, capacity=-1)
 
-
-def test_masked_attention_equals_jax_dot_product_attention():
-    """The decoder's attention (rewritten for CPU speed) against jax.nn.dot_product_attention: values
-    and gradients, grouped KV heads, a fully masked row, float32 and bfloat16."""
-    from dpo_jax.models.transformer import masked_attention
-
-    ks = jax.random.split(jax.random.key(0), 4)
-    q, k, v = (jax.random.normal(kk, shape) for kk, shape in zip(ks, [(2, 5, 4, 8), (2, 7, 2, 8), (2, 7, 2, 8)]))
-    mask = jax.random.bernoulli(ks[3], 0.6, (2, 1, 5, 7)).at[0, 0, 1].set(False)
-
-    def loss(fn):
-        return lambda q, k, v: jax.numpy.sum(jax.numpy.sin(fn(q, k, v)))
-
-    ours = lambda q, k, v: masked_attention(q, k, v, mask, 0.3)  # noqa: E731
-    ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, scale=0.3)  # noqa: E731
-    np.testing.assert_allclose(ours(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-6)
-    for g, r in zip(jax.grad(loss(ours), argnums=(0, 1, 2))(q, k, v), jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)):
-        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
-    bf16 = [x.astype(jax.numpy.bfloat16) for x in (q, k, v)]
-    out = ours(*bf16)
-    assert out.dtype == jax.numpy.bfloat16
-    np.testing.assert_allclose(np.asarray(out, np.float32), ref(q, k, v), atol=3e-2)

@@ -1,0 +1,118 @@
+"""Pure layer math of the decoder (`models/transformer.py`): the attention rule of docs/design.md,
+rotary embeddings, norms, activations, grouped-query attention and the 2-D projection matmul.
+Functions of arrays only; `rope_inv_freq` reads a `ModelConfig`'s rope fields.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+# ----------------------------------------------------------------------------- the attention rule
+
+
+def attention_mask(q_segment_ids_BxT, q_positions_BxT, q_branch_ids_BxT,
+                   k_segment_ids_BxS, k_positions_BxS, k_branch_ids_BxS, *, sliding_window=None):
+    """Bx1xTxS bool: query i sees key j iff seg[i] == seg[j] != 0, pos[j] <= pos[i],
+    branch[j] in {0, branch[i]} (and pos[i] - pos[j] < sliding_window when given)."""
+    qs, ks = q_segment_ids_BxT[:, :, None], k_segment_ids_BxS[:, None, :]
+    qp, kp = q_positions_BxT[:, :, None], k_positions_BxS[:, None, :]
+    qb, kb = q_branch_ids_BxT[:, :, None], k_branch_ids_BxS[:, None, :]
+    mask = (qs == ks) & (qs != 0) & (kp <= qp) & ((kb == 0) | (kb == qb))
+    if sliding_window is not None:
+        mask &= qp - kp < sliding_window
+    return mask[:, None]
+
+
+def make_attention_mask(segment_ids_BxT, positions_BxT, branch_ids_BxT=None, *, sliding_window=None):
+    """The attention rule of docs/design.md on one row set: Bx1xTxT bool (see `attention_mask`).
+    Padding (segment 0) sees nothing; attention turns such rows uniform, never NaN."""
+    if branch_ids_BxT is None:
+        branch_ids_BxT = jnp.zeros_like(segment_ids_BxT)
+    return attention_mask(segment_ids_BxT, positions_BxT, branch_ids_BxT,
+                          segment_ids_BxT, positions_BxT, branch_ids_BxT, sliding_window=sliding_window)
+
+
+# ----------------------------------------------------------------------------- pure layer math
+
+
+def rope_inv_freq(cfg) -> np.ndarray:
+    """inv_freq_k = theta^(-2k / R), k < R/2 (R = rotary dim), then the configured scaling."""
+    dim = cfg.rotary_dim
+    inv = (1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))).astype(np.float32)
+    sc = cfg.rope_scaling
+    if sc is None or sc.rope_type == "default":
+        return inv
+    if sc.rope_type == "linear":
+        return (inv / sc.factor).astype(np.float32)
+    low_wavelen = sc.original_max_position_embeddings / sc.low_freq_factor
+    high_wavelen = sc.original_max_position_embeddings / sc.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / sc.factor, inv)
+    smooth = (sc.original_max_position_embeddings / wavelen - sc.low_freq_factor) / (
+        sc.high_freq_factor - sc.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / sc.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x_BxTxNxE, sin_BxTxR2, cos_BxTxR2):
+    """Rotate the first R dims of each head in halves: [x1, x2] -> [x1 c - x2 s, x2 c + x1 s]."""
+    r2 = sin_BxTxR2.shape[-1]
+    x = x_BxTxNxE.astype(jnp.float32)
+    x1, x2, rest = x[..., :r2], x[..., r2:2 * r2], x[..., 2 * r2:]
+    s, c = sin_BxTxR2[:, :, None, :], cos_BxTxR2[:, :, None, :]
+    out = jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s, rest], axis=-1)
+    return out.astype(x_BxTxNxE.dtype)
+
+
+def norm(x, scale, bias, kind, eps):
+    """RMSNorm x / sqrt(mean x^2 + eps) * scale, or LayerNorm (x - mu) / sqrt(var + eps) * scale + bias;
+    statistics in float32."""
+    x32 = x.astype(jnp.float32)
+    if kind == "rms":
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    else:
+        mu = jnp.mean(x32, axis=-1, keepdims=True)
+        y = (x32 - mu) * jax.lax.rsqrt(jnp.var(x32, axis=-1, keepdims=True) + eps)
+    y = y.astype(x.dtype) * scale.astype(x.dtype)
+    return y if bias is None else y + bias.astype(x.dtype)
+
+
+def activation(x, kind):
+    if kind == "silu":
+        return jax.nn.silu(x)
+    return jax.nn.gelu(x, approximate=(kind == "gelu_tanh"))
+
+
+def masked_attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, mask_Bx1xTxS, scale: float):
+    """o_i = sum_j e_ij v_j / sum_j e_ij, e_ij = exp(s_ij - max_j s_ij), s_ij = scale q_i . k_j where
+    the mask admits j (else -inf); query heads grouped over the K key/value heads (H = K G).
+    Scores and the normalization in float32; a row that sees nothing averages all values (never
+    NaN). Same math as `jax.nn.dot_product_attention`; head-major layouts and normalizing after
+    the value product make it about 10% faster in the CPU train step (docs/performance.md)."""
+    B, T, H, E = q_BxTxHxE.shape
+    K = k_BxSxKxE.shape[2]
+    q_BxKxGxTxE = (q_BxTxHxE * jnp.asarray(scale, q_BxTxHxE.dtype)).reshape(B, T, K, H // K, E).transpose(
+        0, 2, 3, 1, 4)
+    k_BxKxSxE, v_BxKxSxE = k_BxSxKxE.transpose(0, 2, 1, 3), v_BxSxKxE.transpose(0, 2, 1, 3)
+    s = jnp.einsum("bkgte,bkse->bkgts", q_BxKxGxTxE, k_BxKxSxE, preferred_element_type=jnp.float32)
+    s = jnp.where(mask_Bx1xTxS[:, :, None], s, jnp.finfo(jnp.float32).min)
+    e = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))  # shift-invariant: no gradient
+    o = jnp.einsum("bkgts,bkse->bkgte", e.astype(v_BxKxSxE.dtype), v_BxKxSxE, preferred_element_type=jnp.float32)
+    o = o / jnp.sum(e, axis=-1, keepdims=True)
+    return o.astype(q_BxTxHxE.dtype).transpose(0, 3, 1, 2, 4).reshape(B, T, H, E)
+
+
+def dense(x, w, in_axes: int = 1):
+    """x [..., I1..Ik] @ w [I1..Ik, O...] (k = in_axes) as ONE 2-D matmul over the flattened rows.
+    Same math as the einsum; on XLA:CPU the backward of a 3-D einsum such as "btd,df->btf"
+    materializes transposed copies of the [B*T, F] activations and runs about 2x slower."""
+    lead, inner = x.shape[:x.ndim - in_axes], x.shape[x.ndim - in_axes:]
+    k = math.prod(inner)
+    y = x.reshape(-1, k) @ w.reshape(k, -1)
+    return y.reshape(*lead, *w.shape[in_axes:])
