@@ -33,7 +33,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from dpo_jax import bench, step  # noqa: E402
+from dpo_jax import bench, metrics, step  # noqa: E402
 
 
 def override(cfg: bench.BenchConfig, text: str) -> bench.BenchConfig:
@@ -81,19 +81,6 @@ def pieces(timer: bench.StepTimer) -> dict:
     return {f"piece:{k}": (lambda f=jax.jit(f): f(timer.state, timer.batches[0])) for k, f in fns.items()}
 
 
-def matmul_flops_per_cpu_s(n: int = 2048, repeats: int = 3) -> float:
-    """FLOPs of a float32 n x n matmul per second of process CPU time (all threads), best of `repeats`."""
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        c = time.process_time()
-        f(a).block_until_ready()
-        best = min(best, time.process_time() - c)
-    return 2.0 * n**3 / best
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", nargs="*", default=["base"])
@@ -118,7 +105,7 @@ def main(argv=None):
     peaks, cpu_peaks = [], []
     for r in range(args.rounds):
         peaks.append(bench.matmul_rate())
-        cpu_peaks.append(matmul_flops_per_cpu_s())
+        cpu_peaks.append(metrics.measured_matmul_flops(repeats=3, clock=time.process_time))
         for name in names[r % len(names):] + names[:r % len(names)]:
             t, c = time.perf_counter(), time.process_time()
             f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -283,15 +283,10 @@ def logit_slots(loss_mask_BxT: np.ndarray) -> np.ndarray:
     """[B, C] int32: per row, the positions with loss mask > 0 in ascending order, then -1;
     C = the smallest of `slot_levels(T)` that holds the fullest row."""
     mask_BxT = np.asarray(loss_mask_BxT) > 0
-    rows, length = mask_BxT.shape
-    counts_B = mask_BxT.sum(axis=1)
-    need = int(counts_B.max(initial=0))
-    c = min(level for level in slot_levels(length) if level >= need)
-    slots_BxC = np.full((rows, c), -1, np.int32)
-    for b in range(rows):
-        (where,) = np.nonzero(mask_BxT[b])
-        slots_BxC[b, : len(where)] = where
-    return slots_BxC
+    need = int(mask_BxT.sum(axis=1).max(initial=0))
+    c = min(level for level in slot_levels(mask_BxT.shape[1]) if level >= need)
+    order_BxC = np.argsort(~mask_BxT, axis=1, kind="stable")[:, :c]  # masked positions first, ascending
+    return np.where(np.take_along_axis(mask_BxT, order_BxC, axis=1), order_BxC, -1).astype(np.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -377,10 +372,9 @@ class LayoutSpec:
         layout's 2P x T_standard padded tokens (T: the bucketed longest row of each layout)."""
         if not examples or any(is_unpaired(e) for e in examples):
             return True  # unpaired: one row per example either way
-        n = [len(_ids(e, "prompt_ids", None)) for e in examples]
-        ab = [(len(_ids(e, "chosen_ids", None)), len(_ids(e, "rejected_ids", None))) for e in examples]
-        t_prefix = bucket_length(max(k + a + b + 1 for k, (a, b) in zip(n, ab)), self.buckets)
-        t_standard = bucket_length(max(k + max(a, b) for k, (a, b) in zip(n, ab)), self.buckets)
+        standard = dataclasses.replace(self, layout="standard")
+        t_prefix = bucket_length(max(max(self.segment_lengths(e)) for e in examples), self.buckets)
+        t_standard = bucket_length(max(max(standard.segment_lengths(e)) for e in examples), self.buckets)
         return t_prefix <= (1.0 - self.prefix_min_saving) * 2 * t_standard
 
 
