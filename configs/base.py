@@ -114,6 +114,12 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
         reward="",             # '' (synthetic: the true reward) | 'module:function' | a reward-model dir
     )
 
+    # --- several processes (launch/local.py, launch/slurm.sbatch, launch/tpu_pod.sh; docs/launch.md)
+    c.distributed = dict(
+        heartbeat_timeout_s=100,       # a process silent this long is lost: the others exit (status 70)
+        initialization_timeout_s=300,  # how long the processes wait for each other at start-up
+    )
+
     # --- device mesh and partitioning rules (logical axis -> mesh axes)
     c.mesh = dict(shape=dict(data=-1, fsdp=1, tensor=1))
     return c

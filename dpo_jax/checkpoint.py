@@ -17,14 +17,14 @@ Saves are asynchronous by default: ``save`` returns once the arrays are copied t
 the iterator state is written (the state may then be donated or changed), the files are written
 in a background thread, and ``wait()`` blocks until the step is final on disk.
 
-Preemption: ``install_sigterm_handler`` gives a flag that a SIGTERM (and SIGINT) sets, so the
-loop can save and exit at the next step boundary. That is enough for one process. With several
-processes every one must save the SAME step: after ``jax.distributed.initialize()`` JAX's
-coordination service receives the preemption notice, and
-``jax.experimental.multihost_utils.reached_preemption_sync_point(step)``, called by every process
-at every step, returns True on all of them at the same step; ``Checkpointer.reached_preemption``
-asks exactly that (False when no distributed service runs), so the loop stops on
-``flag.requested or ckpt.reached_preemption(step)``.
+Preemption: ``install_sigterm_handler`` gives a ``PreemptionFlag`` whose ``reached()``, asked by
+the loop at every step boundary, says when to save and stop. One process: a SIGTERM (and SIGINT)
+sets it. Several processes must all save the SAME step: after ``jax.distributed.initialize()``
+JAX's coordination service owns SIGTERM (a C handler that a Python one would replace, breaking
+it), a notice on any process reaches all of them, and
+``multihost_utils.reached_preemption_sync_point(n)`` (orbax's ``reached_preemption``), called by
+every process at every boundary with an increasing n, is True on all of them at the same n, about
+a second after the signal. A preempted run then exits with ``multihost.PREEMPTED_EXIT``.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 STATE, DATA, EXTRA = "state", "data", "extra"
 
@@ -86,10 +87,11 @@ class Checkpointer:
         """Every finalized step on disk, ascending."""
         return sorted(self._manager.all_steps())
 
-    def reached_preemption(self, step: int) -> bool:
-        """Multi-process preemption: True on every process at the same step once JAX's
-        coordination service got a preemption notice; False without ``jax.distributed``."""
-        return self._manager.reached_preemption(int(step))
+    def has_data_state(self, step: int) -> bool:
+        """Whether ``step`` holds this process's data iterator state (grain names it by process
+        index and count: a checkpoint of another process count does not)."""
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        return (epath.Path(self.directory) / str(int(step)) / DATA / name).exists()
 
     # ------------------------------------------------------------------ save / restore
 
@@ -230,13 +232,21 @@ def _check_iterator(it):
 # ---------------------------------------------------------------------- preemption
 
 
+class Preempted(Exception):
+    """Training stopped after saving a checkpoint because of a preemption notice (SIGTERM)."""
+
+
 class PreemptionFlag:
     """``requested`` turns True when one of ``signals`` arrives (``signum`` says which); a second
-    SIGINT raises KeyboardInterrupt. ``uninstall()`` puts the previous handlers back."""
+    SIGINT raises KeyboardInterrupt. ``uninstall()`` puts the previous handlers back. With
+    ``coordinated`` (several processes under ``jax.distributed``) SIGTERM is left to JAX's
+    preemption service and ``reached()`` asks its sync point."""
 
-    def __init__(self, signals=(signal.SIGTERM,)):
+    def __init__(self, signals=(signal.SIGTERM,), coordinated: bool = False):
         self.requested = False
         self.signum: int | None = None
+        self.coordinated = coordinated
+        self._boundaries = 0
         self._previous: dict[int, Any] = {}
         if threading.current_thread() is not threading.main_thread():
             raise ValueError("install_sigterm_handler must be called from the main thread")
@@ -249,6 +259,14 @@ class PreemptionFlag:
             raise KeyboardInterrupt
         self.requested = True
         self.signum = signum
+
+    def reached(self) -> bool:
+        """Whether to save and stop at this step boundary; call it at every boundary, on every
+        process (with several processes it is a sync point, True everywhere at the same call)."""
+        self._boundaries += 1
+        if self.coordinated:
+            return bool(multihost_utils.reached_preemption_sync_point(self._boundaries)) or self.requested
+        return self.requested
 
     def uninstall(self) -> None:
         for sig, previous in self._previous.items():
@@ -263,7 +281,10 @@ class PreemptionFlag:
 
 
 def install_sigterm_handler(*, sigint: bool = False) -> PreemptionFlag:
-    """A ``PreemptionFlag`` set by SIGTERM (and SIGINT if ``sigint``). Single process; see the
-    module docstring for coordinating several."""
-    signals = (signal.SIGTERM, signal.SIGINT) if sigint else (signal.SIGTERM,)
-    return PreemptionFlag(signals)
+    """A ``PreemptionFlag`` set by SIGTERM (and SIGINT if ``sigint``); under ``jax.distributed``
+    one that asks JAX's preemption sync point and leaves SIGTERM to JAX (module docstring)."""
+    coordinated = jax.distributed.is_initialized() and jax.process_count() > 1
+    signals = (signal.SIGINT,) if sigint else ()
+    if not coordinated:
+        signals = (signal.SIGTERM,) + signals
+    return PreemptionFlag(signals, coordinated=coordinated)

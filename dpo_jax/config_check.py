@@ -119,6 +119,8 @@ def validate(config) -> None:
     _positive("optim.warmup_steps", config.optim.warmup_steps, zero_ok=True)
     _positive("train.steps", config.train.steps, zero_ok=True)
     _positive("train.log_every", config.train.log_every)
+    _positive("distributed.heartbeat_timeout_s", config.distributed.heartbeat_timeout_s)
+    _positive("distributed.initialization_timeout_s", config.distributed.initialization_timeout_s)
     _choice("train.on_nonfinite", config.train.on_nonfinite, NONFINITE)
     for key in ("eval_every", "checkpoint_every", "capacity", "sft.steps"):
         section, _, name = key.rpartition(".")

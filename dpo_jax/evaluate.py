@@ -18,6 +18,9 @@ world's pi_ref while sample/kl is against the run's reference model (the SFT mod
 sample/kl_world and sample/kl_ref_world estimate KL(pi || pi_ref) and KL(reference model || pi_ref)
 from the well-formed samples.
 
+Sharded over processes (`Evaluator.shard`, `gather`): each samples and scores its block of the N
+rows, the per-row values are gathered, and every process reports what one process would.
+
 Policies (`ModelPolicy`, `MarkovPolicy`) and prompts live in `evaluate_policies`, the exact reports
 (`synthetic_report`, `exact_model_report`) in `evaluate_exact`; both are re-exported here.
 """
@@ -32,6 +35,7 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import numpy as np
 
+from dpo_jax import multihost
 from dpo_jax.data import synthetic
 from dpo_jax.evaluate_exact import exact_model_report, synthetic_report  # noqa: F401  (re-exported)
 from dpo_jax.evaluate_policies import (  # noqa: F401  (re-exported: the policies and prompts of the evaluation)
@@ -182,21 +186,23 @@ def make_reward(spec: str, *, tok=None, world: Optional[synthetic.World] = None)
 # ----------------------------------------------------------------------------------------- reports
 
 
-def _rewards(reward_fn, prompts: Prompts, comps: Completions, s: int):
-    """(rewards_BxS, malformed_BxS) of completions laid out prompt-major."""
-    b = prompts.lens_B.shape[0]
-    r, bad = reward_fn([prompts.ids(i // s) for i in range(b * s)], [comps.ids(i) for i in range(b * s)])
-    return np.asarray(r, np.float64).reshape(b, s), np.asarray(bad, bool).reshape(b, s)
+def _identity(rows: np.ndarray) -> np.ndarray:
+    return rows
 
 
-def _world_kl(world, prompts: Prompts, comps: Completions, malformed_BxS, logps_N, s: int, offset: int):
+def _judged(reward_fn, prompts: Prompts, comps: Completions) -> dict[str, np.ndarray]:
+    """Per-row reward (float64) and malformed flag (bool) of the rows' completions."""
+    n = prompts.lens_B.shape[0]
+    if n == 0:
+        return {"reward": np.zeros((0,)), "malformed": np.zeros((0,), bool)}
+    r, bad = reward_fn([prompts.ids(i) for i in range(n)], [comps.ids(i) for i in range(n)])
+    return {"reward": np.asarray(r, np.float64).reshape(n), "malformed": np.asarray(bad, bool).reshape(n)}
+
+
+def _world_kl(logps_N: np.ndarray, world_logps_N: np.ndarray, malformed_N: np.ndarray) -> float:
     """mean over well-formed samples of log q(y) - log pi_ref(y) (the world's pi_ref), or nan."""
-    good = ~malformed_BxS.reshape(-1)
-    if not good.any():
-        return float("nan")
-    world_lp = MarkovPolicy(synthetic.reference_policy(world), token_offset=offset).logprob(
-        prompts.repeat(s), comps.tokens_NxM, comps.mask_NxM)
-    return float(np.mean((logps_N - world_lp)[good]))
+    good = ~malformed_N
+    return float(np.mean((logps_N - world_logps_N)[good])) if good.any() else float("nan")
 
 
 @dataclasses.dataclass
@@ -206,6 +212,12 @@ class Evaluator:
 
     `evaluator(policy)` -> the sample/* (and, with a world, exact/* and frontier/*) metrics; a
     policy is a `Policy`, a Decoder or (graphdef, params). Call it every N steps or at the end.
+
+    Sharded: the N = B x S prompt-major rows are split into `count` contiguous blocks
+    (`multihost.process_share`); shard (index, count) samples and scores block `index` only
+    (`local_rows`), `gather` concatenates every shard's per-row arrays in shard order (in lockstep
+    on every shard), and `report` computes the metrics from the N gathered rows. Row i is drawn
+    from (seed, i) alone, so every shard returns the report of one unsharded evaluation.
     """
 
     reference: Any
@@ -221,58 +233,118 @@ class Evaluator:
     pad_id: int = synthetic.PAD_ID
     token_offset: int = synthetic.TOKEN_OFFSET
     batch_size: int = 512
+    shard: tuple[int, int] = (0, 1)  # (index, count)
+    gather: Callable[[np.ndarray], np.ndarray] = _identity  # local rows -> every shard's rows, in shard order
 
     def __post_init__(self):
         if self.samples_per_prompt < 1:
             raise ValueError(f"config.eval.samples_per_prompt={self.samples_per_prompt}; must be >= 1")
         if not self.temperature >= 0:
             raise ValueError(f"config.eval.temperature={self.temperature}; must be >= 0")
+        index, count = self.shard
+        if not 0 <= index < count:
+            raise ValueError(f"Evaluator shard={self.shard}: want (index, count) with 0 <= index < count")
         if not self.max_new_tokens:
             self.max_new_tokens = self.world.completion_len + 1 if self.world is not None else 128
         self.reference = self.as_policy(self.reference)
         self._ref = None
+
+    @property
+    def num_rows(self) -> int:
+        """N = prompts x samples_per_prompt."""
+        return int(self.prompts.lens_B.shape[0]) * self.samples_per_prompt
 
     def as_policy(self, p) -> Policy:
         if hasattr(p, "sample") and hasattr(p, "logprob"):
             return p
         return ModelPolicy(p, eos_id=self.eos_id, pad_id=self.pad_id, batch_size=self.batch_size)
 
-    def draw(self, policy: Policy, stream: int) -> Completions:
+    def draw(self, policy: Policy, stream: int, rows: slice = slice(None)) -> Completions:
+        """The completions of rows `rows` of the N (stream 0: the policy's, 1: the reference's)."""
         key = jax.random.fold_in(jax.random.key(self.seed), stream)
-        return policy.sample(self.prompts.repeat(self.samples_per_prompt), key, max_new_tokens=self.max_new_tokens,
-                             temperature=self.temperature)
+        ids_N = np.arange(self.num_rows)[rows]
+        return policy.sample(self.prompts.repeat(self.samples_per_prompt).select(ids_N), key,
+                             max_new_tokens=self.max_new_tokens, temperature=self.temperature, row_ids_N=ids_N)
 
-    def _reference_stats(self):
+    def _share(self) -> tuple[slice, Prompts]:
+        rows = multihost.process_share(self.num_rows, *self.shard)
+        return rows, self.prompts.repeat(self.samples_per_prompt).select(rows)
+
+    def _with_world(self) -> bool:
+        return self.world is not None and isinstance(self.reward, SyntheticReward)  # the frontier's own reward
+
+    def _world_logps(self, prompts: Prompts, comps: Completions) -> np.ndarray:
+        world_ref = MarkovPolicy(synthetic.reference_policy(self.world), token_offset=self.token_offset)
+        return world_ref.logprob(prompts, comps.tokens_NxM, comps.mask_NxM)
+
+    def local_rows(self, policy) -> dict[str, np.ndarray]:
+        """This shard's per-row arrays of the policy's samples: logp (the sampled distribution's),
+        ref_logp, length; with a reward, reward and malformed; in the world, world_logp."""
+        policy = self.as_policy(policy)
+        rows, prompts = self._share()
+        comps = self.draw(policy, 0, rows)
+        out = {"logp": comps.logps_N, "ref_logp": self.reference.logprob(prompts, comps.tokens_NxM, comps.mask_NxM),
+               "length": comps.mask_NxM.sum(axis=1)}
+        if self.reward is not None:
+            out.update(_judged(self.reward, prompts, comps))
+            if self._with_world():
+                out["world_logp"] = self._world_logps(prompts, comps)
+        return out
+
+    def local_reference_rows(self) -> dict[str, np.ndarray]:
+        """This shard's per-row arrays of the reference's own samples: reward, malformed; in the world,
+        own_logp (teacher-forced, temperature 1) and world_logp."""
+        rows, prompts = self._share()
+        comps = self.draw(self.reference, 1, rows)
+        out = _judged(self.reward, prompts, comps)
+        if self._with_world():
+            out["own_logp"] = self.reference.logprob(prompts, comps.tokens_NxM, comps.mask_NxM)
+            out["world_logp"] = self._world_logps(prompts, comps)
+        return out
+
+    def gathered(self, local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every shard's rows of each array (keys in sorted order on every shard), N rows each."""
+        out = {}
+        for name in sorted(local):
+            x = np.asarray(local[name])
+            x = x.astype(bool) if x.dtype == bool else x.astype(np.float64)
+            full = np.asarray(self.gather(x))
+            if full.shape != (self.num_rows,):
+                raise ValueError(f"Evaluator.gather returned shape {full.shape} for {name!r}; want every shard's "
+                                 f"rows, ({self.num_rows},) (shard={self.shard})")
+            out[name] = full
+        return out
+
+    def _reference_stats(self) -> dict[str, np.ndarray]:
         if self._ref is None:
-            comps = self.draw(self.reference, 1)
-            rew = _rewards(self.reward, self.prompts, comps, self.samples_per_prompt) if self.reward else None
-            self._ref = (comps, rew)
+            self._ref = self.gathered(self.local_reference_rows())
         return self._ref
 
     def __call__(self, policy) -> dict[str, float]:
-        policy, s, b = self.as_policy(policy), self.samples_per_prompt, self.prompts.lens_B.shape[0]
-        comps = self.draw(policy, 0)
-        ref_lp = self.reference.logprob(self.prompts.repeat(s), comps.tokens_NxM, comps.mask_NxM)
-        kl, kl_se = mean_stderr((comps.logps_N - ref_lp).reshape(b, s))
+        local = self.local_rows(policy)
+        ref = self._reference_stats() if self.reward is not None else None
+        return self.report(self.gathered(local), ref)
+
+    def report(self, rows: dict[str, np.ndarray], ref: Optional[dict[str, np.ndarray]]) -> dict[str, float]:
+        """The metrics of the N gathered rows (global, prompt-major order) of the policy and the reference."""
+        s, b = self.samples_per_prompt, self.prompts.lens_B.shape[0]
+        kl, kl_se = mean_stderr((rows["logp"] - rows["ref_logp"]).reshape(b, s))
         out = {"sample/kl": kl, "sample/kl_stderr": kl_se, "sample/num_prompts": float(b),
-               "sample/length": float(comps.mask_NxM.sum(1).mean())}
+               "sample/length": float(rows["length"].mean())}
         if self.reward is None:
             return out
-        ref_comps, (r_ref, bad_ref) = self._reference_stats()
-        r, bad = _rewards(self.reward, self.prompts, comps, s)
+        r, bad = rows["reward"].reshape(b, s), rows["malformed"]
+        r_ref, bad_ref = ref["reward"].reshape(b, s), ref["malformed"]
         out["sample/reward"], out["sample/reward_stderr"] = mean_stderr(r)
         out["sample/win_rate"], out["sample/win_rate_stderr"] = mean_stderr(win_values(r, r_ref))
         out.update({"sample/reward_ref": float(r_ref.mean()), "sample/malformed_frac": float(bad.mean()),
                     "sample/malformed_frac_ref": float(bad_ref.mean())})
-        if self.world is not None and isinstance(self.reward, SyntheticReward):  # the frontier's own reward
+        if self._with_world():
             last = self.prompts.tokens_BxP[np.arange(b), self.prompts.lens_B - 1].astype(np.int64) - self.token_offset
             if self.beta is not None:
                 out.update(synthetic_report(self.world, self.beta, last, kl, out["sample/reward"]))
-            out["sample/kl_world"] = _world_kl(self.world, self.prompts, comps, bad, comps.logps_N, s,
-                                               self.token_offset)
-            ref_own = self.reference.logprob(self.prompts.repeat(s), ref_comps.tokens_NxM, ref_comps.mask_NxM)
-            out["sample/kl_ref_world"] = _world_kl(self.world, self.prompts, ref_comps, bad_ref, ref_own, s,
-                                                   self.token_offset)
+            out["sample/kl_world"] = _world_kl(rows["logp"], rows["world_logp"], bad)
+            out["sample/kl_ref_world"] = _world_kl(ref["own_logp"], ref["world_logp"], bad_ref)
         optional = ("sample/kl_world", "sample/kl_ref_world", "frontier/regret_frac")  # undefined -> left out
         return {k: v for k, v in out.items() if not (k in optional and np.isnan(v))}
 
@@ -297,9 +369,12 @@ def reference_model(config, workdir: str, tok):
     return build.policy(config, tok)
 
 
-def make_evaluator(config, workdir: str, files, tok, rows, tokenize_fn: Callable) -> Evaluator:
+def make_evaluator(config, workdir: str, files, tok, rows, tokenize_fn: Callable, *,
+                   shard: Optional[tuple[int, int]] = None, gather: Optional[Callable] = None) -> Evaluator:
     """The Evaluator of a run: the first config.eval.num_prompts prompts of `rows` (the eval split),
-    the reward of config.eval.reward, the synthetic world of files.world_dir, beta = config.loss.beta."""
+    the reward of config.eval.reward, the synthetic world of files.world_dir, beta = config.loss.beta;
+    sharded over the processes (shard = (process index, process count), gather =
+    `multihost.allgather_rows`) unless told otherwise."""
     e = config.eval
     world = synthetic.load_world(files.world_dir) if getattr(files, "world_dir", None) else None
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -307,10 +382,14 @@ def make_evaluator(config, workdir: str, files, tok, rows, tokenize_fn: Callable
                      prompts=tokenize_prompts(rows, tokenize_fn, e.num_prompts, pad),
                      reward=make_reward(e.reward, tok=tok, world=world), world=world, beta=float(config.loss.beta),
                      samples_per_prompt=e.samples_per_prompt, max_new_tokens=e.max_new_tokens,
-                     temperature=float(e.temperature), seed=config.seed, eos_id=tok.eos_token_id, pad_id=pad)
+                     temperature=float(e.temperature), seed=config.seed, eos_id=tok.eos_token_id, pad_id=pad,
+                     shard=shard or (jax.process_index(), jax.process_count()),
+                     gather=gather or multihost.allgather_rows)
 
 
-def final_report(config, workdir: str, files, tok, policy, stage) -> dict[str, float]:
-    """The sampled report of the final policy on the stage's eval prompts (its train rows if none)."""
+def final_report(config, workdir: str, files, tok, policy, stage, **shard_kw) -> dict[str, float]:
+    """The sampled report of the final policy on the stage's eval prompts (its train rows if none).
+    Call it on every process: each samples its share of the rows and all return the same report
+    (`shard_kw`: `shard`, `gather` of `make_evaluator`)."""
     rows = stage.eval_rows if stage.eval_rows is not None else stage.train_rows
-    return make_evaluator(config, workdir, files, tok, rows, stage.tokenize_fn)(policy)
+    return make_evaluator(config, workdir, files, tok, rows, stage.tokenize_fn, **shard_kw)(policy)

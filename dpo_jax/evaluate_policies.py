@@ -1,8 +1,10 @@
 """The policies the evaluation samples from and scores, on B right-padded prompts.
 
 A policy is anything with `sample` (completions y ~ pi(.|x) at a temperature, with the log-prob of
-the distribution actually sampled), `logprob` (teacher-forced log pi(y|x) at temperature 1, summed
-over the completion incl. EOS) and, for the exact path (`evaluate_exact.exact_model_report`),
+the distribution actually sampled; row i's draw depends only on the key, its global row id
+`row_ids_N[i]` and its prompt, so any split of the rows into batches or processes gives the same
+completions), `logprob` (teacher-forced log pi(y|x) at temperature 1, summed over the completion
+incl. EOS) and, for the exact path (`evaluate_exact.exact_model_report`),
 `next_logprobs`: `ModelPolicy` wraps a Decoder, `MarkovPolicy` a `synthetic.TabularPolicy` (e.g.
 pi*_beta) in model token ids.
 """
@@ -33,6 +35,10 @@ class Prompts(NamedTuple):
     def repeat(self, s: int) -> "Prompts":
         """Each prompt s times in a row (prompt-major: row b * s + j)."""
         return Prompts(np.repeat(self.tokens_BxP, s, axis=0), np.repeat(self.lens_B, s))
+
+    def select(self, rows_N: np.ndarray) -> "Prompts":
+        """The prompts of rows `rows_N` (indices or a slice), in that order."""
+        return Prompts(self.tokens_BxP[rows_N], self.lens_B[rows_N])
 
 
 def make_prompts(ids: Sequence[Sequence[int]], pad_id: int = 0) -> Prompts:
@@ -72,7 +78,9 @@ class Completions(NamedTuple):
 
 
 class Policy(Protocol):
-    def sample(self, prompts: Prompts, key, *, max_new_tokens: int, temperature: float) -> Completions: ...
+    def sample(self, prompts: Prompts, key, *, max_new_tokens: int, temperature: float,
+               row_ids_N: Optional[np.ndarray] = None) -> Completions:
+        """y_i ~ pi(.|x_i) drawn from (key, row_ids_N[i]) alone (row_ids_N None: 0..N-1)."""
 
     def logprob(self, prompts: Prompts, tokens_NxM: np.ndarray, mask_NxM: np.ndarray) -> np.ndarray:
         """log pi(y | x) [N] float64 at temperature 1, summed over mask."""
@@ -88,7 +96,8 @@ class ModelPolicy:
     """A Decoder (or (graphdef, params)) through the KV-cache sampler and teacher-forced `score`.
 
     Rows go through in chunks of `batch_size` (the last chunk padded), so one program is compiled
-    per (batch_size, prompt length, max_new_tokens)."""
+    per (batch_size, prompt length, max_new_tokens); each row samples with its global id (the
+    sampler's `row_ids_B`), so the chunking never changes a completion."""
 
     def __init__(self, model, *, eos_id: Optional[int], pad_id: int = 0, batch_size: int = 512):
         if not isinstance(model, tuple):
@@ -98,18 +107,21 @@ class ModelPolicy:
         self.eos_id, self.pad_id, self.batch_size = eos_id, int(pad_id), int(batch_size)
 
     def _chunks(self, n: int):
-        size = min(self.batch_size, n)
+        size = max(1, min(self.batch_size, n))
         for start in range(0, n, size):
             rows = np.arange(start, start + size)
             yield start, min(n, start + size) - start, np.minimum(rows, n - 1)
 
-    def sample(self, prompts: Prompts, key, *, max_new_tokens: int, temperature: float = 1.0) -> Completions:
+    def sample(self, prompts: Prompts, key, *, max_new_tokens: int, temperature: float = 1.0,
+               row_ids_N: Optional[np.ndarray] = None) -> Completions:
         n = prompts.lens_B.shape[0]
-        tokens, mask, logps = [], [], []
-        for c, (_, keep, rows) in enumerate(self._chunks(n)):
-            s = sampler.sample(self.model, prompts.tokens_BxP[rows], prompts.lens_B[rows], jax.random.fold_in(key, c),
+        ids_N = _row_ids(row_ids_N, n)
+        tokens = [np.zeros((0, max_new_tokens), np.int32)]
+        mask, logps = [np.zeros((0, max_new_tokens), np.float32)], [np.zeros((0,))]
+        for _, keep, rows in self._chunks(n):
+            s = sampler.sample(self.model, prompts.tokens_BxP[rows], prompts.lens_B[rows], key,
                                max_new_tokens=max_new_tokens, temperature=temperature, eos_id=self.eos_id,
-                               pad_id=self.pad_id)
+                               pad_id=self.pad_id, row_ids_B=ids_N[rows])
             s = jax.device_get(s)
             tokens.append(s.tokens_BxN[:keep])
             mask.append(s.mask_BxN[:keep])
@@ -117,7 +129,7 @@ class ModelPolicy:
         return Completions(np.concatenate(tokens), np.concatenate(mask), np.concatenate(logps))
 
     def logprob(self, prompts: Prompts, tokens_NxM: np.ndarray, mask_NxM: np.ndarray) -> np.ndarray:
-        out = []
+        out = [np.zeros((0,))]
         for _, keep, rows in self._chunks(tokens_NxM.shape[0]):
             lp = sampler.score(self.model, prompts.tokens_BxP[rows], prompts.lens_B[rows], tokens_NxM[rows],
                                mask_NxM[rows])
@@ -131,6 +143,26 @@ class ModelPolicy:
                                 graphdef=self.model[0])
             out.append(np.asarray(lp, np.float64)[:keep])
         return np.concatenate(out)
+
+
+def _row_ids(row_ids_N: Optional[np.ndarray], n: int) -> np.ndarray:
+    ids_N = np.arange(n) if row_ids_N is None else np.asarray(row_ids_N)
+    if ids_N.shape != (n,) or not np.issubdtype(ids_N.dtype, np.integer):
+        raise ValueError(f"row_ids_N must be integers of shape [N={n}]; got {ids_N.dtype} {ids_N.shape}")
+    return ids_N.astype(np.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("m",))
+def _row_bits(key, row_ids_N, *, m):
+    return jax.vmap(lambda r: jax.random.bits(jax.random.fold_in(key, r), (m, 2), jnp.uint32))(row_ids_N)
+
+
+def row_uniforms(key, row_ids_N: np.ndarray, m: int) -> np.ndarray:
+    """u [N, m] float64 uniform on [0, 1) with 53 random bits; row i from fold_in(key, row_ids_N[i]) alone."""
+    if len(row_ids_N) == 0:
+        return np.zeros((0, m))
+    bits = np.asarray(_row_bits(key, jnp.asarray(row_ids_N, jnp.int32), m=m)).astype(np.uint64)
+    return ((bits[..., 0] >> 5) * 2**26 + (bits[..., 1] >> 6)) / 2.0**53
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -163,14 +195,16 @@ class MarkovPolicy:
                              f"(ids {self.offset}..{self.offset + self.policy.vocab_size - 1})")
         return last
 
-    def sample(self, prompts: Prompts, key, *, max_new_tokens: int, temperature: float = 1.0) -> Completions:
+    def sample(self, prompts: Prompts, key, *, max_new_tokens: int, temperature: float = 1.0,
+               row_ids_N: Optional[np.ndarray] = None) -> Completions:
+        """Inverse-CDF draws: step t of row i uses `row_uniforms(key, row_ids_N, T)[i, t]`."""
         logp = self.policy.log_probs_TxVxV()
         if temperature > 0:
             q = synthetic.TabularPolicy.from_logits(logp / temperature).probs_TxVxV
         else:  # greedy: a point mass on the argmax
             q = np.eye(self.policy.vocab_size)[np.argmax(logp, axis=-1)]
-        rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
         n, n_t = prompts.lens_B.shape[0], self.policy.completion_len
+        u_NxT = row_uniforms(key, _row_ids(row_ids_N, n), n_t)
         m = min(max_new_tokens, n_t + 1)
         tokens = np.full((n, max_new_tokens), self.pad_id, np.int32)
         mask = np.zeros((n, max_new_tokens), np.float32)
@@ -178,7 +212,7 @@ class MarkovPolicy:
         logps, prev = np.zeros(n), self._last_state(prompts)
         cdf = np.cumsum(q, axis=-1)
         for t in range(min(m, n_t)):
-            u = rng.random(n) * cdf[t, prev, -1]
+            u = u_NxT[:, t] * cdf[t, prev, -1]
             y = np.minimum((cdf[t, prev] <= u[:, None]).sum(axis=1), self.policy.vocab_size - 1)
             with np.errstate(divide="ignore"):
                 logps += np.log(q[t, prev, y])

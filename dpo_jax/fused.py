@@ -115,7 +115,7 @@ def run_fused(configs: Sequence[Any], workdirs: Sequence[str]) -> list[dict]:
     if c0.model.lora.rank > 0 or c0.reference.mode in ("sync", "base"):
         raise ValueError("fused members support full fine-tuning with reference.mode frozen, precomputed or none")
     hp = stack_hparams([config_check.loss_hparams(c) for c in configs])
-    sharding.maybe_initialize_distributed()
+    train.initialize_distributed(c0)
     mesh = sharding.make_mesh(c0.mesh.shape)
     sharding.check_batch_divisible(c0.data.batch_size, mesh)
     for c, w in zip(configs, workdirs):

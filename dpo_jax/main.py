@@ -1,4 +1,8 @@
-"""Entrypoint: python -m dpo_jax.main --config=configs/synthetic.py --workdir=/tmp/run [--config.key=value ...]"""
+"""Entrypoint: python -m dpo_jax.main --config=configs/synthetic.py --workdir=/tmp/run [--config.key=value ...]
+
+Exit status: 0 finished; 75 (`multihost.PREEMPTED_EXIT`) preempted by SIGTERM after saving a
+checkpoint (run the same command again to resume); anything else: failed (docs/launch.md).
+"""
 
 from dpo_jax import host_memory
 
@@ -6,10 +10,12 @@ if __name__ == "__main__":  # before the heavy imports: the process may be re-ex
     host_memory.reexec_with_hugepages()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import sys  # noqa: E402
+
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dpo_jax import train  # noqa: E402
+from dpo_jax import checkpoint, multihost, train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/synthetic.py[:arg].",
                                           lock_config=True)
@@ -21,8 +27,13 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    report = train.run(_CONFIG.value, _WORKDIR.value)
-    print(summary(report, _WORKDIR.value))
+    try:
+        report = train.run(_CONFIG.value, _WORKDIR.value)
+    except checkpoint.Preempted as e:  # a documented status: a scheduler requeues, a re-run resumes
+        logging.warning("%s (exit status %d)", e, multihost.PREEMPTED_EXIT)
+        sys.exit(multihost.PREEMPTED_EXIT)
+    if multihost.is_main_process():
+        print(summary(report, _WORKDIR.value))
 
 
 SUMMARY_KEYS = ("eval/loss", "eval/accuracy", "eval/rewards/margins", "sample/reward", "sample/reward_ref",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import numpy as np
@@ -122,28 +122,32 @@ class Writer:
                 if k != "step" and isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, step)
 
-    def truncate_after(self, step: int) -> None:
-        """Drop rows past `step` (a resumed run rewrites them, so the file holds each step once), and
-        a row cut short by a killed process."""
+    def drop_rows(self, drop: Callable[[dict], bool]) -> None:
+        """Rewrite the file without the rows `drop` selects (a resumed stage rewrites its rows past
+        the checkpoint, so the file holds each step once) and without a row cut short by a kill."""
         if not self.enabled or not os.path.exists(self.path):
             return
         with open(self.path) as f:
-            rows = [line.rstrip("\n") + "\n" for line in f if (s := _row_step(line)) is not None and s <= step]
+            rows = [line.rstrip("\n") + "\n" for line in f if (row := _row(line)) is not None and not drop(row)]
         with open(self.path, "w") as f:
             f.writelines(rows)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows past `step` (and a row cut short by a killed process)."""
+        self.drop_rows(lambda row: row["step"] > step)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
 
 
-def _row_step(line: str) -> Optional[int]:
-    """The step of one JSONL row; None for a blank, partial or malformed line."""
+def _row(line: str) -> Optional[dict]:
+    """One JSONL row with its step; None for a blank, partial or malformed line."""
     try:
         row = json.loads(line)
     except ValueError:
         return None
-    return row.get("step") if isinstance(row, dict) else None
+    return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
 
 
 def _scalar(v: Any):

@@ -23,6 +23,8 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 
+from dpo_jax import multihost
+
 KEYS = ("ref_chosen", "ref_rejected", "ref_chosen_shared", "ref_rejected_shared")
 ROW_INDEX = "__row__"
 
@@ -110,43 +112,40 @@ def cache_key(ref_params, tokenizer_dir: str, rows, settings: Mapping[str, Any])
 
 
 def compute(logps_fn: Callable[[dict], Any], rows: IndexedRows, tokenize_fn: Callable, spec,
-            batch_fn: Callable[[dict], dict] = lambda b: b) -> dict[str, np.ndarray]:
+            batch_fn: Callable[[dict], dict] = lambda b: b, *, process_index: int = 0,
+            process_count: int = 1) -> dict[str, np.ndarray]:
     """One pass: values[k][row] for every kept row (NaN for dropped rows).
 
-    `logps_fn(batch) -> SequenceLogps` runs the reference; `spec` lays out `spec.num_pairs` examples.
+    `logps_fn(batch) -> SequenceLogps` runs the reference on a global batch and returns values
+    every process can read (replicated); `spec` lays out `spec.num_pairs` examples per process.
+    Every process tokenizes every row; global batch j holds kept examples [j n P, (j + 1) n P),
+    process i lays out its block [i P, (i + 1) P) of it with the plan of the whole batch, so every
+    process ends with every value (`batch_fn` assembles the global batch: `sharding.global_batch`).
     """
     from dpo_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
     step = WithRowIndex(tokenize_fn)
     values = {k: np.full((len(rows),), np.nan, np.float32) for k in KEYS}
-    pending: list[dict] = []
-
-    def flush():
-        if not pending:
-            return
-        out = jax.device_get(logps_fn(batch_fn(spec([{k: v for k, v in e.items() if k != "row_index"}
-                                                       for e in pending]))))
-        idx = np.asarray([e["row_index"] for e in pending])
-        n = len(pending)
+    kept = [e for e in pipeline.grain.MapDataset.source(rows).map(step) if e is not None and spec.fits(e)]
+    per_process = spec.num_pairs
+    for start in range(0, len(kept), per_process * process_count):
+        chunk = [{k: v for k, v in e.items() if k != "row_index"} for e in kept[start: start + per_process * process_count]]
+        parts = [chunk[q * per_process: (q + 1) * per_process] for q in range(process_count)]
+        plan = spec.plan(np.max([spec.batch_stats(part) for part in parts], axis=0))
+        out = jax.device_get(logps_fn(batch_fn(spec(parts[process_index], plan, process_index * per_process))))
+        idx = np.asarray([e["row_index"] for e in kept[start: start + per_process * process_count]])
+        pair = np.concatenate([q * per_process + np.arange(len(part)) for q, part in enumerate(parts)])
         for key, field in zip(KEYS, ("chosen", "rejected", "chosen_shared", "rejected_shared")):
-            values[key][idx] = np.asarray(getattr(out, field))[:n]
-        pending.clear()
-
-    ds = pipeline.grain.MapDataset.source(rows).map(step)
-    for example in ds:
-        if example is None or not spec.fits(example):
-            continue
-        pending.append(example)
-        if len(pending) == spec.num_pairs:
-            flush()
-    flush()
+            values[key][idx] = np.asarray(getattr(out, field))[pair]
     return values
 
 
 def load_or_compute(cache_dir: str, key: str, compute_fn: Callable[[], dict]) -> dict[str, np.ndarray]:
-    """Read cache_dir/<key>.npz, or compute it and write it atomically (tmp file + rename)."""
+    """Read cache_dir/<key>.npz, or compute it and write it atomically (tmp file + rename). With
+    several processes the file is read only if every process sees it (else all compute it
+    together), and process 0 writes it."""
     path = os.path.join(cache_dir, f"{key}.npz")
-    if os.path.exists(path):
+    if -multihost.agree_max([-int(os.path.exists(path))])[0]:
         with np.load(path) as f:
             return {k: f[k] for k in KEYS}
     values = compute_fn()

@@ -10,7 +10,6 @@ their leading (row / pair) dimension over (`data`, `fsdp`).
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import jax
@@ -115,8 +114,26 @@ def batch_shardings(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, NamedShar
     return {k: batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
 
 
+def process_pair_offset(mesh: Mesh, pairs_per_process: int) -> int:
+    """Where this process's pairs start in a global batch of `pairs_per_process` pairs per process:
+    process i's block, i * pairs_per_process (`data.layouts` offsets its `pair_ids` by it). The
+    global batch concatenates the processes' rows in the order of their devices on the batch axes,
+    so this checks that the process's devices hold exactly that block (true of `make_mesh`)."""
+    total = pairs_per_process * jax.process_count()
+    index_map = batch_sharding(mesh, 1).addressable_devices_indices_map((total,))
+    covered = sorted({i for idx in index_map.values() for i in range(*idx[0].indices(total))})
+    start = jax.process_index() * pairs_per_process
+    if covered != list(range(start, start + pairs_per_process)):
+        raise ValueError(f"process {jax.process_index()}: its devices hold pairs {covered[:4]}... of the global "
+                         f"batch, not the block {start}..{start + pairs_per_process - 1} in process order; build "
+                         f"the mesh from jax.devices() in order (sharding.make_mesh)")
+    return start
+
+
 def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Assemble each process's rows into global arrays sharded over (data, fsdp)."""
+    """Assemble each process's rows into global arrays sharded over (data, fsdp): the processes'
+    rows concatenated in device order (every process must lay out the same shapes, and number its
+    pairs from `process_pair_offset`: `data.pipeline` does both)."""
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
             for k, v in local_batch.items()}
 
@@ -126,16 +143,3 @@ def check_batch_divisible(num_rows: int, mesh: Mesh, key: str = "data.batch_size
     if num_rows % n:
         raise ValueError(f"{key}: {num_rows} rows per batch cannot be split over the {n} devices of the "
                          f"mesh axes {BATCH_AXES}; choose a multiple of {n}")
-
-
-def maybe_initialize_distributed() -> bool:
-    """Call jax.distributed.initialize when the environment describes a multi-process job
-    (JAX_COORDINATOR_ADDRESS, SLURM with several tasks, or a TPU pod with several workers)."""
-    env = os.environ
-    multi = ("JAX_COORDINATOR_ADDRESS" in env
-             or int(env.get("SLURM_NTASKS", "1")) > 1
-             or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1)
-    if multi and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
-        return True
-    return False

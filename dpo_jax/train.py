@@ -25,8 +25,9 @@ from absl import logging
 from flax import nnx
 
 import dpo_jax
-from dpo_jax import build, checkpoint, config_check, fused, losses, metrics, optim, reference_cache, sharding, step
-from dpo_jax.data import layouts, pipeline
+from dpo_jax import (build, checkpoint, config_check, fused, losses, metrics, multihost, optim, reference_cache, sharding,
+                     step)
+from dpo_jax.data import batching, layouts, pipeline
 from dpo_jax.models import hf, lora
 
 
@@ -51,6 +52,14 @@ class Stage:
     data_cfg: pipeline.DataConfig
     eval_data_cfg: pipeline.DataConfig
     eval_tokenize_fn: Optional[Callable] = None  # defaults to tokenize_fn
+
+
+def initialize_distributed(config) -> None:
+    """Start `jax.distributed` when launched as several processes (`multihost`), with the config's
+    timeouts."""
+    d = config.distributed
+    multihost.maybe_initialize_distributed(heartbeat_timeout_s=d.heartbeat_timeout_s,
+                                           initialization_timeout_s=d.initialization_timeout_s)
 
 
 def write_run_info(config, workdir: str) -> None:
@@ -151,23 +160,25 @@ def fit(stage: Stage, state, state_sh, step_cfg: step.StepConfig, mesh, config, 
     batch_keys = (layouts.BATCH_KEYS + tuple(f"{k}_P" for k in stage.data_cfg.pair_scalars)
                   + ((layouts.SLOTS_KEY,) if stage.data_cfg.logit_slots else ()))
     train_fn, eval_fn = compiled_steps(step_cfg, state_sh, mesh, batch_keys)
-    train_iter = pipeline.make_train_iterator(stage.train_rows, stage.tokenize_fn, stage.data_cfg)
+    train_iter = pipeline.make_train_iterator(
+        stage.train_rows, stage.tokenize_fn, stage.data_cfg, agree=multihost.agree_max,
+        pair_offset=sharding.process_pair_offset(mesh, stage.data_cfg.pairs_per_batch))
     eval_batches = None
     if stage.eval_rows is not None:
-        eval_batches, report = pipeline.make_eval_batches(stage.eval_rows, stage.eval_tokenize_fn or stage.tokenize_fn,
-                                                          stage.eval_data_cfg)
-        for writer in writers:
-            writer.write(0, {"eval_rows_kept": report["kept"]}, prefix=f"{stage.name}/data/")
+        eval_batches, report = pipeline.make_eval_batches(
+            stage.eval_rows, stage.eval_tokenize_fn or stage.tokenize_fn, stage.eval_data_cfg,
+            pair_offset=sharding.process_pair_offset(mesh, stage.eval_data_cfg.pairs_per_batch))
     ckpt = checkpoint.Checkpointer(os.path.join(stage.workdir, "checkpoints"), keep=tc.keep_checkpoints,
                                    every=tc.checkpoint_every)
     start = 0
     if ckpt.latest_step() is not None:
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
-        state, _ = ckpt.restore(abstract, train_iter)
+        state = restore(ckpt, state, state_sh, train_iter)
         start = int(jax.device_get(state.step))
         logging.info("%s: resumed from step %d", stage.name, start)
-        for writer in writers:
-            writer.truncate_after(start)
+    for writer in writers:  # this stage's rows past the checkpoint are written again (all of them from 0)
+        writer.drop_rows(lambda row: row_stage(row) == stage.name and (start == 0 or row["step"] > start))
+        if eval_batches is not None and start == 0:
+            writer.write(0, {"eval_rows_kept": report["kept"]}, prefix=f"{stage.name}/data/")
     model_cfg = nnx.merge(step_cfg.graphdef, state.params if state.base_params is None else state.base_params).cfg
     ref_forward = stage.ref_mode in ("frozen", "sync", "base")
     hp = stage.hp
@@ -186,8 +197,8 @@ def fit(stage: Stage, state, state_sh, step_cfg: step.StepConfig, mesh, config, 
                 if tc.on_nonfinite == "stop":
                     raise NonFiniteError(msg + "; stopping (train.on_nonfinite='stop'); the last checkpoint is intact")
                 logging.warning("%s; skipped (train.on_nonfinite='skip')", msg)
-        window["tokens"] += tokens
-        window["flops"] += flops * max(members, 1)
+        window["tokens"] += fetched[0].get("tokens/input", tokens)  # the step's own count: every process's rows
+        window["flops"] += flops * max(members, 1) * jax.process_count()  # processes lay out equal shapes
         if done_step % tc.log_every == 0 or done_step == tx_steps:
             elapsed = max(time.perf_counter() - window["t"], 1e-9)
             for writer, m in zip(writers, fetched):
@@ -201,14 +212,14 @@ def fit(stage: Stage, state, state_sh, step_cfg: step.StepConfig, mesh, config, 
 
     try:
         for s in range(start, tx_steps):
-            if preempt.requested:
+            if preempt.reached():  # every process, every step: the same step everywhere
                 if pending is not None:
                     handle(*pending)
                     pending = None
-                ckpt.save(s, state, train_iter, force=True)
+                save(ckpt, s, state, train_iter, force=True)
                 ckpt.wait()
-                logging.warning("%s: SIGTERM at step %d: checkpoint saved, exiting", stage.name, s)
-                raise SystemExit(0)
+                raise checkpoint.Preempted(f"{stage.name}: preempted at step {s}: checkpoint saved; run the same "
+                                           f"command again to resume")
             local = next(train_iter)
             flops = metrics.step_flops(model_cfg, local, reference_forward=ref_forward)
             tokens = float(np.sum(local["segment_ids_BxT"] > 0))
@@ -225,11 +236,11 @@ def fit(stage: Stage, state, state_sh, step_cfg: step.StepConfig, mesh, config, 
             if ckpt.should_save(s + 1):
                 handle(*pending)  # never checkpoint past an unseen non-finite step
                 pending = None
-                ckpt.save(s + 1, state, train_iter)
+                save(ckpt, s + 1, state, train_iter)
         if pending is not None:
             handle(*pending)
         if tx_steps > start or ckpt.latest_step() is None:
-            ckpt.save(tx_steps, state, train_iter, force=True)
+            save(ckpt, tx_steps, state, train_iter, force=True)
     finally:  # in-flight saves complete even when the loop stops on an error
         ckpt.wait()
         ckpt.close()
@@ -238,6 +249,39 @@ def fit(stage: Stage, state, state_sh, step_cfg: step.StepConfig, mesh, config, 
     final_evals = (evaluate_batches(eval_fn, state, eval_batches, hp, mesh, members) if eval_batches
                    else [{} for _ in range(max(members, 1))])
     return state, final_evals
+
+
+def row_stage(row: dict) -> str:
+    """The stage that logged a metrics.jsonl row: 'sft' (every key under sft/) or 'train'."""
+    return "sft" if all(k.startswith("sft/") for k in row if k != "step") else "train"
+
+
+def save(ckpt: checkpoint.Checkpointer, step_: int, state, train_iter, *, force: bool = False) -> None:
+    """Checkpoint the state and the data position; every process's iterator state also goes into
+    `extra` (`data_states`), so that another process count can resume (`restore`)."""
+    if force or ckpt.should_save(step_):
+        ckpt.save(step_, state, train_iter, extra={"data_states": multihost.allgather_json(train_iter.get_state())},
+                  force=force)
+
+
+def restore(ckpt: checkpoint.Checkpointer, state, state_sh, train_iter):
+    """The latest checkpoint's state, in this run's shardings (orbax reshards: another mesh or
+    process count restores too), and the data position: this process's own iterator state, or,
+    when the checkpoint was written by another number of processes, its equivalent
+    (`batching.reshard_state`)."""
+    latest = ckpt.latest_step()
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
+    own = ckpt.has_data_state(latest)
+    state, extra = ckpt.restore(abstract, train_iter if own else None, step=latest)
+    if not own:
+        states = extra.get("data_states")
+        if not states:
+            raise ValueError(f"checkpoint {ckpt.directory}/{latest} holds no data iterator state for "
+                             f"{jax.process_count()} processes and none to carry over")
+        train_iter.set_state(batching.reshard_state(states, train_iter.get_state(), jax.process_index(),
+                                                    jax.process_count()))
+        logging.warning("resumed step %d, written by %d processes, on %d", latest, len(states), jax.process_count())
+    return state
 
 
 def _progress(enabled: bool, start: int, total: int, name: str):
@@ -276,7 +320,9 @@ def precompute_reference(config, stage: Stage, reference, step_cfg: step.StepCon
     """reference.mode='precomputed': cached reference log-probs attached to every train and eval example."""
     graphdef, ref_state = nnx.split(reference)
     ref_params = nnx.to_pure_dict(ref_state)
-    logps = jax.jit(lambda p, b: step.model_logps(dataclasses.replace(step_cfg, graphdef=graphdef), p, b))
+    placed = jax.device_put(ref_params, param_shardings(ref_params, graphdef, mesh))
+    logps = jax.jit(lambda p, b: step.model_logps(dataclasses.replace(step_cfg, graphdef=graphdef), p, b),
+                    out_shardings=sharding.replicated(mesh))  # every process reads every value
     cache_dir = config.reference.cache_dir or os.path.join(stage.workdir, "ref_cache")
     settings = {k: getattr(stage.data_cfg, k) for k in ("max_length", "max_prompt_length", "truncation_mode")}
     settings.update(format=config.data.format, chunk=(config.train.chunk_size, config.train.vocab_chunk_size))
@@ -289,8 +335,8 @@ def precompute_reference(config, stage: Stage, reference, step_cfg: step.StepCon
         indexed = reference_cache.IndexedRows(rows)
         key = reference_cache.cache_key(ref_params, tokenizer_dir, indexed, {**settings, "split": name})
         values = reference_cache.load_or_compute(cache_dir, key, lambda: reference_cache.compute(
-            lambda b: logps(ref_params, b), indexed, stage.tokenize_fn, spec,
-            lambda b: sharding.global_batch(b, mesh)))
+            lambda b: logps(placed, b), indexed, stage.tokenize_fn, spec, lambda b: sharding.global_batch(b, mesh),
+            process_index=jax.process_index(), process_count=jax.process_count()))
         setattr(stage, f"{name}_rows", indexed)
         fns[name] = reference_cache.AttachReference(stage.tokenize_fn, values)
     scalars = dict(pair_scalars=reference_cache.KEYS)
@@ -334,7 +380,7 @@ def run_stage(config, stage: Stage, model, reference, mesh, writer, preempt, pea
                                      tokenizer_dir)
     state, final_evals = fit(stage, state, state_sh, step_cfg, mesh, config, writers=writers or [writer],
                              preempt=preempt, peak_flops=peak_flops)
-    params = jax.device_get(step.policy_params(step_cfg, state.params, state.base_params))
+    params = multihost.fetch_to_host(step.policy_params(step_cfg, state.params, state.base_params))
     if members:
         return [nnx.merge(graphdef, fused.member(params, k)) for k in range(members)], state, final_evals
     return nnx.merge(graphdef, params), state, final_evals[0]
@@ -360,11 +406,12 @@ def sft_stage(config, workdir, files, tok, model, mesh, writer, preempt, peak_fl
                        optim_cfg=optim_cfg, ref_mode="none", train_path=files.sft, eval_path=None, tok=tok,
                        batch_size=config.sft.batch_size, unpaired_label=True)
     trained, _, _ = run_stage(config, stage, model, None, mesh, writer, preempt, peak_flops)
-    if jax.process_index() == 0:
+    if multihost.is_main_process():
         tmp = f"{out}.tmp-{os.getpid()}"  # atomic: readers never see a half-written model
         hf.export_model(trained, tmp, tokenizer_dir=files.tokenizer)
         if not os.path.exists(out):
             os.replace(tmp, out)
+    multihost.barrier("dpo_jax.train.sft_stage.export")
     return trained
 
 
@@ -372,7 +419,7 @@ def run(config, workdir: str) -> dict:
     """Validate, build, (SFT,) train, export and evaluate; returns the report written to report.json."""
     config_check.validate(config)
     hp = config_check.loss_hparams(config)
-    sharding.maybe_initialize_distributed()
+    initialize_distributed(config)
     mesh = sharding.make_mesh(config.mesh.shape)
     sharding.check_batch_divisible(config.data.batch_size, mesh)
     write_run_info(config, workdir)
@@ -402,11 +449,11 @@ def finish_run(config, workdir: str, trained, final_eval: dict, files, tok, stag
               **{f"eval/{k}": v for k, v in final_eval.items()}}
     if "eval/rewards/accuracies" in report:
         report["eval/accuracy"] = report["eval/rewards/accuracies"]
-    if config.eval.num_prompts > 0 and jax.process_index() == 0:  # sampled reward, KL, win rate, frontier
+    if config.eval.num_prompts > 0:  # sampled reward, KL, win rate, frontier: every process samples its share
         from dpo_jax import evaluate  # pylint: disable=g-import-not-at-top
 
         report.update(evaluate.final_report(config, workdir, files, tok, trained, stage))
-    if jax.process_index() == 0:
+    if multihost.is_main_process():
         if config.train.export_final:
             hf.export_model(trained, os.path.join(workdir, "final"), tokenizer_dir=files.tokenizer)
         writer.write(config.train.steps, {k: v for k, v in report.items() if isinstance(v, float)})

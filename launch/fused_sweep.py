@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
-from dpo_jax import fused
+from dpo_jax import checkpoint, fused, multihost
 from launch import sweep_plan
 
 
@@ -53,4 +53,7 @@ def run(config_spec: str, runs: Sequence, *, dry_run: bool = False) -> int:
         except (ValueError, FloatingPointError) as e:
             failed += 1
             print(f"fused group {names}: failed: {e}")
+        except checkpoint.Preempted as e:  # resume by running the same command again
+            print(f"fused group {names}: {e}")
+            raise SystemExit(multihost.PREEMPTED_EXIT) from e
     return failed

@@ -27,6 +27,7 @@ import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
+from dpo_jax import multihost
 from launch.sweep_plan import (  # noqa: F401  (re-exported: config files declare sweeps with sweep.product / zip)
     Run,
     apply_overrides,
@@ -99,7 +100,8 @@ def run_local(runs: Sequence[Run], root: str, *, parallel: int = 1, meta: Option
     def finish(name: str, rc: int, stopped: bool = False):
         r, _, t0, f = running.pop(name)
         f.close()
-        status = "finished" if run_status(r) == "finished" else ("failed" if rc and not stopped else "interrupted")
+        preempted = stopped or rc == multihost.PREEMPTED_EXIT  # checkpointed: a re-run resumes
+        status = "finished" if run_status(r) == "finished" else ("failed" if rc and not preempted else "interrupted")
         state[name].update(status=status, returncode=rc, seconds=round(time.time() - t0, 1))
         state[name].pop("pid", None)
         log(f"{status} ({rc}) in {state[name]['seconds']:.0f} s: {name}  [log: {state[name]['log']}]")

@@ -231,6 +231,9 @@ def test_sigterm_sets_flag_and_uninstall_restores():
     assert signal.getsignal(signal.SIGINT) is before_int
 
 
-def test_reached_preemption_false_without_distributed(tmp_path):
-    with Checkpointer(tmp_path) as ckpt:
-        assert ckpt.reached_preemption(5) is False
+def test_one_process_stops_at_the_first_boundary_after_sigterm():
+    with install_sigterm_handler() as flag:
+        assert not flag.coordinated  # no jax.distributed: SIGTERM is ours
+        assert [flag.reached() for _ in range(3)] == [False] * 3
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag.reached() and flag.reached()

@@ -1,8 +1,10 @@
 """Sampled evaluation: the KL estimator against exact answers, win rate, the reward sources, and the
 report of a training run (exact/* and frontier/* included)."""
 
+import concurrent.futures
 import json
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -82,6 +84,78 @@ def test_win_rate_half_against_itself_and_rises_with_reward():
            self_play["sample/reward_stderr"])
     rates = [e(ev.MarkovPolicy(syn.optimal_policy(w, b)))["sample/win_rate"] for b in (8.0, 2.0, 0.5)]
     assert 0.55 < rates[0] < rates[1] < rates[2], rates
+
+
+def barrier_gathers(count):
+    """One fake `gather` per shard (run in threads): each waits for every shard's rows and returns
+    them concatenated in shard order, as `multihost.allgather_rows` does across processes."""
+    barrier, slots = threading.Barrier(count, timeout=120), [None] * count
+
+    def make(i):
+        def gather(rows):
+            slots[i] = rows
+            barrier.wait()
+            out = np.concatenate(slots)
+            barrier.wait()  # every shard has read before any writes its next array
+            return out
+        return gather
+    return [make(i) for i in range(count)]
+
+
+def sharded(make_evaluator, policy, count):
+    """The reports of `count` shards evaluating `policy` in lockstep (twice: the reference's samples
+    are cached after the first call)."""
+    evaluators = [make_evaluator(shard=(i, count), gather=g) for i, g in enumerate(barrier_gathers(count))]
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        return [list(pool.map(lambda e: e(policy), evaluators)) for _ in range(2)]
+
+
+@pytest.mark.parametrize("kind", ["model", "markov"])
+@pytest.mark.parametrize("count", [2, 3])
+def test_sharded_evaluation_equals_one_process(kind, count):
+    """5 prompts x 2 samples split over 2 (5 + 5 rows, a prompt across the boundary) or 3 shards (4 + 3 + 3):
+    every shard reports what one unsharded evaluation reports (synthetic reward, world metrics)."""
+    w = world(vocab_size=3, completion_len=3, seed=2)
+    _, prompts = eval_prompts(w, 5, seed=4)
+    if kind == "model":
+        cfg = ModelConfig(vocab_size=OFF + 3, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                          num_kv_heads=1, init_std=0.3)
+        policy, reference = (Decoder(cfg, rngs=nnx.Rngs(i)) for i in (0, 1))
+    else:
+        policy, reference = ev.MarkovPolicy(random_tabular(w, 3)), ev.MarkovPolicy(syn.reference_policy(w))
+
+    def make(**kw):
+        return ev.Evaluator(reference=reference, prompts=prompts, reward=ev.SyntheticReward(w), world=w, beta=1.0,
+                            samples_per_prompt=2, batch_size=3, seed=7, **kw)
+
+    one = make()(policy)
+    assert {"sample/kl", "sample/reward", "sample/win_rate", "exact/kl", "frontier/regret"} <= set(one)
+    assert one["sample/reward"] != one["sample/reward_ref"]
+    for reports in sharded(make, policy, count):
+        for i, got in enumerate(reports):
+            assert set(got) == set(one), f"shard {i}"
+            for k, v in one.items():
+                assert got[k] == pytest.approx(v, rel=1e-6, abs=1e-6), f"shard {i}/{count}: {k}"
+
+
+def test_sharding_edge_cases_name_the_field():
+    """A shard may hold no rows (3 shards, 2 rows); a gather that does not return every shard's rows and a
+    bad shard raise errors that name them."""
+    w = world(vocab_size=3, completion_len=3)
+    _, prompts = eval_prompts(w, 1)
+
+    def make(**kw):
+        return ev.Evaluator(reference=ev.MarkovPolicy(syn.reference_policy(w)), prompts=prompts,
+                            reward=ev.SyntheticReward(w), world=w, beta=1.0, samples_per_prompt=2, **kw)
+
+    policy = ev.MarkovPolicy(random_tabular(w, 1))
+    one = make()(policy)
+    for reports in sharded(make, policy, 3):
+        assert all(r == one for r in reports)
+    with pytest.raises(ValueError, match="gather"):
+        make(shard=(0, 2))(policy)
+    with pytest.raises(ValueError, match="shard"):
+        make(shard=(2, 2))
 
 
 def test_synthetic_reward_rules():

@@ -136,16 +136,5 @@ def test_check_batch_divisible(mesh):
         sharding.check_batch_divisible(2, mesh, key="data.eval_batch_size")
 
 
-def test_maybe_initialize_distributed_is_a_noop_without_env(monkeypatch):
-    for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES"):
-        monkeypatch.delenv(var, raising=False)
-    calls = []
-    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append(1))
-    assert sharding.maybe_initialize_distributed() is False
-    monkeypatch.setenv("SLURM_NTASKS", "1")
-    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")
-    assert sharding.maybe_initialize_distributed() is False
-    assert calls == []
-    monkeypatch.setenv("SLURM_NTASKS", "4")
-    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
-    assert sharding.maybe_initialize_distributed() is True and calls == [1]
+def test_process_pair_offset_of_one_process_is_zero(mesh):
+    assert sharding.process_pair_offset(mesh, 8) == 0

@@ -36,7 +36,8 @@ def make_batches(seed=0, steps=5, pairs=8, layout="standard"):
     return [spec(random_examples(rng, pairs)) for _ in range(steps)]
 
 
-def setup(mesh, objective=("sigmoid",), ref_mode="frozen", same_reference=True, lr=1e-2, cfg=CFG):
+def setup(mesh, objective=("sigmoid",), ref_mode="frozen", same_reference=True, lr=1e-2, cfg=CFG,
+          batch_keys=layouts.BATCH_KEYS):
     policy = Decoder(cfg, rngs=nnx.Rngs(0))
     reference = Decoder(cfg, rngs=nnx.Rngs(0 if same_reference else 1)) if ref_mode in ("frozen", "sync") else None
     obj = losses.Objective(objective)
@@ -44,7 +45,7 @@ def setup(mesh, objective=("sigmoid",), ref_mode="frozen", same_reference=True, 
     state, state_sh, graphdef = train.init_state(policy, reference, tx, mesh, seed=0)
     cfg = step.StepConfig(graphdef=graphdef, objective=obj, tx=tx, lr=lambda s: lr, ref_mode=ref_mode,
                           chunk_size=64, vocab_chunk_size=32)
-    train_fn, eval_fn = train.compiled_steps(cfg, state_sh, mesh, layouts.BATCH_KEYS)
+    train_fn, eval_fn = train.compiled_steps(cfg, state_sh, mesh, batch_keys)
     return state, train_fn, eval_fn, obj
 
 
@@ -195,3 +196,37 @@ def test_lora_policy_with_base_reference():
         np.testing.assert_array_equal(a, np.asarray(b))
     assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(adapters0),
                                                                       jax.tree.leaves(state.params)))
+
+
+def _two_process_batch(spec, examples):
+    """The global batch two processes assemble (`sharding.global_batch` concatenates their rows in
+    process order): each lays out its half with the merged plan and its pair offset."""
+    half = len(examples) // 2
+    parts = [examples[:half], examples[half:]]
+    plan = spec.plan(np.max([spec.batch_stats(p) for p in parts], axis=0))
+    local = [spec(p, plan, pair_offset=q * half) for q, p in enumerate(parts)]
+    return {k: np.concatenate([b[k] for b in local]) for k in local[0]}
+
+
+@pytest.mark.parametrize("layout", ["standard", "prefix", "packed"])
+def test_two_process_global_batch_has_the_one_process_loss(layout):
+    rng = np.random.default_rng(7)
+    examples = random_examples(rng, 8)
+    examples[5]["chosen_ids"] = np.append(np.full(20, 9), 2).astype(np.int32)  # only process 1 has a long row
+    kw = dict(num_rows=4, row_length=64) if layout == "packed" else {}
+    one = layouts.LayoutSpec(layout=layout, num_pairs=8, buckets=(16, 32, 64), logit_slots=True, **kw)
+    half = dataclasses.replace(one, num_pairs=4, num_rows=2 if layout == "packed" else 0)
+    merged = _two_process_batch(half, examples)
+    ids = merged["pair_ids_BxT"][merged["loss_mask_BxT"] > 0]
+    assert sorted(set(ids.tolist())) == list(range(8)), "pair ids must be unique across processes"
+    mesh = one_device_mesh()
+    state, _, eval_fn, obj = setup(mesh, same_reference=False, batch_keys=layouts.BATCH_KEYS + (layouts.SLOTS_KEY,))
+    hp = obj.params(beta=0.3)
+    want = eval_fn(state, sharding.global_batch(one(examples), mesh), hp)
+    got = eval_fn(state, sharding.global_batch(merged, mesh), hp)
+    for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "pairs"):
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    # What each process numbering its pairs from 0 gave: pair k of process 0 summed with pair k of process 1.
+    local_ids = dict(merged, pair_ids_BxT=merged["pair_ids_BxT"] % 4)
+    broken = eval_fn(state, sharding.global_batch(local_ids, mesh), hp)
+    assert not np.isclose(float(broken["loss"]), float(want["loss"]), rtol=1e-3)

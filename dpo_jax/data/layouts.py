@@ -32,6 +32,13 @@ mask is set (ascending; -1 pads), C = the smallest of T/4, T/2, 3T/4, T (rounded
 of 8, at most T) that holds every row's count. Log-probs then need logits at B x C positions
 instead of B x T (prompts and padding need none); the values are the same.
 
+Several processes: each lays out its own examples, and the global batch is the concatenation of
+the processes' rows (``sharding.global_batch``). So that it is the batch one process would have
+laid out, every process lays out with the same ``BatchPlan`` (prefix or standard rows, T, C),
+merged from every process's ``LayoutSpec.batch_stats`` by an elementwise max, and numbers its
+pairs from its ``pair_offset`` (its first pair's index in the global batch): ``pair_ids_BxT`` are
+GLOBAL indices into ``pair_mask_P`` of the global batch (local ones when the offset is 0).
+
 Unpaired (KTO) examples: one sequence segment per example, branch 1 for desirable (label true),
 branch 2 for undesirable; ``standard`` and ``prefix`` give one row per example (B = P), ``packed``
 packs them; ``pair_ids``/``pair_mask_P`` index examples.
@@ -193,32 +200,45 @@ def _check_examples(examples: Sequence[Example], num_pairs: int) -> bool:
     return kinds == {True}
 
 
+def _row_length(longest: int, buckets: Sequence[int], length: int | None) -> int:
+    """T: the bucket of the longest row, or the given `length` (a plan's), which must hold it."""
+    need = bucket_length(longest, buckets)
+    if length is None:
+        return need
+    if length < longest:
+        raise ValueError(f"row length {length} is shorter than the longest row ({longest} tokens)")
+    return int(length)
+
+
 def standard_batch(
-    examples: Sequence[Example], *, num_pairs: int, buckets: Sequence[int], pad_id: int = 0
+    examples: Sequence[Example], *, num_pairs: int, buckets: Sequence[int], pad_id: int = 0,
+    length: int | None = None, pair_offset: int = 0,
 ) -> dict[str, np.ndarray]:
-    """B = 2P rows (chosen rows, then rejected rows; P rows if unpaired), T = bucketed length."""
+    """B = 2P rows (chosen rows, then rejected rows; P rows if unpaired), T = bucketed length
+    (or `length`); pair p gets the id `pair_offset + p`."""
     unpaired = _check_examples(examples, num_pairs)
     segs = [example_segments(e, i) for i, e in enumerate(examples)]
     longest = max((len(s) for pair in segs for s in pair), default=1)
     num_rows = num_pairs if unpaired else 2 * num_pairs
-    batch = _empty_batch(num_rows, bucket_length(longest, buckets), num_pairs, pad_id)
+    batch = _empty_batch(num_rows, _row_length(longest, buckets, length), num_pairs, pad_id)
     for p, pair in enumerate(segs):
         for k, seg in enumerate(pair):
-            _place(batch, p + k * num_pairs, 0, seg, 1, p)
+            _place(batch, p + k * num_pairs, 0, seg, 1, pair_offset + p)
         batch["pair_mask_P"][p] = 1.0
     return batch
 
 
 def prefix_batch(
-    examples: Sequence[Example], *, num_pairs: int, buckets: Sequence[int], pad_id: int = 0
+    examples: Sequence[Example], *, num_pairs: int, buckets: Sequence[int], pad_id: int = 0,
+    length: int | None = None, pair_offset: int = 0,
 ) -> dict[str, np.ndarray]:
-    """B = P rows, row p = the prefix-shared segment of pair p, T = bucketed length."""
+    """B = P rows, row p = the prefix-shared segment of pair p, T = bucketed length (or `length`)."""
     _check_examples(examples, num_pairs)
     segs = [example_segments(e, i, share_prefix=True)[0] for i, e in enumerate(examples)]
     longest = max((len(s) for s in segs), default=1)
-    batch = _empty_batch(num_pairs, bucket_length(longest, buckets), num_pairs, pad_id)
+    batch = _empty_batch(num_pairs, _row_length(longest, buckets, length), num_pairs, pad_id)
     for p, seg in enumerate(segs):
-        _place(batch, p, 0, seg, 1, p)
+        _place(batch, p, 0, seg, 1, pair_offset + p)
         batch["pair_mask_P"][p] = 1.0
     return batch
 
@@ -253,6 +273,7 @@ def packed_batch(
     row_length: int,
     share_prefix: bool = False,
     pad_id: int = 0,
+    pair_offset: int = 0,
 ) -> dict[str, np.ndarray]:
     """``num_rows`` x ``row_length`` rows holding up to ``num_pairs`` examples, first-fit."""
     _check_examples(examples, num_pairs)
@@ -267,7 +288,7 @@ def packed_batch(
                 f"{num_rows} rows of length {row_length} after examples 0..{p - 1}"
             )
         for seg, (row, offset, segment_id) in zip(segs, places):
-            _place(batch, row, offset, seg, segment_id, p)
+            _place(batch, row, offset, seg, segment_id, pair_offset + p)
         batch["pair_mask_P"][p] = 1.0
     return batch
 
@@ -279,12 +300,19 @@ def slot_levels(length: int) -> tuple[int, ...]:
     return tuple(sorted({min(length, -(-(k * quarter) // 8) * 8) for k in (1, 2, 3)} | {length}))
 
 
-def logit_slots(loss_mask_BxT: np.ndarray) -> np.ndarray:
+def slot_count(length: int, need: int) -> int:
+    """C: the smallest of `slot_levels(length)` that holds `need` loss-masked positions."""
+    return min(level for level in slot_levels(length) if level >= need)
+
+
+def logit_slots(loss_mask_BxT: np.ndarray, slots: int | None = None) -> np.ndarray:
     """[B, C] int32: per row, the positions with loss mask > 0 in ascending order, then -1;
-    C = the smallest of `slot_levels(T)` that holds the fullest row."""
+    C = `slots`, or the smallest of `slot_levels(T)` that holds the fullest row."""
     mask_BxT = np.asarray(loss_mask_BxT) > 0
     need = int(mask_BxT.sum(axis=1).max(initial=0))
-    c = min(level for level in slot_levels(mask_BxT.shape[1]) if level >= need)
+    c = slot_count(mask_BxT.shape[1], need) if slots is None else int(slots)
+    if c < need:
+        raise ValueError(f"logit slots: C={c} cannot hold a row with {need} loss-masked positions")
     order_BxC = np.argsort(~mask_BxT, axis=1, kind="stable")[:, :c]  # masked positions first, ascending
     return np.where(np.take_along_axis(mask_BxT, order_BxC, axis=1), order_BxC, -1).astype(np.int32)
 
@@ -341,10 +369,43 @@ class LayoutSpec:
             return FirstFitPacker(self.num_rows, self.row_length).add(lengths) is not None
         return max(lengths) <= max(self.buckets)
 
-    def __call__(self, examples: Sequence[Example]) -> dict[str, np.ndarray]:
-        batch = self._layout(examples)
+    def batch_stats(self, examples: Sequence[Example]) -> np.ndarray:
+        """int64 [4]: (T of prefix rows, T of standard rows, loss-masked positions of the fullest
+        prefix row, of the fullest standard row) of these examples (T bucketed; packed: the row
+        length and the fullest packed row). The stats of a union of groups are the elementwise max
+        of theirs, so processes merge their stats by a max and each derive the same `plan`."""
+        if self.layout == "packed":
+            need = max(self._packed_row_counts(examples), default=0)
+            return np.asarray([self.row_length, self.row_length, need, need], np.int64)
+        standard = dataclasses.replace(self, layout="standard", share_prefix=False)
+        prefix = dataclasses.replace(self, layout="prefix")
+        longest = lambda spec: max((max(spec.segment_lengths(e)) for e in examples), default=1)  # noqa: E731
+        counts = [_loss_counts(e) for e in examples]
+        t_standard = bucket_length(longest(standard), self.buckets)
+        t_prefix = bucket_length(longest(prefix), self.buckets) if self.layout == "prefix" else t_standard
+        return np.asarray([t_prefix, t_standard,
+                           max((sum(c) for c in counts), default=0), max((max(c) for c in counts), default=0)],
+                          np.int64)
+
+    def plan(self, stats) -> "BatchPlan":
+        """The layout of a batch whose (merged) `batch_stats` are `stats`."""
+        t_prefix, t_standard, need_prefix, need_standard = (int(x) for x in np.asarray(stats).reshape(-1))
+        if self.layout == "packed":
+            prefix_rows, length, need = False, self.row_length, need_prefix
+        else:
+            prefix_rows = self.layout == "prefix" and t_prefix <= (1.0 - self.prefix_min_saving) * 2 * t_standard
+            length, need = (t_prefix, need_prefix) if prefix_rows else (t_standard, need_standard)
+        return BatchPlan(prefix_rows=prefix_rows, length=length,
+                         slots=slot_count(length, need) if self.logit_slots else 0)
+
+    def __call__(self, examples: Sequence[Example], plan: "BatchPlan | None" = None,
+                 pair_offset: int = 0) -> dict[str, np.ndarray]:
+        """The batch of `examples`, laid out by `plan` (default: the plan of these examples alone),
+        its pairs numbered from `pair_offset`."""
+        plan = self.plan(self.batch_stats(examples)) if plan is None else plan
+        batch = self._layout(examples, plan, pair_offset)
         if self.logit_slots:
-            batch[SLOTS_KEY] = logit_slots(batch["loss_mask_BxT"])
+            batch[SLOTS_KEY] = logit_slots(batch["loss_mask_BxT"], plan.slots)
         for key in self.pair_scalars:  # e.g. precomputed reference log-probs of each pair
             values = np.zeros((self.num_pairs,), np.float32)
             for p, example in enumerate(examples):
@@ -354,7 +415,7 @@ class LayoutSpec:
             batch[f"{key}_P"] = values
         return batch
 
-    def _layout(self, examples: Sequence[Example]) -> dict[str, np.ndarray]:
+    def _layout(self, examples: Sequence[Example], plan: "BatchPlan", pair_offset: int) -> dict[str, np.ndarray]:
         if self.layout == "packed":
             return packed_batch(
                 examples,
@@ -363,19 +424,46 @@ class LayoutSpec:
                 row_length=self.row_length,
                 share_prefix=self.share_prefix,
                 pad_id=self.pad_id,
+                pair_offset=pair_offset,
             )
-        build = prefix_batch if self.layout == "prefix" and self.prefix_saves(examples) else standard_batch
-        return build(examples, num_pairs=self.num_pairs, buckets=self.buckets, pad_id=self.pad_id)
+        build = prefix_batch if plan.prefix_rows else standard_batch
+        return build(examples, num_pairs=self.num_pairs, buckets=self.buckets, pad_id=self.pad_id,
+                     length=plan.length, pair_offset=pair_offset)
 
     def prefix_saves(self, examples: Sequence[Example]) -> bool:
         """Whether prefix rows, P x T_prefix, save at least `prefix_min_saving` of the standard
         layout's 2P x T_standard padded tokens (T: the bucketed longest row of each layout)."""
-        if not examples or any(is_unpaired(e) for e in examples):
-            return True  # unpaired: one row per example either way
-        standard = dataclasses.replace(self, layout="standard")
-        t_prefix = bucket_length(max(max(self.segment_lengths(e)) for e in examples), self.buckets)
-        t_standard = bucket_length(max(max(standard.segment_lengths(e)) for e in examples), self.buckets)
-        return t_prefix <= (1.0 - self.prefix_min_saving) * 2 * t_standard
+        return dataclasses.replace(self, layout="prefix").plan(self.batch_stats(examples)).prefix_rows
+
+    def _packed_row_counts(self, examples: Sequence[Example]) -> list[int]:
+        """Loss-masked positions per packed row, placing `examples` first-fit."""
+        packer, rows = FirstFitPacker(self.num_rows, self.row_length), [0] * self.num_rows
+        for example in examples:
+            places = packer.add(self.segment_lengths(example))
+            if places is None:  # the layout itself reports it
+                break
+            counts = _loss_counts(example)
+            counts = [sum(counts)] if len(places) == 1 and len(counts) == 2 else counts
+            for (row, _, _), count in zip(places, counts):
+                rows[row] += count
+        return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    """What every process must agree on to lay out its share of one global batch: prefix rows
+    (else standard; prefix layout only), the row length T and the logit slots C (0: none)."""
+
+    prefix_rows: bool
+    length: int
+    slots: int
+
+
+def _loss_counts(example: Example) -> list[int]:
+    """Loss-masked positions of each sequence of an example: its completions' lengths."""
+    if is_unpaired(example):
+        return [len(_ids(example, "completion_ids", None))]
+    return [len(_ids(example, k, None)) for k in ("chosen_ids", "rejected_ids")]
 
 
 def pack_groups(examples, spec: LayoutSpec):

@@ -2,11 +2,17 @@
 
     rows -> seeded shuffle (a new permutation each epoch) -> shard by process -> repeat
          -> tokenize (a row -> example callable, optionally in threads / worker processes)
-         -> drop (tokenizer said None, or too long for the layout) -> batch + layout
+         -> drop (tokenizer said None, or too long for the layout) -> group P examples
+         -> agree on the batch plan with the other processes -> layout
 
 Sharding happens after the shuffle: in epoch e, process i of n takes positions i, i+n, ... of
 permutation e restricted to its first floor(N/n)*n entries, so the processes see disjoint rows,
 the same number of rows each, and together every row of the epoch (all of them when n divides N).
+With several processes each lays out its own P examples of a global batch of n P, with the
+batch plan (prefix or standard rows, T, C) merged from every process (``agree``: an elementwise
+max over processes, ``multihost.agree_max``) and its pairs numbered from ``pair_offset``, so the
+assembled global batch is the one a single process would have laid out (``layouts``). With no row
+dropped, step s of n processes trains on the same pairs as step s of one process.
 The train iterator is a ``grain.DatasetIterator``: ``get_state()``/``set_state()`` (JSON, what
 grain's orbax checkpoint handler stores) restore it exactly, mid-epoch or across epochs.
 """
@@ -23,7 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 import grain
 import numpy as np
 
-from dpo_jax.data import layouts
+from dpo_jax.data import batching, layouts
 
 Row = Mapping[str, Any]
 TokenizeFn = Callable[[Row], "dict | None"]
@@ -231,62 +237,6 @@ def _process_info(process_index: int | None, process_count: int | None) -> tuple
 # ----------------------------------------------------------------------------- train
 
 
-class _PackedBatchIterator(grain.DatasetIterator):
-    """Closes a packed batch when P examples are in or the next one no longer fits.
-
-    The example that did not fit is kept for the next batch; the state is the parent's state
-    from before that example was read, so restoring reads it again.
-    """
-
-    def __init__(self, parent: grain.DatasetIterator, spec: layouts.LayoutSpec, drop_remainder: bool):
-        super().__init__(parent)
-        self._spec = spec
-        self._drop_remainder = drop_remainder
-        self._pending = None
-        self._pending_state = None
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        spec, group = self._spec, []
-        packer = layouts.FirstFitPacker(spec.num_rows, spec.row_length)
-        if self._pending is not None:
-            packer.add(spec.segment_lengths(self._pending))
-            group.append(self._pending)
-            self._pending = self._pending_state = None
-        exhausted = False
-        while len(group) < spec.num_pairs:
-            state = self._parent.get_state()
-            try:
-                example = next(self._parent)
-            except StopIteration:
-                exhausted = True
-                break
-            if packer.add(spec.segment_lengths(example)) is None:
-                self._pending, self._pending_state = example, state
-                break
-            group.append(example)
-        if not group or (exhausted and self._drop_remainder):
-            raise StopIteration
-        return spec(group)
-
-    def get_state(self) -> dict[str, Any]:
-        state = self._pending_state if self._pending is not None else self._parent.get_state()
-        return {"parent": state}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._parent.set_state(state["parent"])
-        self._pending = self._pending_state = None
-
-
-class _PackedBatchDataset(grain.IterDataset):
-    def __init__(self, parent: grain.IterDataset, spec: layouts.LayoutSpec, drop_remainder: bool):
-        super().__init__(parent)
-        self._spec = spec
-        self._drop_remainder = drop_remainder
-
-    def __iter__(self) -> _PackedBatchIterator:
-        return _PackedBatchIterator(self._parent.__iter__(), self._spec, self._drop_remainder)
-
-
 def shard_rows(rows, *, seed: int, shuffle: bool, num_epochs: int | None,
                process_index: int, process_count: int) -> grain.MapDataset:
     """This process's rows over all epochs: shuffle (per epoch), shard after it, repeat."""
@@ -308,8 +258,13 @@ def train_dataset(
     *,
     process_index: int,
     process_count: int,
+    agree: Callable[[np.ndarray], np.ndarray] | None = None,
+    pair_offset: int | None = None,
 ) -> grain.IterDataset:
-    """The grain dataset of this process's train batches (dicts of docs/design.md arrays)."""
+    """The grain dataset of this process's train batches (dicts of docs/design.md arrays).
+
+    ``agree`` merges batch stats over processes (None: this process alone); ``pair_offset`` is
+    this process's first pair in the global batch (default ``process_index * pairs_per_batch``)."""
     config.validate()
     spec = config.layout_spec()
     ds = shard_rows(
@@ -323,12 +278,13 @@ def train_dataset(
     it_ds = ds.map(_Prepare(tokenize_fn, spec)).to_iter_dataset(_read_options(config))
     it_ds = it_ds.filter(_is_kept)
     if spec.layout == "packed":
-        it_ds = _PackedBatchDataset(it_ds, spec, config.drop_remainder)
+        it_ds = batching.PackedGroupDataset(it_ds, spec, config.drop_remainder)
     else:
-        it_ds = it_ds.batch(spec.num_pairs, drop_remainder=config.drop_remainder, batch_fn=spec)
+        it_ds = it_ds.batch(spec.num_pairs, drop_remainder=config.drop_remainder, batch_fn=batching.as_list)
     if config.worker_count:
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count))
-    return it_ds
+    offset = process_index * spec.num_pairs if pair_offset is None else pair_offset
+    return batching.LayoutDataset(it_ds, spec, agree or batching.local_agree, offset)
 
 
 def make_train_iterator(
@@ -338,11 +294,15 @@ def make_train_iterator(
     *,
     process_index: int | None = None,
     process_count: int | None = None,
+    agree: Callable[[np.ndarray], np.ndarray] | None = None,
+    pair_offset: int | None = None,
 ) -> grain.DatasetIterator:
-    """A checkpointable iterator over train batches; process defaults to jax.process_*()."""
+    """A checkpointable iterator over train batches; process defaults to jax.process_*();
+    ``agree`` / ``pair_offset`` as in ``train_dataset``."""
     process_index, process_count = _process_info(process_index, process_count)
     ds = train_dataset(
-        rows, tokenize_fn, config, process_index=process_index, process_count=process_count
+        rows, tokenize_fn, config, process_index=process_index, process_count=process_count,
+        agree=agree, pair_offset=pair_offset,
     )
     return iter(ds)
 
@@ -442,19 +402,26 @@ def make_eval_batches(
     *,
     process_index: int | None = None,
     process_count: int | None = None,
+    pair_offset: int | None = None,
 ) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
     """(this process's eval batches, report): no shuffle, every kept example exactly once.
 
     Kept example k goes to process k % process_count. Every process returns the same number of
     batches (filled up with batches of ``pair_mask_P`` = 0), so a multi-host eval loop never
-    waits on a process that ran out.
+    waits on a process that ran out. Every process tokenizes every row, so each knows every
+    process's groups and derives the global batch plans without communicating; pairs are numbered
+    from ``pair_offset`` (default ``process_index * pairs_per_batch``).
     """
     process_index, process_count = _process_info(process_index, process_count)
     spec = config.layout_spec()
+    offset = process_index * spec.num_pairs if pair_offset is None else pair_offset
     kept, report = tokenize_all(rows, tokenize_fn, config)
     groups = [list(layouts.pack_groups(kept[q::process_count], spec)) for q in range(process_count)]
     num_batches = max(len(g) for g in groups)
-    mine = groups[process_index]
-    batches = [spec(g) for g in mine] + [spec([]) for _ in range(num_batches - len(mine))]
+    batches = []
+    for j in range(num_batches):
+        parts = [g[j] if j < len(g) else [] for g in groups]
+        plan = spec.plan(np.max([spec.batch_stats(part) for part in parts], axis=0))
+        batches.append(spec(parts[process_index], plan, offset))
     return batches, report
 

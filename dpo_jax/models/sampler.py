@@ -8,10 +8,15 @@ position len_b + n, so each row decodes exactly as if it were alone, whatever th
 lengths. Decoding runs in one `jax.lax.while_loop` that exits when every row has emitted EOS or
 after `max_new_tokens` tokens; a row that stopped emits `pad_id` with mask 0.
 
+Randomness is per row: token n of row b is drawn with fold_in(fold_in(key, n), row_ids_B[b]),
+so a row's completion depends only on (key, its global row id, the model, its prompt), never on
+the batch around it or on how rows are split into batches or processes (row_ids_B defaults to
+0..B-1).
+
 One compiled program per (graphdef, batch B, prompt length P, max_new_tokens): temperature,
-top-k, top-p, EOS and pad ids, the key, the prompts and their lengths are traced, so changing them
-never recompiles. `prompt_buckets` right-pads P up to a bucket to bound the number of programs.
-`trace_count()` counts traces (tests guard against recompiles with it).
+top-k, top-p, EOS and pad ids, the key, the row ids, the prompts and their lengths are traced, so
+changing them never recompiles. `prompt_buckets` right-pads P up to a bucket to bound the number
+of programs. `trace_count()` counts traces (tests guard against recompiles with it).
 
 Log-probs (float32):
   logps_BxN[b, n]        = log softmax(logits)[y_n]          (the model at temperature 1, unfiltered)
@@ -95,13 +100,20 @@ def filter_logits(logits_BxV, temperature, top_k, top_p):
     return jax.lax.cond((top_k > 0) | (top_p < 1), truncate, lambda s: s, scaled_BxV)
 
 
-def choose_tokens(logits_BxV, key, temperature, top_k, top_p):
+def choose_tokens(logits_BxV, key, temperature, top_k, top_p, row_ids_B=None):
     """(token_B, logp_B, sample_logp_B): y ~ softmax(filter_logits(...)), or argmax when
-    temperature == 0; logp = log softmax(logits)[y]; sample_logp = log q(y) (0 when greedy)."""
+    temperature == 0; logp = log softmax(logits)[y]; sample_logp = log q(y) (0 when greedy).
+
+    row_ids_B: row b draws with its own key fold_in(key, row_ids_B[b]), independent of the other
+    rows; None: one draw for the whole batch with `key`."""
     logits_BxV = logits_BxV.astype(jnp.float32)
     greedy = jnp.asarray(temperature, jnp.float32) <= 0
     filtered_BxV = filter_logits(logits_BxV, temperature, top_k, top_p)
-    drawn_B = jax.random.categorical(key, filtered_BxV, axis=-1)
+    if row_ids_B is None:
+        drawn_B = jax.random.categorical(key, filtered_BxV, axis=-1)
+    else:
+        keys_B = jax.vmap(lambda r: jax.random.fold_in(key, r))(row_ids_B)
+        drawn_B = jax.vmap(jax.random.categorical)(keys_B, filtered_BxV)
     token_B = jnp.where(greedy, jnp.argmax(logits_BxV, axis=-1), drawn_B).astype(jnp.int32)
     pick = lambda lp_BxV: jnp.take_along_axis(lp_BxV, token_B[:, None], axis=-1)[:, 0]  # noqa: E731
     logp_B = pick(jax.nn.log_softmax(logits_BxV, axis=-1))
@@ -180,8 +192,8 @@ def _bucket(P: int, buckets: Sequence[int] | None) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
-def _sample(params, prompts_BxP, prompt_lens_B, key, temperature, top_k, top_p, eos_E, pad_id, *, graphdef,
-            max_new_tokens):
+def _sample(params, prompts_BxP, prompt_lens_B, row_ids_B, key, temperature, top_k, top_p, eos_E, pad_id, *,
+            graphdef, max_new_tokens):
     _TRACES["sample"] += 1
     model = nnx.merge(graphdef, params)
     B, P = prompts_BxP.shape
@@ -197,7 +209,8 @@ def _sample(params, prompts_BxP, prompt_lens_B, key, temperature, top_k, top_p, 
     logits_BxV = model.logits(last_Bx1xD)[:, 0]
 
     def record(c, t, logits_BxV):
-        token_B, logp_B, slogp_B = choose_tokens(logits_BxV, jax.random.fold_in(key, t), temperature, top_k, top_p)
+        token_B, logp_B, slogp_B = choose_tokens(logits_BxV, jax.random.fold_in(key, t), temperature, top_k, top_p,
+                                                   row_ids_B)
         live_B = ~c["done_B"]
         token_B = jnp.where(live_B, token_B, pad_id)
         put = lambda arr, col: jax.lax.dynamic_update_slice_in_dim(arr, col[:, None], t, axis=1)  # noqa: E731
@@ -229,11 +242,13 @@ def _sample(params, prompts_BxP, prompt_lens_B, key, temperature, top_k, top_p, 
 
 def sample(model, prompts_BxP, prompt_lens_B, key, *, max_new_tokens: int, temperature=1.0, top_k=0, top_p=1.0,
            eos_id: int | Sequence[int] | None = None, pad_id: int = 0,
-           prompt_buckets: Sequence[int] | None = None) -> Samples:
+           prompt_buckets: Sequence[int] | None = None, row_ids_B=None) -> Samples:
     """Sample up to `max_new_tokens` tokens after each right-padded prompt (see the module doc).
 
     model: a Decoder or (graphdef, params). prompts_BxP: int, row b's prompt in [0, len_b);
-    prompt_lens_B: 1 <= len_b <= P. key: a jax PRNG key (step n uses fold_in(key, n)).
+    prompt_lens_B: 1 <= len_b <= P. key: a jax PRNG key; token n of row b is drawn with
+    fold_in(fold_in(key, n), row_ids_B[b]). row_ids_B: int [B], the rows' global ids (None: 0..B-1):
+    sampling rows in any batches with their ids gives the same completions as sampling them at once.
     temperature 0 = greedy; top_k 0 = off; top_p 1 = off. eos_id: an id or ids that stop a row
     (None: the model config's eos_token_id; () never stops). prompt_buckets: pad P up to the
     smallest bucket >= P so that prompt lengths share compiled programs.
@@ -247,10 +262,13 @@ def sample(model, prompts_BxP, prompt_lens_B, key, *, max_new_tokens: int, tempe
     if cfg.position == "learned" and P_bucket + max_new_tokens > cfg.max_position_embeddings:
         raise ValueError(f"prompt length {P_bucket} + max_new_tokens {max_new_tokens} exceeds "
                          f"max_position_embeddings={cfg.max_position_embeddings} of a learned-position model")
+    row_ids_B = jnp.arange(B, dtype=jnp.int32) if row_ids_B is None else jnp.asarray(row_ids_B)
+    if row_ids_B.shape != (B,) or not jnp.issubdtype(row_ids_B.dtype, jnp.integer):
+        raise ValueError(f"row_ids_B must be integers of shape [B={B}]; got {row_ids_B.dtype} {row_ids_B.shape}")
     prompts_BxP = jnp.asarray(prompts_BxP, jnp.int32)
     if P_bucket > P:
         prompts_BxP = jnp.pad(prompts_BxP, ((0, 0), (0, P_bucket - P)), constant_values=int(pad_id))
-    return _sample(params, prompts_BxP, jnp.asarray(prompt_lens_B, jnp.int32), key,
+    return _sample(params, prompts_BxP, jnp.asarray(prompt_lens_B, jnp.int32), row_ids_B.astype(jnp.int32), key,
                    jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32),
                    jnp.asarray(top_p, jnp.float32), jnp.asarray(_eos_ids(eos_id, cfg)), jnp.int32(pad_id),
                    graphdef=graphdef, max_new_tokens=int(max_new_tokens))

@@ -258,3 +258,39 @@ def test_logit_slots_list_each_rows_loss_masked_positions():
         np.testing.assert_array_equal(out[L.SLOTS_KEY], L.logit_slots(out["loss_mask_BxT"]))
         assert L.SLOTS_KEY not in L.LayoutSpec(layout=layout, num_pairs=2, buckets=(16, 32), **extra)(
             _random_pairs(2, seed=3))
+
+
+@pytest.mark.parametrize("layout", ["standard", "prefix"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batch_stats_of_a_union_are_the_max_of_the_parts(layout, seed):
+    spec = L.LayoutSpec(layout=layout, num_pairs=8, buckets=(4, 8, 16, 32), logit_slots=True)
+    pairs = _random_pairs(8, seed)
+    parts = [pairs[:3], pairs[3:], []]
+    merged = np.max([spec.batch_stats(p) for p in parts], axis=0)
+    np.testing.assert_array_equal(merged, spec.batch_stats(pairs))
+    assert spec.plan(merged) == spec.plan(spec.batch_stats(pairs))
+
+
+def test_processes_with_different_local_choices_lay_out_one_global_plan():
+    """Alone, process 0 (long prompts) would share prefixes and process 1 (one long completion,
+    short prompt) would not; with the merged plan both lay out the same rows, T and C."""
+    spec = L.LayoutSpec(layout="prefix", num_pairs=2, buckets=(8, 16, 32, 64), logit_slots=True)
+    shared = [_pair(range(1, 21), [3, 2], [4, 2]), _pair(range(1, 21), [5, 2], [6, 2])]
+    unshared = [_pair([1], [7] * 30, [8, 2]), _pair([1], [9, 2], [9, 2])]
+    assert spec.prefix_saves(shared) and not spec.prefix_saves(unshared)
+    plan = spec.plan(np.maximum(spec.batch_stats(shared), spec.batch_stats(unshared)))
+    batches = [spec(part, plan, pair_offset=2 * q) for q, part in enumerate((shared, unshared))]
+    assert batches[0]["tokens_BxT"].shape == batches[1]["tokens_BxT"].shape == (2 * 2 if not plan.prefix_rows else 2,
+                                                                               plan.length)
+    assert batches[0][L.SLOTS_KEY].shape == batches[1][L.SLOTS_KEY].shape == (batches[0]["tokens_BxT"].shape[0],
+                                                                             plan.slots)
+    assert plan == spec.plan(spec.batch_stats(shared + unshared))  # what one process would lay out
+    ids = [set(b["pair_ids_BxT"][b["loss_mask_BxT"] > 0].tolist()) for b in batches]
+    assert ids == [{0, 1}, {2, 3}]
+
+
+def test_a_plan_too_short_for_the_examples_is_an_error():
+    spec = L.LayoutSpec(layout="standard", num_pairs=2, buckets=(8, 16), logit_slots=True)
+    plan = spec.plan(spec.batch_stats([PAIR]))
+    with pytest.raises(ValueError, match="shorter than the longest row"):
+        spec([_pair([1] * 6, [2] * 6, [3])], plan)

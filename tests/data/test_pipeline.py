@@ -39,14 +39,15 @@ def _kept_ids(n):
     return [i for i in range(n) if i % 7 != 3]
 
 
-def _batch_ids(batch):
-    """Row ids of the real pairs of a batch, in pair order (any layout)."""
+def _batch_ids(batch, pair_offset=0):
+    """Row ids of the real pairs of a batch, in pair order (any layout); the batch numbers its
+    pairs from `pair_offset` (its process's first pair in the global batch)."""
     ids = {}
     first = batch["positions_BxT"] == 0
     for row, col in zip(*np.nonzero(first & (batch["segment_ids_BxT"] > 0))):
         p = int(batch["pair_ids_BxT"][row, col])
         ids.setdefault(p, int(batch["tokens_BxT"][row, col]) - ID0)
-    real = np.flatnonzero(batch["pair_mask_P"])
+    real = np.flatnonzero(batch["pair_mask_P"]) + pair_offset
     assert sorted(ids) == real.tolist()
     return [ids[p] for p in real]
 
@@ -112,7 +113,7 @@ def test_two_processes_see_disjoint_shards_covering_each_epoch(layout):
     per_process = []
     for pi in range(2):
         it = P.make_train_iterator(rows, keep_all, config, process_index=pi, process_count=2)
-        per_process.append([i for b in it for i in _batch_ids(b)])
+        per_process.append([i for b in it for i in _batch_ids(b, pi * config.pairs_per_batch)])
         assert len(per_process[-1]) == epochs * n // 2
     for epoch in range(epochs):
         part = [ids[epoch * n // 2 : (epoch + 1) * n // 2] for ids in per_process]
@@ -170,7 +171,7 @@ def test_eval_batches_cover_every_example_once(layout):
     for pi in range(2):
         batches, report = P.make_eval_batches(rows, tokenize, config, process_index=pi, process_count=2)
         counts.append(len(batches))
-        ids = [i for b in batches for i in _batch_ids(b)]
+        ids = [i for b in batches for i in _batch_ids(b, pi * config.pairs_per_batch)]
         assert ids == sorted(ids), "eval keeps row order"
         all_ids += ids
         shapes = {b["pair_mask_P"].shape for b in batches}

@@ -1,5 +1,6 @@
 """Sampler: greedy = argmax of a full forward, log-probs = teacher forcing, EOS, ragged prompts,
-top-k / top-p, the nucleus filter against a NumPy reference, and one compile per shape bucket.
+top-k / top-p, the nucleus filter against a NumPy reference, per-row randomness (any split of the
+rows with their global ids samples the same), and one compile per shape bucket.
 
 Every reference value is recomputed here from a plain (cache-free) forward of prompt + completion."""
 
@@ -132,6 +133,33 @@ def test_sampled_logps_equal_teacher_forcing(preset):
     assert not np.allclose(s.sample_logps_BxN, s.logps_BxN), "degenerate: filtering changed nothing"
 
 
+def test_rows_sample_the_same_in_any_split():
+    """Row r draws from (key, r) alone: rows [0, N) at once, as [0, k) and [k, N) with their global ids,
+    and reversed, give the same completions; identical prompts in one batch still differ."""
+    model = tiny_model(seed=3)
+    lens = (7, 3, 1, 5, 2, 6, 4)
+    toks, lens = prompts(lens=lens, seed=4)
+    kw = dict(max_new_tokens=N, temperature=1.2, top_k=20, eos_id=(5, 9), pad_id=0)
+    whole = sampler.sample(model, toks, lens, jax.random.key(11), **kw)
+    k = 3
+    head = sampler.sample(model, toks[:k], lens[:k], jax.random.key(11), row_ids_B=np.arange(k), **kw)
+    tail = sampler.sample(model, toks[k:], lens[k:], jax.random.key(11), row_ids_B=np.arange(k, 7), **kw)
+    back = sampler.sample(model, toks[::-1], lens[::-1], jax.random.key(11), row_ids_B=np.arange(7)[::-1], **kw)
+    for name in ("tokens_BxN", "mask_BxN", "finished_B"):
+        want = np.asarray(getattr(whole, name))
+        np.testing.assert_array_equal(np.concatenate([getattr(head, name), getattr(tail, name)]), want, name)
+        np.testing.assert_array_equal(np.asarray(getattr(back, name))[::-1], want, name)
+    for name in ("logps_BxN", "sample_logps_BxN"):
+        want = np.asarray(getattr(whole, name))
+        np.testing.assert_allclose(np.concatenate([getattr(head, name), getattr(tail, name)]), want, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(getattr(back, name))[::-1], want, atol=1e-5)
+    assert len({tuple(r) for r in np.asarray(whole.tokens_BxN)}) > 1
+    same = sampler.sample(model, jnp.tile(toks[:1], (6, 1)), jnp.full((6,), lens[0]), jax.random.key(11), **kw)
+    assert len({tuple(r) for r in np.asarray(same.tokens_BxN)}) > 1, "identical prompts drew identical rows"
+    other = sampler.sample(model, toks, lens, jax.random.key(11), row_ids_B=np.arange(7) + 7, **kw)
+    assert not np.array_equal(other.tokens_BxN, whole.tokens_BxN), "row ids changed nothing"
+
+
 def test_score_masks_and_rejects_bad_shapes():
     model = tiny_model()
     toks, lens = prompts()
@@ -166,15 +194,16 @@ def test_prompt_buckets_pad_to_the_bucket(greedy_run):
 
 
 def test_compiles_once_per_shape_bucket():
-    """Sampling knobs, EOS / pad ids, keys, prompt contents and lengths, and prompt widths inside one
-    bucket share one program; a new max_new_tokens compiles one more."""
+    """Sampling knobs, EOS / pad ids, keys, row ids, prompt contents and lengths, and prompt widths
+    inside one bucket share one program; a new max_new_tokens compiles one more."""
     model = tiny_model(seed=2)
     knobs = [dict(temperature=0.0), dict(temperature=1.0, eos_id=5), dict(temperature=0.7, top_k=5, pad_id=3),
              dict(temperature=1.3, top_p=0.8, eos_id=(4, 9)), dict(temperature=1.0, top_k=3, top_p=0.5)]
     for i, kw in enumerate(knobs):
         width = (5, 7, 8)[i % 3]
         toks_i, lens_i = prompts(lens=(width, 1 + i, 2, 4), width=width, seed=10 + i)
-        sampler.sample(model, toks_i, lens_i, jax.random.key(i), max_new_tokens=N, prompt_buckets=(P, 16), **kw)
+        sampler.sample(model, toks_i, lens_i, jax.random.key(i), max_new_tokens=N, prompt_buckets=(P, 16),
+                       row_ids_B=None if i == 0 else np.arange(4) + 100 * i, **kw)
         if i == 0:
             first = sampler.trace_count("sample")
     assert sampler.trace_count("sample") == first, "knobs, ids, keys or prompts inside a bucket recompiled"
@@ -197,6 +226,8 @@ def test_compiles_once_per_shape_bucket():
     (dict(max_new_tokens=60, preset="gpt2"), "max_position_embeddings"),
     (dict(prompt_buckets=(4,)), "prompt_buckets"),
     (dict(eos_id=61), "eos_id"),
+    (dict(row_ids_B=np.arange(3)), "row_ids_B"),
+    (dict(row_ids_B=np.zeros(4)), "row_ids_B"),
 ])
 def test_bad_arguments_name_the_field(kw, match):
     kw = dict(kw)
