@@ -30,8 +30,11 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from dpo_jax import evaluate, plots  # noqa: E402
 from dpo_jax.data import synthetic  # noqa: E402
+from dpo_jax.evaluation import exact as ex  # noqa: E402
+from dpo_jax.evaluation import plots  # noqa: E402
+from dpo_jax.evaluation import policies as pol  # noqa: E402
+from dpo_jax.evaluation import sampled as ev  # noqa: E402
 
 KEYS = ("sample/kl", "sample/kl_stderr", "exact/kl", "exact/reward", "sample/reward", "sample/reward_stderr",
         "sample/reward_ref", "exact/reward_ref", "frontier/reward_at_kl", "frontier/regret", "frontier/regret_frac",
@@ -74,15 +77,15 @@ def small_world_check(out: str, prompts: int = 64, samples: int = 256) -> dict:
     world = synthetic.load_world(os.path.join(workdir, "data"))
     rows = [json.loads(line) for line in open(os.path.join(workdir, "data", "eval_pairs.jsonl"))]
     ids = [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows[:prompts]]
-    policy, ref = (evaluate.ModelPolicy(hf.load_model(os.path.join(workdir, p)), eos_id=tok.eos_token_id,
-                                        batch_size=1024) for p in ("final", "sft/model"))
-    p = evaluate.make_prompts(ids)
+    policy, ref = (pol.ModelPolicy(hf.load_model(os.path.join(workdir, p)), eos_id=tok.eos_token_id,
+                                   batch_size=1024) for p in ("final", "sft/model"))
+    p = pol.make_prompts(ids)
     t = time.perf_counter()
-    sampled = evaluate.Evaluator(reference=ref, prompts=p, reward=evaluate.SyntheticReward(world), world=world,
-                                 beta=1.0, samples_per_prompt=samples)(policy)
+    sampled = ev.Evaluator(reference=ref, prompts=p, reward=ev.SyntheticReward(world), world=world,
+                           beta=1.0, samples_per_prompt=samples)(policy)
     t_sampled = time.perf_counter() - t
     t = time.perf_counter()
-    exact = evaluate.exact_model_report(policy, ref, p, world, vocab=len(tok))
+    exact = ex.exact_model_report(policy, ref, p, world, vocab=len(tok))
     t_exact = time.perf_counter() - t
     return {"run": {k: report.get(k) for k in (*KEYS, "within_10pct", "command", "wall_s")},
             "prompts": prompts, "samples_per_prompt": samples, "sampled": sampled, "exact": exact,
@@ -100,11 +103,11 @@ def format_breakdown(workdir: str, prompts: int = 256, samples: int = 4) -> dict
     tok = build.tokenizer(os.path.join(workdir, "data", "tokenizer"))
     world = synthetic.load_world(os.path.join(workdir, "data"))
     rows = [json.loads(line) for line in open(os.path.join(workdir, "data", "eval_pairs.jsonl"))][:prompts]
-    p = evaluate.make_prompts([tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows])
-    policy = evaluate.ModelPolicy(hf.load_model(os.path.join(workdir, "final")), eos_id=tok.eos_token_id)
+    p = pol.make_prompts([tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows])
+    policy = pol.ModelPolicy(hf.load_model(os.path.join(workdir, "final")), eos_id=tok.eos_token_id)
     n_t, off, eos = world.completion_len, synthetic.TOKEN_OFFSET, tok.eos_token_id
     comps = policy.sample(p.repeat(samples), jax.random.key(7), max_new_tokens=n_t + 1)
-    rewards, bad = evaluate.SyntheticReward(world, eos_id=eos)(
+    rewards, bad = ev.SyntheticReward(world, eos_id=eos)(
         [p.ids(i // samples) for i in range(len(comps.logps_N))], [comps.ids(i) for i in range(len(comps.logps_N))])
     kinds = {"well_formed": 0, "no_eos_after_T": 0, "eos_before_T": 0, "special_token_before_T": 0}
     for i in range(len(comps.logps_N)):

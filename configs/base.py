@@ -1,7 +1,7 @@
 """Every configuration key of a dpo_jax run, with its default and meaning.
 
-`get_config(arg)` returns the full ConfigDict; other configs start from it and change what they
-need. Override any key on the command line, e.g.
+`get_config()` (it takes no arguments) returns the full ConfigDict; other configs start from it
+and change what they need. Override any key on the command line, e.g.
   python -m dpo_jax.main --config=configs/synthetic.py --workdir=/tmp/run \
       --config.loss.name=ipo --config.loss.beta=0.05
 Durations are in optimizer steps. `None` means "not set" (placeholders keep their type so that
@@ -11,14 +11,14 @@ command-line overrides parse). Invalid values fail before anything is compiled
 
 from ml_collections import config_dict
 
-from dpo_jax import loss_variants  # noqa: F401  (fills the registry)
+from configs.common import parse_args
 from dpo_jax.losses import LOSSES
 
 placeholder = config_dict.placeholder
 
 
 def get_config(arg: str = "") -> config_dict.ConfigDict:
-    del arg
+    parse_args(arg, {}, "configs/base.py")  # any argument is an error
     c = config_dict.ConfigDict()
     c.seed = 0  # seeds model init, data order and sampling
 

@@ -3,27 +3,32 @@
   python -m dpo_jax.main --workdir=/tmp/run \
     --config=configs/hf.py:policy=PATH_OR_HUB_ID,reference=PATH_OR_HUB_ID,data=FILE_OR_HUB_ID
 Arguments: `policy` (required), `reference` (default: a frozen copy of the initial policy),
-`data` (local json/jsonl/parquet/csv/arrow file, a `save_to_disk` directory or a hub id),
-`eval` (a separate eval file; default: 5% of `data`), `loss`, `beta`, `steps`, `batch`.
+`data` (required: a local json/jsonl/parquet/csv/arrow file, a `save_to_disk` directory or a hub
+id), `eval` (a separate eval file; default: 5% of `data`), `tokenizer` (default: the policy's),
+`loss` (sigmoid), `beta` (0.1), `steps` (1000), `batch` (8); see `configs/common.py`.
 """
 
 from configs import base
-from configs.synthetic import _args
+from configs.common import parse_args
+
+CONFIG = "configs/hf.py"
+ARGS = {"policy": str, "data": str, "reference": "", "eval": "", "tokenizer": "", "loss": "sigmoid", "beta": 0.1,
+        "steps": 1000, "batch": 8}
 
 
 def get_config(arg: str = ""):
-    a = _args(arg)
+    a = parse_args(arg, ARGS, CONFIG)
     if "policy" not in a or "data" not in a:
         raise ValueError("configs/hf.py needs at least 'policy=DIR,data=FILE' (and optionally reference=DIR, "
-                         f"eval=FILE, loss=NAME, beta=FLOAT, steps=INT, batch=INT); got {arg!r}")
+                         f"eval=FILE, tokenizer=DIR, loss=NAME, beta=FLOAT, steps=INT, batch=INT); got {arg!r}")
     c = base.get_config()
-    c.model.update(path=a["policy"], tokenizer=a.get("tokenizer", ""))
-    c.reference.update(mode="frozen", path=a.get("reference", ""))
-    c.data.update(source=a["data"], eval_source=a.get("eval", ""),
-                  eval_fraction=0.0 if a.get("eval") else 0.05, batch_size=int(a.get("batch", 8)))
-    c.loss.update(name=a.get("loss", "sigmoid"), beta=float(a.get("beta", 0.1)))
+    c.model.update(path=a["policy"], tokenizer=a["tokenizer"])
+    c.reference.update(mode="frozen", path=a["reference"])
+    c.data.update(source=a["data"], eval_source=a["eval"], eval_fraction=0.0 if a["eval"] else 0.05,
+                  batch_size=a["batch"])
+    c.loss.update(name=a["loss"], beta=a["beta"])
     c.optim.update(name="adamw", lr=5e-7, warmup_steps=10, schedule="linear")
-    c.train.update(steps=int(a.get("steps", 1000)), log_every=10, eval_every=200, checkpoint_every=500)
+    c.train.update(steps=a["steps"], log_every=10, eval_every=200, checkpoint_every=500)
     return c
 
 

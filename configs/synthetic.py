@@ -4,23 +4,19 @@ A run trains the SFT reference on samples of pi_ref, then sigmoid DPO on Bradley
 then writes report.json with the distance to the exact optimum. Sized to finish on a 2-core CPU
 in a few minutes:
   python -m dpo_jax.main --config=configs/synthetic.py --workdir=/tmp/dpo_synthetic
-Arguments (`configs/synthetic.py:key=value,...`): `beta`, `loss`, `steps`, `runlocal` (a
-seconds-long smoke run).
+Arguments (`configs/synthetic.py:key=value,...`, see `configs/common.py`): `beta` (1.0), `loss`
+(sigmoid), `steps` (600), `runlocal` (`runlocal=1`: a seconds-long smoke run).
 """
 
 from configs import base
+from configs.common import parse_args
 
-
-def _args(arg: str) -> dict:
-    out = {}
-    for item in filter(None, (arg or "").split(",")):
-        key, _, value = item.partition("=")
-        out[key.strip()] = value.strip()
-    return out
+CONFIG = "configs/synthetic.py"
+ARGS = {"beta": 1.0, "loss": "sigmoid", "steps": 600, "runlocal": False}
 
 
 def get_config(arg: str = ""):
-    a = _args(arg)
+    a = parse_args(arg, ARGS, CONFIG)
     c = base.get_config()
     c.synthetic.update(vocab_size=8, prompt_len=4, completion_len=8, n_sft=20000, n_pairs=20000, n_eval=512)
     # content tokens + <pad> <s> </s> <unk>: vocab 12; a 4-token prompt + 8 + EOS fits max_length 16
@@ -28,11 +24,11 @@ def get_config(arg: str = ""):
                         num_kv_heads=2, max_position_embeddings=64)
     c.data.update(source="synthetic", max_length=16, min_bucket=16, batch_size=64, eval_batch_size=256)
     c.sft.update(steps=600, lr=3e-3, batch_size=64)
-    c.loss.update(name=a.get("loss", "sigmoid"), beta=float(a.get("beta", 1.0)))
+    c.loss.update(name=a["loss"], beta=a["beta"])
     c.optim.update(name="adamw", lr=1e-3, warmup_steps=20, schedule="constant", clip_norm=1.0)
-    c.train.update(steps=int(a.get("steps", 600)), log_every=50, eval_every=200, checkpoint_every=200)
+    c.train.update(steps=a["steps"], log_every=50, eval_every=200, checkpoint_every=200)
     c.eval.update(num_prompts=256, samples_per_prompt=4)
-    if a.get("runlocal"):
+    if a["runlocal"]:
         c.synthetic.update(n_sft=512, n_pairs=512, n_eval=64)
         c.sft.update(steps=10)
         c.train.update(steps=10, log_every=5, eval_every=0, checkpoint_every=5)
@@ -60,12 +56,12 @@ def get_sweep(arg: str = ""):
     """Members of `python -m launch.sweep --config=configs/synthetic.py[:arg] --root=DIR`.
 
     12 runs: sigmoid, ipo and simpo at the betas of SWEEP_BETAS, each SWEEP_STEPS preference steps
-    after the shared SFT reference (600 steps, trained once by the launcher). `runlocal` or `steps`
-    in `arg` keep the step count of get_config(arg)."""
+    after the shared SFT reference (600 steps, trained once by the launcher). `runlocal=1` or
+    `steps` in `arg` keep the step count of get_config(arg). Takes the arguments of get_config."""
     from launch import sweep  # pylint: disable=g-import-not-at-top  (training runs never import it)
 
-    a = _args(arg)
-    short = [] if ("runlocal" in a or "steps" in a) else [("train.steps", [SWEEP_STEPS])]
+    given = parse_args(arg, {k: type(v) for k, v in ARGS.items()}, CONFIG)  # the keys of `arg` only
+    short = [] if (given.get("runlocal") or "steps" in given) else [("train.steps", [SWEEP_STEPS])]
     members = []
     for loss, betas in SWEEP_BETAS.items():
         ref = [("reference.mode", ["none"])] if loss == "simpo" else []

@@ -133,13 +133,33 @@ def policy(config, tok, path: str = "") -> Decoder:
     return Decoder(cfg, rngs=nnx.Rngs(config.seed))
 
 
+def _reference_from_path(config) -> Decoder:
+    """config.reference.path with the dtypes and layer stacking of config.model (no remat: no
+    gradient flows through a reference)."""
+    return hf.load_model(config.reference.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                         scan_min_layers=config.model.scan_min_layers)
+
+
 def reference(config, initial_policy: Decoder) -> Optional[Decoder]:
     """The reference model (modes frozen, sync, precomputed): config.reference.path or a copy of the
     initial policy."""
     if config.reference.mode not in ("frozen", "sync", "precomputed"):
         return None
     if config.reference.path:
-        return hf.load_model(config.reference.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                             scan_min_layers=config.model.scan_min_layers)
+        return _reference_from_path(config)
     graphdef, state = nnx.split(initial_policy)
     return nnx.merge(graphdef, jax.tree.map(lambda x: x.copy() if hasattr(x, "copy") else x, state))
+
+
+def evaluation_reference(config, workdir: str, tok) -> Decoder:
+    """The reference the sampled evaluation measures a run against, its initial reference:
+    config.reference.path, else the SFT model (config.sft.model_dir or workdir/sft/model), else the
+    initial policy (rebuilt: loaded from config.model.path or re-initialized from the seed). For
+    reference.mode='sync' this is the reference before any sync; for 'none' / 'base' the policy the
+    run started from. Loaded as `reference` and `policy` load them."""
+    if config.reference.path:
+        return _reference_from_path(config)
+    sft = config.sft.model_dir or os.path.join(workdir, "sft", "model")  # a sweep shares one SFT model
+    if config.sft.steps > 0 and os.path.exists(os.path.join(sft, "config.json")):
+        return policy(config, tok, path=sft)
+    return policy(config, tok)

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+import numpy as np
+
 from dpo_jax import losses, optim
-from dpo_jax.data import layouts
+from dpo_jax.data import formats, layouts
+from dpo_jax.data.tokenize import TRUNCATION_MODES
+from dpo_jax.models import transformer
 from dpo_jax.models.transformer import FAMILIES, REMAT_POLICIES
 from dpo_jax.step import REF_MODES
 
-TRUNCATION_MODES = ("keep_start", "keep_end")
-FORMATS = ("auto", "standard", "implicit_prompt", "conversational", "unpaired")
-DTYPES = ("float32", "bfloat16")
+FORMATS = ("auto",) + formats.FORMATS  # auto: detected from the columns of the first row
+# Training dtypes: what the model computes in, less float16 (no loss scaling here: its gradients underflow).
+DTYPES = tuple(d for d in transformer.DTYPES if d != "float16")
 NONFINITE = ("stop", "skip")
 
 
@@ -68,7 +72,7 @@ def loss_hparams(config) -> dict:
                 hp["ld_alpha"] = losses.params(spec.name, ld_alpha=own_ld)["ld_alpha"]
     except ValueError as e:
         raise ValueError(f"config.loss: {e}") from None
-    hp.setdefault("beta", losses.np.float32(config.loss.beta))
+    hp.setdefault("beta", np.float32(config.loss.beta))
     return hp
 
 
@@ -78,8 +82,9 @@ def validate(config) -> None:
     loss_hparams(config)
     _choice("reference.mode", config.reference.mode, REF_MODES)
     if config.reference.mode == "none" and obj.uses_reference:
-        raise ValueError(f"config.reference.mode='none' is only for reference-free losses (simpo, orpo, cpo, "
-                         f"sft); config.loss.name={config.loss.name!r} uses a reference")
+        free = sorted({s.name for s in losses.LOSSES.values() if not s.uses_reference})
+        raise ValueError(f"config.reference.mode='none' is only for reference-free losses ({', '.join(free)}); "
+                         f"config.loss.name={config.loss.name!r} uses a reference")
     if config.reference.mode == "base" and config.model.lora.rank <= 0:
         raise ValueError("config.reference.mode='base' needs a LoRA policy: set config.model.lora.rank > 0")
     if config.model.lora.rank > 0 and config.reference.mode == "sync":

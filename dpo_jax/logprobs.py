@@ -22,11 +22,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dpo_jax.data import layouts
+
 DEFAULT_CHUNK_SIZE = 1024
 DEFAULT_VOCAB_CHUNK_SIZE = 8192
 
-BATCH_KEYS = ("targets_BxT", "loss_mask_BxT", "pair_ids_BxT", "branch_ids_BxT")
-SLOTS_KEY = "logit_slots_BxC"  # optional: per-row loss-masked positions, -1 pads
+LOGPROB_KEYS = ("targets_BxT", "loss_mask_BxT", "pair_ids_BxT", "branch_ids_BxT")  # what of a batch this reads
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,10 +390,10 @@ class Completions(NamedTuple):
 def _check_batch(batch: Mapping[str, Any], hidden_BxTxD):
     if hidden_BxTxD.ndim != 3:
         raise ValueError(f"hidden_BxTxD must be 3-D [B, T, D]; got shape {hidden_BxTxD.shape}")
-    missing = [k for k in BATCH_KEYS if k not in batch]
+    missing = [k for k in LOGPROB_KEYS if k not in batch]
     if missing:
-        raise ValueError(f"batch is missing key(s) {missing}; need {list(BATCH_KEYS)}")
-    for k in BATCH_KEYS:
+        raise ValueError(f"batch is missing key(s) {missing}; need {list(LOGPROB_KEYS)}")
+    for k in LOGPROB_KEYS:
         if tuple(batch[k].shape) != tuple(hidden_BxTxD.shape[:2]):
             raise ValueError(
                 f"batch[{k!r}] must have shape [B, T] = {tuple(hidden_BxTxD.shape[:2])} "
@@ -427,9 +428,9 @@ def slot_completions(hidden_BxTxD, batch: Mapping[str, Any]):
     """(hidden_BxCxD, targets_BxC, loss_mask_BxC, pair_ids_BxC, branch_ids_BxC) at the positions of
     `batch["logit_slots_BxC"]` (row b, slot c -> position slots[b, c]); -1 slots get loss mask 0 and
     branch 0, so they count nowhere. Rows stay rows: the gather shards with the batch."""
-    slots_BxC = batch[SLOTS_KEY]
+    slots_BxC = batch[layouts.SLOTS_KEY]
     if slots_BxC.ndim != 2 or slots_BxC.shape[0] != hidden_BxTxD.shape[0]:
-        raise ValueError(f"batch[{SLOTS_KEY!r}] must be [B, C] with B = {hidden_BxTxD.shape[0]}; "
+        raise ValueError(f"batch[{layouts.SLOTS_KEY!r}] must be [B, C] with B = {hidden_BxTxD.shape[0]}; "
                          f"got {tuple(slots_BxC.shape)}")
     valid_BxC = slots_BxC >= 0
     index_BxC = jnp.where(valid_BxC, slots_BxC, 0).astype(jnp.int32)
@@ -464,7 +465,7 @@ def completion_logps(
     mask, pairs, branches = batch["loss_mask_BxT"], batch["pair_ids_BxT"], batch["branch_ids_BxT"]
     sizes = dict(bias_V=bias_V, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size)
     token_logps_fn = naive_token_logps if naive else token_logps
-    if capacity is None and SLOTS_KEY in batch:
+    if capacity is None and layouts.SLOTS_KEY in batch:
         hidden_BxCxD, targets_BxC, mask_BxC, pairs_BxC, branches_BxC = slot_completions(hidden_BxTxD, batch)
         logps_BxC = token_logps_fn(hidden_BxCxD, unembed_DxV, targets_BxC, **sizes)
         return sequence_logps(logps_BxC, mask_BxC, pairs_BxC, branches_BxC, num_pairs)

@@ -20,6 +20,7 @@ import os
 import pathlib
 from typing import Any, Callable, Mapping, Sequence
 
+import grain
 import jax
 import numpy as np
 
@@ -122,11 +123,9 @@ def compute(logps_fn: Callable[[dict], Any], rows: IndexedRows, tokenize_fn: Cal
     process i lays out its block [i P, (i + 1) P) of it with the plan of the whole batch, so every
     process ends with every value (`batch_fn` assembles the global batch: `sharding.global_batch`).
     """
-    from dpo_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-
     step = WithRowIndex(tokenize_fn)
     values = {k: np.full((len(rows),), np.nan, np.float32) for k in KEYS}
-    kept = [e for e in pipeline.grain.MapDataset.source(rows).map(step) if e is not None and spec.fits(e)]
+    kept = [e for e in grain.MapDataset.source(rows).map(step) if e is not None and spec.fits(e)]
     per_process = spec.num_pairs
     for start in range(0, len(kept), per_process * process_count):
         chunk = [{k: v for k, v in e.items() if k != "row_index"} for e in kept[start: start + per_process * process_count]]

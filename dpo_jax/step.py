@@ -19,11 +19,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from dpo_jax import logprobs, losses
+from dpo_jax import logprobs, losses, reference_cache
 from dpo_jax.models import lora
 
 REF_MODES = ("frozen", "precomputed", "none", "base", "sync")
-PRECOMPUTED_KEYS = ("ref_chosen_P", "ref_rejected_P", "ref_chosen_shared_P", "ref_rejected_shared_P")
+PRECOMPUTED_KEYS = tuple(f"{k}_P" for k in reference_cache.KEYS)  # the per-pair batch fields of the cache
 
 
 class TrainState(struct.PyTreeNode):

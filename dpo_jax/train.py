@@ -450,9 +450,10 @@ def finish_run(config, workdir: str, trained, final_eval: dict, files, tok, stag
     if "eval/rewards/accuracies" in report:
         report["eval/accuracy"] = report["eval/rewards/accuracies"]
     if config.eval.num_prompts > 0:  # sampled reward, KL, win rate, frontier: every process samples its share
-        from dpo_jax import evaluate  # pylint: disable=g-import-not-at-top
+        from dpo_jax.evaluation import sampled  # pylint: disable=g-import-not-at-top
 
-        report.update(evaluate.final_report(config, workdir, files, tok, trained, stage))
+        reference = build.evaluation_reference(config, workdir, tok)
+        report.update(sampled.final_report(config, files, tok, trained, stage, reference=reference))
     if multihost.is_main_process():
         if config.train.export_final:
             hf.export_model(trained, os.path.join(workdir, "final"), tokenizer_dir=files.tokenizer)

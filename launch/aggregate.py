@@ -217,7 +217,7 @@ def plot_reward_kl(df: pd.DataFrame, swept: Sequence[str], path: str, kl_key: st
     """sample/reward vs `kl_key` of every run that has them, over the exact frontier if synthetic.
     sample/kl is against the run's reference model (the SFT model), the frontier against the world's
     pi_ref; kl_key='sample/kl_world' plots the KL to the world's pi_ref (well-formed samples only)."""
-    from dpo_jax import plots  # pylint: disable=g-import-not-at-top
+    from dpo_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
 
     kl, reward = _num(df, kl_key), _num(df, "sample/reward")
     ok = kl.notna() & reward.notna()

@@ -209,3 +209,28 @@ def test_policy_random_init_from_the_tokenizer(written):
         tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     same = build.policy(c, tok)  # seeded by config.seed
     np.testing.assert_array_equal(np.asarray(model.embed[...]), np.asarray(same.embed[...]))
+
+
+def test_evaluation_reference_is_the_sft_export_when_the_run_trained_one(tmp_path, written):
+    c = synthetic.get_config("runlocal=1")
+    tok = build.tokenizer(written[0].tokenizer)
+    initial = build.evaluation_reference(c, str(tmp_path), tok)  # no SFT export yet: the seeded initial policy
+    assert initial.cfg.vocab_size == len(tok)
+    sft = Decoder(initial.cfg, rngs=nnx.Rngs(123))
+    hf.export_model(sft, str(tmp_path / "sft" / "model"))
+    loaded = build.evaluation_reference(c, str(tmp_path), tok)
+    tokens = np.array([[5, 6, 7, 8]], np.int32)
+    np.testing.assert_allclose(loaded.logits(loaded(tokens)), sft.logits(sft(tokens)), atol=1e-6)
+    again = build.evaluation_reference(c, str(tmp_path / "other"), tok)
+    np.testing.assert_array_equal(again.logits(again(tokens)), initial.logits(initial(tokens)))
+
+
+def test_evaluation_reference_from_a_path_is_loaded_as_the_training_reference(tmp_path, trl_fixture_dir):
+    c = synthetic.get_config()
+    c.model.update(scan_min_layers=1, remat="full")
+    c.reference.update(mode="frozen", path=str(trl_fixture_dir / "reference"))
+    ref = build.reference(c, initial_policy=None)
+    evaluated = build.evaluation_reference(c, str(tmp_path), tok=None)
+    assert evaluated.cfg == ref.cfg and evaluated.cfg.scan_min_layers == 1
+    for a, b in zip(jax.tree.leaves(nnx.state(ref, nnx.Param)), jax.tree.leaves(nnx.state(evaluated, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -1,4 +1,4 @@
-"""Shared pieces of the paper configs: arguments, steps from dataset sizes, and the `runlocal` shrink.
+"""Shared pieces of the paper configs: steps from dataset sizes and the `runlocal` shrink.
 
 `runlocal=1` turns a paper config into a seconds-long run on this machine with no download: a tiny
 random model of the paper model's family (`model.path=''`, `model.arch`) and a tiny local dataset
@@ -19,8 +19,6 @@ import tempfile
 
 import numpy as np
 
-from configs.synthetic import _args
-
 # Special tokens of the tiny tokenizer; the chat template is a Zephyr-style one over these.
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -40,15 +38,6 @@ _POSITIVE = ("wonderful great moving brilliant loved it beautiful fun superb").s
 _NEGATIVE = ("awful dull terrible boring hated it waste bad poor").split()
 WORDS = tuple(dict.fromkeys(_QUESTION + _GOOD + _BAD + _REVIEW + _POSITIVE + _NEGATIVE
                             + ["Human:", "Assistant:"]))
-
-
-def parse_args(arg: str, allowed: tuple[str, ...], config_name: str) -> dict:
-    """`key=value,...` -> dict; an unknown key is an error that names the allowed ones."""
-    a = _args(arg)
-    unknown = sorted(set(a) - set(allowed))
-    if unknown:
-        raise ValueError(f"{config_name}: unknown argument(s) {unknown}; allowed: {', '.join(allowed)}")
-    return a
 
 
 def epoch_steps(rows: int, batch: int, epochs: int = 1) -> int:

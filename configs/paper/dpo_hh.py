@@ -23,21 +23,22 @@ weights, FSDP over all devices; one epoch = 160,800 // 64 = 2,512 steps (hh-rlhf
 """
 
 from configs import base
+from configs.common import parse_args
 from configs.paper import common
 
 MODEL = "EleutherAI/pythia-2.8b"
 DATASET = "Anthropic/hh-rlhf"
 TRAIN_ROWS = 160_800
-ARGS = ("stage", "policy", "beta", "runlocal", "dir")
+ARGS = {"stage": "dpo", "policy": MODEL, "beta": 0.1, "runlocal": False, "dir": ""}
 
 
 def get_config(arg: str = ""):
-    a = common.parse_args(arg, ARGS, "configs/paper/dpo_hh.py")
-    stage = a.get("stage", "dpo")
+    a = parse_args(arg, ARGS, "configs/paper/dpo_hh.py")
+    stage = a["stage"]
     if stage not in ("sft", "dpo"):
         raise ValueError(f"configs/paper/dpo_hh.py: stage={stage!r}; allowed: sft, dpo")
     c = base.get_config()
-    c.model.update(path=a.get("policy", MODEL), dtype="bfloat16", param_dtype="float32", remat="full")
+    c.model.update(path=a["policy"], dtype="bfloat16", param_dtype="float32", remat="full")
     c.data.update(source=DATASET, format="implicit_prompt", train_split="train", eval_split="test",
                   max_length=512, max_prompt_length=256, truncation_mode="keep_end", min_bucket=64,
                   batch_size=64, eval_batch_size=32, num_epochs=0)
@@ -47,7 +48,7 @@ def get_config(arg: str = ""):
         c.reference.mode = "none"
         lr = 5e-7
     else:
-        c.loss.update(name="sigmoid", beta=float(a.get("beta", 0.1)))
+        c.loss.update(name="sigmoid", beta=a["beta"])
         c.reference.mode = "frozen"
         lr = 1e-6
     c.optim.update(name="rmsprop", lr=lr, warmup_steps=150, schedule="constant", b2=0.99, eps=1e-8, momentum=0.0,
@@ -55,6 +56,6 @@ def get_config(arg: str = ""):
     c.train.update(steps=steps, log_every=10, eval_every=500, checkpoint_every=500)
     c.eval.update(num_prompts=256, samples_per_prompt=1, max_new_tokens=256)
     c.mesh.shape = dict(data=1, fsdp=-1, tensor=1)
-    if a.get("runlocal"):
-        common.shrink(c, family="gpt_neox", dataset="hh-rlhf", root=a.get("dir", ""))
+    if a["runlocal"]:
+        common.shrink(c, family="gpt_neox", dataset="hh-rlhf", root=a["dir"])
     return c

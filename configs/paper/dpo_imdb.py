@@ -27,30 +27,31 @@ pairs depends on the file you generate).
 """
 
 from configs import base
+from configs.common import parse_args
 from configs.paper import common
 
 MODEL = "gpt2-large"
 DATASET = "stanfordnlp/imdb"  # the source of the prompts; the pairs are generated (see above)
 PAIRS_FILE = "imdb_preference_pairs.jsonl"
-ARGS = ("policy", "data", "beta", "steps", "runlocal", "dir")
+ARGS = {"policy": MODEL, "data": PAIRS_FILE, "beta": 0.1, "steps": 1000, "runlocal": False, "dir": ""}
 SWEEP_BETAS = (0.05, 0.1, 1.0, 5.0)
 
 
 def get_config(arg: str = ""):
-    a = common.parse_args(arg, ARGS, "configs/paper/dpo_imdb.py")
+    a = parse_args(arg, ARGS, "configs/paper/dpo_imdb.py")
     c = base.get_config()
-    c.model.update(path=a.get("policy", MODEL), dtype="bfloat16", param_dtype="float32")
+    c.model.update(path=a["policy"], dtype="bfloat16", param_dtype="float32")
     c.reference.mode = "frozen"
-    c.data.update(source=a.get("data", PAIRS_FILE), format="standard", eval_fraction=0.05, max_length=128,
+    c.data.update(source=a["data"], format="standard", eval_fraction=0.05, max_length=128,
                   max_prompt_length=16, truncation_mode="keep_start", min_bucket=32, batch_size=64,
                   eval_batch_size=64)
-    c.loss.update(name="sigmoid", beta=float(a.get("beta", 0.1)))
+    c.loss.update(name="sigmoid", beta=a["beta"])
     c.optim.update(name="rmsprop", lr=1e-6, warmup_steps=150, schedule="constant", b2=0.99, eps=1e-8, momentum=0.0,
                    clip_norm=10.0, weight_decay=0.0)
-    c.train.update(steps=int(a.get("steps", 1000)), log_every=10, eval_every=250, checkpoint_every=250)
+    c.train.update(steps=a["steps"], log_every=10, eval_every=250, checkpoint_every=250)
     c.eval.update(num_prompts=256, samples_per_prompt=4, max_new_tokens=64)
-    if a.get("runlocal"):
-        common.shrink(c, family="gpt2", dataset="imdb-pairs", root=a.get("dir", ""))
+    if a["runlocal"]:
+        common.shrink(c, family="gpt2", dataset="imdb-pairs", root=a["dir"])
     return c
 
 

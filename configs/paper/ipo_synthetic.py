@@ -24,18 +24,15 @@ shared SFT reference:
 """
 
 from configs import synthetic
-from configs.paper import common
+from configs.common import format_args, parse_args
 
-ARGS = ("loss", "beta", "steps", "runlocal")
+ARGS = {"loss": "ipo", "beta": 1.0, "steps": 2000, "runlocal": False}  # those of configs/synthetic.py
 SWEEP_BETAS = {"ipo": (0.5, 1.0, 2.0, 4.0), "sigmoid": (0.25, 0.5, 1.0, 2.0)}
 
 
 def get_config(arg: str = ""):
-    a = common.parse_args(arg, ARGS, "configs/paper/ipo_synthetic.py")
-    inner = {"loss": a.get("loss", "ipo"), "beta": a.get("beta", "1.0"), "steps": a.get("steps", "2000")}
-    if a.get("runlocal"):
-        inner["runlocal"] = a["runlocal"]
-    c = synthetic.get_config(",".join(f"{k}={v}" for k, v in inner.items()))
+    a = parse_args(arg, ARGS, "configs/paper/ipo_synthetic.py")
+    c = synthetic.get_config(format_args(a))
     c.synthetic.label = "argmax"
     return c
 

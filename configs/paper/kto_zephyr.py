@@ -17,28 +17,29 @@ end, bfloat16 with float32 master weights, FSDP over all devices with full remat
 """
 
 from configs import base
+from configs.common import parse_args
 from configs.paper import common
 
 MODEL = "HuggingFaceH4/mistral-7b-sft-beta"
 DATASET = "HuggingFaceH4/ultrafeedback_binarized"
 TRAIN_ROWS = 61_135
-ARGS = ("beta", "runlocal", "dir")
+ARGS = {"beta": 0.1, "runlocal": False, "dir": ""}
 
 
 def get_config(arg: str = ""):
-    a = common.parse_args(arg, ARGS, "configs/paper/kto_zephyr.py")
+    a = parse_args(arg, ARGS, "configs/paper/kto_zephyr.py")
     c = base.get_config()
     c.model.update(path=MODEL, dtype="bfloat16", param_dtype="float32", remat="full")
     c.reference.mode = "frozen"
     c.data.update(source=DATASET, format="auto", train_split="train_prefs", eval_split="test_prefs",
                   max_length=1024, max_prompt_length=512, truncation_mode="keep_end", min_bucket=128,
                   batch_size=32, eval_batch_size=32)
-    c.loss.update(name="kto", beta=float(a.get("beta", 0.1)), desirable_weight=1.0, undesirable_weight=1.0)
+    c.loss.update(name="kto", beta=a["beta"], desirable_weight=1.0, undesirable_weight=1.0)
     c.optim.update(name="rmsprop", lr=5e-7, warmup_steps=150, schedule="constant", b2=0.99, eps=1e-8, momentum=0.0,
                    clip_norm=10.0, weight_decay=0.0)
     c.train.update(steps=common.epoch_steps(TRAIN_ROWS, 32), log_every=10, eval_every=500, checkpoint_every=500)
     c.eval.update(num_prompts=256, samples_per_prompt=1, max_new_tokens=512)
     c.mesh.shape = dict(data=1, fsdp=-1, tensor=1)
-    if a.get("runlocal"):
-        common.shrink(c, family="mistral", dataset="ultrafeedback-binarized", root=a.get("dir", ""))
+    if a["runlocal"]:
+        common.shrink(c, family="mistral", dataset="ultrafeedback-binarized", root=a["dir"])
     return c

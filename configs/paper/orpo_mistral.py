@@ -19,30 +19,31 @@ card's). Assumptions: AdamW without weight decay, gradient clipping at 1.0 (HF T
 """
 
 from configs import base
+from configs.common import parse_args
 from configs.paper import common
 
 MODEL = "mistralai/Mistral-7B-v0.1"
 DATASET = "argilla/ultrafeedback-binarized-preferences-cleaned"
 TRAIN_ROWS = 60_917
-ARGS = ("beta", "runlocal", "dir")
+ARGS = {"beta": 0.1, "runlocal": False, "dir": ""}
 
 
 def get_config(arg: str = ""):
-    a = common.parse_args(arg, ARGS, "configs/paper/orpo_mistral.py")
+    a = parse_args(arg, ARGS, "configs/paper/orpo_mistral.py")
     c = base.get_config()
     c.model.update(path=MODEL, dtype="bfloat16", param_dtype="float32", remat="full")
     c.reference.mode = "none"
     c.data.update(source=DATASET, format="auto", train_split="train", eval_fraction=0.01, max_length=2048,
                   max_prompt_length=1792, truncation_mode="keep_end", min_bucket=256, batch_size=32,
                   eval_batch_size=32)
-    c.loss.update(name="orpo", beta=float(a.get("beta", 0.1)))
+    c.loss.update(name="orpo", beta=a["beta"])
     steps = common.epoch_steps(TRAIN_ROWS, 32, 5)
     c.optim.update(name="adamw", lr=5e-6, warmup_steps=200, schedule="linear", end_lr_frac=0.15,
                    weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0)
     c.train.update(steps=steps, log_every=10, eval_every=1000, checkpoint_every=1000)
     c.eval.update(num_prompts=256, samples_per_prompt=1, max_new_tokens=512)
     c.mesh.shape = dict(data=1, fsdp=-1, tensor=1)
-    if a.get("runlocal"):
-        common.shrink(c, family="mistral", dataset="ultrafeedback-cleaned", root=a.get("dir", ""))
+    if a["runlocal"]:
+        common.shrink(c, family="mistral", dataset="ultrafeedback-cleaned", root=a["dir"])
         c.data.eval_fraction = 0.125
     return c

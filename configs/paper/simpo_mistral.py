@@ -15,29 +15,30 @@ truncation keeps its end (TRL's default then), FSDP over all devices with full r
 """
 
 from configs import base
+from configs.common import parse_args
 from configs.paper import common
 
 MODEL = "alignment-handbook/zephyr-7b-sft-full"
 DATASET = "HuggingFaceH4/ultrafeedback_binarized"
 TRAIN_ROWS = 61_135
-ARGS = ("beta", "gamma", "runlocal", "dir")
+ARGS = {"beta": 2.0, "gamma": 1.6, "runlocal": False, "dir": ""}
 
 
 def get_config(arg: str = ""):
-    a = common.parse_args(arg, ARGS, "configs/paper/simpo_mistral.py")
+    a = parse_args(arg, ARGS, "configs/paper/simpo_mistral.py")
     c = base.get_config()
     c.model.update(path=MODEL, dtype="bfloat16", param_dtype="float32", remat="full")
     c.reference.mode = "none"
     c.data.update(source=DATASET, format="auto", train_split="train_prefs", eval_split="test_prefs",
                   max_length=1024, max_prompt_length=512, truncation_mode="keep_end", min_bucket=128,
                   batch_size=128, eval_batch_size=64)
-    c.loss.update(name="simpo", beta=float(a.get("beta", 2.0)), gamma=float(a.get("gamma", 1.6)))
+    c.loss.update(name="simpo", beta=a["beta"], gamma=a["gamma"])
     steps = common.epoch_steps(TRAIN_ROWS, 128)
     c.optim.update(name="adamw", lr=3e-7, warmup_steps=common.warmup(steps, 0.1), schedule="cosine",
                    end_lr_frac=0.0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0)
     c.train.update(steps=steps, log_every=5, eval_every=100, checkpoint_every=100)
     c.eval.update(num_prompts=256, samples_per_prompt=1, max_new_tokens=512)
     c.mesh.shape = dict(data=1, fsdp=-1, tensor=1)
-    if a.get("runlocal"):
-        common.shrink(c, family="mistral", dataset="ultrafeedback-binarized", root=a.get("dir", ""))
+    if a["runlocal"]:
+        common.shrink(c, family="mistral", dataset="ultrafeedback-binarized", root=a["dir"])
     return c

@@ -16,29 +16,30 @@ clipping at 1.0, prompt truncation keeps its end, FSDP over all devices with ful
 """
 
 from configs import base
+from configs.common import parse_args
 from configs.paper import common
 
 MODEL = "allenai/Llama-3.1-Tulu-3-8B-SFT"
 DATASET = "allenai/llama-3.1-tulu-3-8b-preference-mixture"
 TRAIN_ROWS = 272_898
-ARGS = ("beta", "runlocal", "dir")
+ARGS = {"beta": 5.0, "runlocal": False, "dir": ""}
 
 
 def get_config(arg: str = ""):
-    a = common.parse_args(arg, ARGS, "configs/paper/tulu3_dpo.py")
+    a = parse_args(arg, ARGS, "configs/paper/tulu3_dpo.py")
     c = base.get_config()
     c.model.update(path=MODEL, dtype="bfloat16", param_dtype="float32", remat="full")
     c.reference.mode = "frozen"
     c.data.update(source=DATASET, format="auto", train_split="train", eval_fraction=0.01, max_length=2048,
                   truncation_mode="keep_end", min_bucket=256, batch_size=128, eval_batch_size=64)
-    c.loss.update(name="sigmoid_norm", beta=float(a.get("beta", 5.0)))
+    c.loss.update(name="sigmoid_norm", beta=a["beta"])
     steps = common.epoch_steps(TRAIN_ROWS, 128)
     c.optim.update(name="adamw", lr=5e-7, warmup_steps=common.warmup(steps, 0.1), schedule="linear",
                    end_lr_frac=0.0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0)
     c.train.update(steps=steps, log_every=10, eval_every=500, checkpoint_every=500)
     c.eval.update(num_prompts=256, samples_per_prompt=1, max_new_tokens=512)
     c.mesh.shape = dict(data=1, fsdp=-1, tensor=1)
-    if a.get("runlocal"):
-        common.shrink(c, family="llama", dataset="tulu3-preference", root=a.get("dir", ""))
+    if a["runlocal"]:
+        common.shrink(c, family="llama", dataset="tulu3-preference", root=a["dir"])
         c.data.eval_fraction = 0.125
     return c

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dpo_jax import plots
+from dpo_jax.evaluation import plots
 from dpo_jax.data import synthetic
 from launch import aggregate
 

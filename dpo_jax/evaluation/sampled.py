@@ -13,7 +13,7 @@ Sampled (N = prompts x samples_per_prompt completions y ~ pi(.|x), here at `temp
   sample/win_rate = mean_ij [1(r(pi sample j of x_i) > r(ref sample j of x_i)) + 1/2 1(=)].
   sample/malformed_frac(_ref): see the reward sources.
 Synthetic world: the report adds the exact optimum and the frontier at sample/kl
-(`evaluate_exact.synthetic_report`: exact/*, frontier/*). The frontier is measured against the
+(`exact.synthetic_report`: exact/*, frontier/*). The frontier is measured against the
 world's pi_ref while sample/kl is against the run's reference model (the SFT model);
 sample/kl_world and sample/kl_ref_world estimate KL(pi || pi_ref) and KL(reference model || pi_ref)
 from the well-formed samples.
@@ -21,8 +21,9 @@ from the well-formed samples.
 Sharded over processes (`Evaluator.shard`, `gather`): each samples and scores its block of the N
 rows, the per-row values are gathered, and every process reports what one process would.
 
-Policies (`ModelPolicy`, `MarkovPolicy`) and prompts live in `evaluate_policies`, the exact reports
-(`synthetic_report`, `exact_model_report`) in `evaluate_exact`; both are re-exported here.
+Policies (`ModelPolicy`, `MarkovPolicy`) and prompts live in `policies`, the exact reports
+(`synthetic_report`, `exact_model_report`) in `exact`. The run's reference model is the caller's
+(`build.evaluation_reference`).
 """
 
 from __future__ import annotations
@@ -37,16 +38,8 @@ import numpy as np
 
 from dpo_jax import multihost
 from dpo_jax.data import synthetic
-from dpo_jax.evaluate_exact import exact_model_report, synthetic_report  # noqa: F401  (re-exported)
-from dpo_jax.evaluate_policies import (  # noqa: F401  (re-exported: the policies and prompts of the evaluation)
-    Completions,
-    MarkovPolicy,
-    ModelPolicy,
-    Policy,
-    Prompts,
-    make_prompts,
-    tokenize_prompts,
-)
+from dpo_jax.evaluation.exact import synthetic_report
+from dpo_jax.evaluation.policies import Completions, MarkovPolicy, ModelPolicy, Policy, Prompts, tokenize_prompts
 
 
 # ----------------------------------------------------------------------------------------- estimators
@@ -143,6 +136,7 @@ class ModelReward(_TextReward):
     decoded prompt + completion text with its own tokenizer."""
 
     def __init__(self, path: str, tok, batch_size: int = 64):
+        # torch and transformers' PyTorch models are heavy and needed by this reward source only.
         import torch  # pylint: disable=g-import-not-at-top
         import transformers  # pylint: disable=g-import-not-at-top
 
@@ -352,33 +346,17 @@ class Evaluator:
 # ----------------------------------------------------------------------------------------- a run
 
 
-def reference_model(config, workdir: str, tok):
-    """The run's initial reference: config.reference.path, else the SFT model (config.sft.model_dir
-    or workdir/sft/model),
-    else the initial policy (rebuilt: loaded from config.model.path or re-initialized from the seed).
-    For reference.mode='sync' this is the reference before any sync; for 'none' / 'base' the policy
-    the run started from."""
-    from dpo_jax import build  # pylint: disable=g-import-not-at-top
-    from dpo_jax.models import hf  # pylint: disable=g-import-not-at-top
-
-    if config.reference.path:
-        return hf.load_model(config.reference.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
-    sft = config.sft.model_dir or os.path.join(workdir, "sft", "model")  # a sweep shares one SFT model
-    if config.sft.steps > 0 and os.path.exists(os.path.join(sft, "config.json")):
-        return build.policy(config, tok, path=sft)
-    return build.policy(config, tok)
-
-
-def make_evaluator(config, workdir: str, files, tok, rows, tokenize_fn: Callable, *,
+def make_evaluator(config, files, tok, rows, tokenize_fn: Callable, *, reference,
                    shard: Optional[tuple[int, int]] = None, gather: Optional[Callable] = None) -> Evaluator:
-    """The Evaluator of a run: the first config.eval.num_prompts prompts of `rows` (the eval split),
-    the reward of config.eval.reward, the synthetic world of files.world_dir, beta = config.loss.beta;
-    sharded over the processes (shard = (process index, process count), gather =
-    `multihost.allgather_rows`) unless told otherwise."""
+    """The Evaluator of a run against `reference` (a `Policy`, a Decoder or (graphdef, params): the run's
+    reference model, `build.evaluation_reference`): the first config.eval.num_prompts prompts of `rows`
+    (the eval split), the reward of config.eval.reward, the synthetic world of files.world_dir,
+    beta = config.loss.beta; sharded over the processes (shard = (process index, process count),
+    gather = `multihost.allgather_rows`) unless told otherwise."""
     e = config.eval
     world = synthetic.load_world(files.world_dir) if getattr(files, "world_dir", None) else None
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    return Evaluator(reference=reference_model(config, workdir, tok),
+    return Evaluator(reference=reference,
                      prompts=tokenize_prompts(rows, tokenize_fn, e.num_prompts, pad),
                      reward=make_reward(e.reward, tok=tok, world=world), world=world, beta=float(config.loss.beta),
                      samples_per_prompt=e.samples_per_prompt, max_new_tokens=e.max_new_tokens,
@@ -387,9 +365,9 @@ def make_evaluator(config, workdir: str, files, tok, rows, tokenize_fn: Callable
                      gather=gather or multihost.allgather_rows)
 
 
-def final_report(config, workdir: str, files, tok, policy, stage, **shard_kw) -> dict[str, float]:
-    """The sampled report of the final policy on the stage's eval prompts (its train rows if none).
-    Call it on every process: each samples its share of the rows and all return the same report
-    (`shard_kw`: `shard`, `gather` of `make_evaluator`)."""
+def final_report(config, files, tok, policy, stage, *, reference, **shard_kw) -> dict[str, float]:
+    """The sampled report of the final policy against `reference` on the stage's eval prompts (its train
+    rows if none). Call it on every process: each samples its share of the rows and all return the
+    same report (`shard_kw`: `shard`, `gather` of `make_evaluator`)."""
     rows = stage.eval_rows if stage.eval_rows is not None else stage.train_rows
-    return make_evaluator(config, workdir, files, tok, rows, stage.tokenize_fn, **shard_kw)(policy)
+    return make_evaluator(config, files, tok, rows, stage.tokenize_fn, reference=reference, **shard_kw)(policy)

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from dpo_jax import plots
 from dpo_jax.data import synthetic as syn
+from dpo_jax.evaluation import plots
 
 
 def test_plot_reward_kl_writes_png(tmp_path):

@@ -32,6 +32,7 @@ def plot_reward_kl(runs: Sequence[Mapping[str, Any]],
     optional `kl_stderr`, `reward_stderr` (or `sample/kl_stderr`, `sample/reward_stderr`).
     `reference_reward` draws the reference's reward as a horizontal line.
     """
+    # matplotlib is heavy and needed by the plots only: imported when one is drawn.
     import matplotlib  # pylint: disable=g-import-not-at-top
 
     matplotlib.use("Agg")

@@ -4,7 +4,7 @@ A policy is anything with `sample` (completions y ~ pi(.|x) at a temperature, wi
 the distribution actually sampled; row i's draw depends only on the key, its global row id
 `row_ids_N[i]` and its prompt, so any split of the rows into batches or processes gives the same
 completions), `logprob` (teacher-forced log pi(y|x) at temperature 1, summed over the completion
-incl. EOS) and, for the exact path (`evaluate_exact.exact_model_report`),
+incl. EOS) and, for the exact path (`exact.exact_model_report`),
 `next_logprobs`: `ModelPolicy` wraps a Decoder, `MarkovPolicy` a `synthetic.TabularPolicy` (e.g.
 pi*_beta) in model token ids.
 """

@@ -1,4 +1,4 @@
-"""The registered preference-loss variants, one small pure function each (see `dpo_jax.losses`).
+"""The registered preference-loss variants, one small pure function each (see `losses/core.py`).
 
 Notation: rho_w, rho_l chosen/rejected log-ratios log pi - log pi_ref; h = rho_w - rho_l;
 s(rho) the f-divergence score of a log-ratio (s = rho for reverse KL, the DPO default);
@@ -12,7 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from dpo_jax.losses import BETA, SMOOTHING, HParam, LossSpec, PairLogps, register
+from dpo_jax.losses.core import BETA, SMOOTHING, HParam, LossSpec, PairLogps, register
 
 log_sigmoid = jax.nn.log_sigmoid
 sigmoid = jax.nn.sigmoid

@@ -223,7 +223,7 @@ def test_reference_free_losses_ignore_the_reference(name):
 def test_kto_closed_form():
     hp = {k: jnp.float32(v) for k, v in L.params("kto", beta=0.5, desirable_weight=2.0).items()}
     z0 = jnp.float32(0.3)
-    out = L._variants.kto_unpaired(jnp.array([-1.0, -1.0]), jnp.array([-2.0, -2.0]), jnp.array([1, 0]), z0, hp)
+    out = L.variants.kto_unpaired(jnp.array([-1.0, -1.0]), jnp.array([-2.0, -2.0]), jnp.array([1, 0]), z0, hp)
     s = lambda x: 1.0 / (1.0 + math.exp(-x))  # noqa: E731
     np.testing.assert_allclose(out, [2.0 * (1 - s(0.5 * (1.0 - 0.3))), 1 - s(0.5 * (0.3 - 1.0))], rtol=1e-6)
     b = make_batch(np.random.default_rng(7))

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dpo_jax import evaluate as ev
-from dpo_jax import evaluate_exact as ex
-from dpo_jax import evaluate_policies as pol
 from dpo_jax.data import synthetic as syn
+from dpo_jax.evaluation import exact as ex
+from dpo_jax.evaluation import policies as pol
+from dpo_jax.evaluation import sampled as ev
 from dpo_jax.models.transformer import Decoder, ModelConfig
-from tests.test_evaluate import eval_prompts, random_tabular, within, world
+from tests.evaluation.test_sampled import eval_prompts, random_tabular, within, world
 
 OFF, EOS = syn.TOKEN_OFFSET, syn.EOS_ID
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dpo_jax import evaluate as ev
 from dpo_jax.data import synthetic as syn
+from dpo_jax.evaluation import policies as pol
+from dpo_jax.evaluation import sampled as ev
 from dpo_jax.models.transformer import Decoder, ModelConfig
 
 OFF, EOS = syn.TOKEN_OFFSET, syn.EOS_ID
@@ -23,7 +24,7 @@ def world(**kw):
 
 def eval_prompts(w, n, seed=0):
     content = syn.sample_prompts(w, n, np.random.default_rng(seed))
-    return content, ev.make_prompts([p + OFF for p in content])
+    return content, pol.make_prompts([p + OFF for p in content])
 
 
 def random_tabular(w, seed, alpha=0.5):
@@ -40,9 +41,9 @@ def test_sampled_kl_matches_exact_kl_of_two_markov_chains(seed):
     w = world(vocab_size=5, completion_len=6, seed=seed)
     content, prompts = eval_prompts(w, 32, seed)
     pi = random_tabular(w, seed + 10)
-    e = ev.Evaluator(reference=ev.MarkovPolicy(syn.reference_policy(w)), prompts=prompts, samples_per_prompt=256,
+    e = ev.Evaluator(reference=pol.MarkovPolicy(syn.reference_policy(w)), prompts=prompts, samples_per_prompt=256,
                      seed=seed)
-    out = e(ev.MarkovPolicy(pi))
+    out = e(pol.MarkovPolicy(pi))
     exact = syn.kl_to_ref(w, pi, content)
     assert 0 < out["sample/kl_stderr"] < 0.05 * exact
     within(out["sample/kl"], exact, out["sample/kl_stderr"])
@@ -53,11 +54,11 @@ def test_model_policy_kl_matches_enumeration_of_every_sequence():
     log-probs equal teacher-forced scores, and the sampled estimate matches within its error."""
     cfg = ModelConfig(vocab_size=5, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                       init_std=0.6)
-    pi = ev.ModelPolicy(Decoder(cfg, rngs=nnx.Rngs(0)), eos_id=(), batch_size=256)
-    ref = ev.ModelPolicy(Decoder(cfg, rngs=nnx.Rngs(1)), eos_id=(), batch_size=256)
-    prompts = ev.make_prompts([[1, 3], [4], [2, 2, 0]])
+    pi = pol.ModelPolicy(Decoder(cfg, rngs=nnx.Rngs(0)), eos_id=(), batch_size=256)
+    ref = pol.ModelPolicy(Decoder(cfg, rngs=nnx.Rngs(1)), eos_id=(), batch_size=256)
+    prompts = pol.make_prompts([[1, 3], [4], [2, 2, 0]])
     seqs = np.stack(np.unravel_index(np.arange(125), (5, 5, 5)), axis=1).astype(np.int32)
-    rep = ev.Prompts(np.repeat(prompts.tokens_BxP, 125, 0), np.repeat(prompts.lens_B, 125))
+    rep = pol.Prompts(np.repeat(prompts.tokens_BxP, 125, 0), np.repeat(prompts.lens_B, 125))
     toks, mask = np.tile(seqs, (3, 1)), np.ones((375, 3), np.float32)
     lp, lr = pi.logprob(rep, toks, mask).reshape(3, 125), ref.logprob(rep, toks, mask).reshape(3, 125)
     np.testing.assert_allclose(np.exp(lp).sum(1), 1.0, atol=1e-5)
@@ -74,7 +75,7 @@ def test_model_policy_kl_matches_enumeration_of_every_sequence():
 def test_win_rate_half_against_itself_and_rises_with_reward():
     w = world()
     content, prompts = eval_prompts(w, 32)
-    ref = ev.MarkovPolicy(syn.reference_policy(w))
+    ref = pol.MarkovPolicy(syn.reference_policy(w))
     e = ev.Evaluator(reference=ref, prompts=prompts, reward=ev.SyntheticReward(w), world=w, beta=1.0,
                      samples_per_prompt=64)
     self_play = e(ref)
@@ -82,7 +83,7 @@ def test_win_rate_half_against_itself_and_rises_with_reward():
     within(self_play["sample/win_rate"], 0.5, self_play["sample/win_rate_stderr"])
     within(self_play["sample/reward"], syn.expected_reward(w, syn.reference_policy(w), content),
            self_play["sample/reward_stderr"])
-    rates = [e(ev.MarkovPolicy(syn.optimal_policy(w, b)))["sample/win_rate"] for b in (8.0, 2.0, 0.5)]
+    rates = [e(pol.MarkovPolicy(syn.optimal_policy(w, b)))["sample/win_rate"] for b in (8.0, 2.0, 0.5)]
     assert 0.55 < rates[0] < rates[1] < rates[2], rates
 
 
@@ -122,7 +123,7 @@ def test_sharded_evaluation_equals_one_process(kind, count):
                           num_kv_heads=1, init_std=0.3)
         policy, reference = (Decoder(cfg, rngs=nnx.Rngs(i)) for i in (0, 1))
     else:
-        policy, reference = ev.MarkovPolicy(random_tabular(w, 3)), ev.MarkovPolicy(syn.reference_policy(w))
+        policy, reference = pol.MarkovPolicy(random_tabular(w, 3)), pol.MarkovPolicy(syn.reference_policy(w))
 
     def make(**kw):
         return ev.Evaluator(reference=reference, prompts=prompts, reward=ev.SyntheticReward(w), world=w, beta=1.0,
@@ -145,10 +146,10 @@ def test_sharding_edge_cases_name_the_field():
     _, prompts = eval_prompts(w, 1)
 
     def make(**kw):
-        return ev.Evaluator(reference=ev.MarkovPolicy(syn.reference_policy(w)), prompts=prompts,
+        return ev.Evaluator(reference=pol.MarkovPolicy(syn.reference_policy(w)), prompts=prompts,
                             reward=ev.SyntheticReward(w), world=w, beta=1.0, samples_per_prompt=2, **kw)
 
-    policy = ev.MarkovPolicy(random_tabular(w, 1))
+    policy = pol.MarkovPolicy(random_tabular(w, 1))
     one = make()(policy)
     for reports in sharded(make, policy, 3):
         assert all(r == one for r in reports)
@@ -244,19 +245,3 @@ def test_training_run_reports_sampled_and_exact_metrics(tmp_path):
     assert report["exact/kl"] == pytest.approx(syn.kl_to_ref(w, star, content), rel=1e-9)
     assert report["exact/reward"] == pytest.approx(syn.expected_reward(w, star, content), rel=1e-9)
 
-
-def test_reference_model_is_the_sft_export_when_the_run_trained_one(tmp_path, world_tokenizer):
-    from configs import synthetic as synthetic_config
-    from dpo_jax.models import hf
-
-    c = synthetic_config.get_config("runlocal=1")
-    tok = world_tokenizer[1]
-    initial = ev.reference_model(c, str(tmp_path), tok)  # no SFT export yet: the seeded initial policy
-    assert initial.cfg.vocab_size == len(tok)
-    sft = Decoder(initial.cfg, rngs=nnx.Rngs(123))
-    hf.export_model(sft, str(tmp_path / "sft" / "model"))
-    loaded = ev.reference_model(c, str(tmp_path), tok)
-    tokens = np.array([[5, 6, 7, 8]], np.int32)
-    np.testing.assert_allclose(loaded.logits(loaded(tokens)), sft.logits(sft(tokens)), atol=1e-6)
-    again = ev.reference_model(c, str(tmp_path / "other"), tok)
-    np.testing.assert_array_equal(again.logits(again(tokens)), initial.logits(initial(tokens)))

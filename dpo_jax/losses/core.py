@@ -16,8 +16,9 @@ Every loss in `LOSSES` maps a `PairLogps` batch and a dict of float32 hyper-para
 arrays: changing beta never recompiles) to per-pair losses [P]. Variants that are a function of
 one scalar margin per pair also expose that margin and the closed-form derivative of the loss
 with respect to it (`LossSpec.margin`, `.of_margin`, `.d_of_margin`). Variant formulas live in
-`dpo_jax/loss_variants.py`; this module holds the core, the registry and the combination of
-several weighted losses (`Objective`).
+`losses/variants.py`, which registers them (the package's `__init__` imports it); this module holds
+the core, the registry and the combination of several weighted losses (`Objective`), and never
+imports the variants.
 """
 
 from __future__ import annotations
@@ -287,5 +288,3 @@ def reward_metrics(batch: PairLogps, beta: Array) -> dict[str, Array]:
         "kl/implicit": mean(0.5 * (batch.chosen_logratio + batch.rejected_logratio)),
     }
 
-
-from dpo_jax import loss_variants as _variants  # noqa: E402,F401  (registers every variant)

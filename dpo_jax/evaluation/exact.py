@@ -2,7 +2,7 @@
 exact KL and reward of a trained transformer by enumeration.
 
 All exact values average the start state x_k over the EVAL PROMPTS (its empirical law), so they
-are comparable with the sampled numbers of `evaluate` on the same prompts:
+are comparable with the sampled numbers of `sampled` on the same prompts:
   exact/reward, exact/kl = E[r], KL(pi*_beta || pi_ref) of the exact optimum at the run's beta;
   exact/reward_ref = E_{pi_ref}[r]; frontier/reward_at_kl = max{E[r]: KL <= sample/kl};
   frontier/regret = frontier/reward_at_kl - sample/reward;
@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from dpo_jax.data import synthetic
-from dpo_jax.evaluate_policies import Policy, Prompts
+from dpo_jax.evaluation.policies import Policy, Prompts
 
 
 def synthetic_report(world: synthetic.World, beta: float, last_tokens_B: np.ndarray, sampled_kl: float,

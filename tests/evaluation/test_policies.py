@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from dpo_jax import evaluate_policies as pol
 from dpo_jax.data import synthetic as syn
-from tests.test_evaluate import world
+from dpo_jax.evaluation import policies as pol
+from tests.evaluation.test_sampled import world
 
 OFF, EOS = syn.TOKEN_OFFSET, syn.EOS_ID
 

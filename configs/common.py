@@ -1,0 +1,96 @@
+"""Arguments of config files: `--config=FILE:key=value,...` parsed strictly.
+
+Every config file declares the arguments it takes, with their defaults, and parses its `arg` with
+`parse_args`; `get_config(arg)` and `get_sweep(arg)` of a file take the same arguments (the sweep
+launcher calls both with the one `arg` of `--config=FILE:arg`).
+
+Syntax: items separated by ',', each `key=value` (key and value stripped of spaces; the value is
+everything after the first '=', so it may hold further '=' but no ','); empty items are skipped
+(`beta=1,` is `beta=1`). Errors (ValueError, naming the file, the argument and what is allowed):
+an unknown key, an item without '=' (a bare `runlocal` is an error, write `runlocal=1`), a key given
+twice, and a value that does not convert to the argument's type:
+  str    the value as written ('' allowed)
+  int    int(value)
+  float  float(value)
+  bool   1, true, yes, on | 0, false, no, off (any case)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+TYPES = (str, int, float, bool)
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _spec(key: str, spec: Any) -> tuple[type, Any, bool]:
+    """(type, default, has_default) of one declared argument: a type alone, or a default of a type."""
+    if isinstance(spec, type):
+        if spec not in TYPES:
+            raise TypeError(f"argument {key!r}: type {spec.__name__} is not one of str, int, float, bool")
+        return spec, None, False
+    kind = bool if isinstance(spec, bool) else type(spec)
+    if kind not in TYPES:
+        raise TypeError(f"argument {key!r}: default {spec!r} is not a str, int, float or bool")
+    return kind, spec, True
+
+
+def convert(kind: type, value: str) -> Any:
+    """`value` as `kind` (str, int, float or bool, see the module docstring); ValueError if it is not one."""
+    if kind is bool:
+        if value.lower() in _TRUE:
+            return True
+        if value.lower() in _FALSE:
+            return False
+        raise ValueError(f"{value!r} is not a bool (1, true, yes, on | 0, false, no, off)")
+    if kind is str:
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not {'an int' if kind is int else 'a float'}") from None
+
+
+def parse_args(arg: str, allowed: Mapping[str, Any], config: str) -> dict[str, Any]:
+    """`key=value,...` -> {key: typed value} for every key of `allowed`, defaults filled in.
+
+    `allowed` maps each argument to its default, whose type converts the value (str, int, float,
+    bool), or to one of those types alone: an argument without a default, absent from the result
+    unless given. `config` names the config file in errors, e.g. 'configs/synthetic.py'.
+      parse_args("steps=5", {"beta": 1.0, "steps": 600, "policy": str}, "configs/x.py")
+        == {"beta": 1.0, "steps": 5}
+    """
+    specs = {key: _spec(key, spec) for key, spec in allowed.items()}
+    names = ", ".join(sorted(specs)) or "(none)"
+    given: dict[str, Any] = {}
+    for item in (arg or "").split(","):
+        if not item.strip():
+            continue
+        key, eq, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq:
+            hint = f" (e.g. {key}=1)" if key in specs and specs[key][0] is bool else ""
+            raise ValueError(f"{config}: argument {item.strip()!r} in {arg!r} is not key=value{hint}; "
+                             f"allowed: {names}")
+        if key not in specs:
+            raise ValueError(f"{config}: unknown argument {key!r} in {arg!r}; allowed: {names}")
+        if key in given:
+            raise ValueError(f"{config}: argument {key!r} is given twice in {arg!r}")
+        try:
+            given[key] = convert(specs[key][0], value)
+        except ValueError as e:
+            raise ValueError(f"{config}: argument {key}={value!r} in {arg!r}: {e}") from None
+    defaults = {key: default for key, (_, default, has_default) in specs.items() if has_default}
+    return {**defaults, **given}
+
+
+def format_args(values: Mapping[str, Any]) -> str:
+    """The `arg` string of `values` ({key: value} -> 'key=value,...'), which `parse_args` reads back."""
+    out = []
+    for key, value in values.items():
+        text = repr(value) if isinstance(value, float) else str(value)
+        if "," in text:
+            raise ValueError(f"argument {key}={text!r}: a value cannot contain ','")
+        out.append(f"{key}={text}")
+    return ",".join(out)
