@@ -30,7 +30,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from dpo_jax.data import synthetic  # noqa: E402
+from dpo_jax.data import synthetic, synthetic_exact  # noqa: E402
 from dpo_jax.evaluation import exact as ex  # noqa: E402
 from dpo_jax.evaluation import plots  # noqa: E402
 from dpo_jax.evaluation import policies as pol  # noqa: E402
@@ -155,7 +155,7 @@ def main():
         rows = [json.loads(line) for line in open(os.path.join(workdir, "data", "eval_pairs.jsonl"))]
         kept = [r for r in rows if r["chosen"] != r["rejected"]][: int(runs[0]["sample/num_prompts"])]  # as tokenized
         last = np.array([[synthetic.text_to_tokens(r["prompt"])[-1]] for r in kept])  # the eval prompts' x_k
-        kl, reward = synthetic.frontier(world, np.geomspace(0.05, 50, 120), last)
+        kl, reward = synthetic_exact.frontier(world, np.geomspace(0.05, 50, 120), last)
         summary["plot"] = plots.plot_reward_kl(
             runs, (kl, reward), path=os.path.join(a.out, "frontier.png"), reference_reward=runs[0]["exact/reward_ref"],
             title="Sigmoid DPO on the synthetic world (default): reward vs KL")

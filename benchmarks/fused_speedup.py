@@ -2,7 +2,7 @@
 
   python benchmarks/fused_speedup.py --members 4 --steps 20
 
-Both sides run the real jitted train step (`train.init_state` + `train.compiled_steps`) on the
+Both sides run the real jitted train step (`train_state.init_state` + `loop.compiled_steps`) on the
 same batches (the synthetic default's model: 2-layer Llama, hidden 64; 64 pairs of 4 + 9 + 9
 tokens; frozen reference), after a warm-up; the fused side computes the reference log-probs once
 for all members. Prints one JSON line: seconds per step of all K members, each way, and the ratio.
@@ -18,7 +18,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dpo_jax import fused, losses, sharding, step, train
+from dpo_jax import losses, sharding
+from dpo_jax.train import loop, members, step
+from dpo_jax.train import state as train_state
 from dpo_jax.data import layouts
 from dpo_jax.models.transformer import Decoder, ModelConfig
 
@@ -45,12 +47,12 @@ def main():
     betas = [0.25 * 2**k for k in range(a.members)]
 
     def setup(members):
-        state, sh, graphdef = train.init_state(Decoder(cfg, rngs=nnx.Rngs(0)), Decoder(cfg, rngs=nnx.Rngs(0)), tx, mesh, 0)
+        state, sh, graphdef = train_state.init_state(Decoder(cfg, rngs=nnx.Rngs(0)), Decoder(cfg, rngs=nnx.Rngs(0)), tx, mesh, 0)
         scfg = step.StepConfig(graphdef=graphdef, objective=obj, tx=tx, lr=lambda s: 1e-3)
         if members:
-            state, sh = fused.stack_state(state, sh, members)
+            state, sh = members.stack_state(state, sh, members)
             scfg = dataclasses.replace(scfg, members=members)
-        return state, train.compiled_steps(scfg, sh, mesh, layouts.BATCH_KEYS)[0]
+        return state, loop.compiled_steps(scfg, sh, mesh, layouts.BATCH_KEYS)[0]
 
     def timed(fn):
         fn(data[:2])  # warm-up (compile)
@@ -69,7 +71,7 @@ def main():
         jax.block_until_ready(m)
 
     fst, ffn = setup(a.members)
-    hp_k = fused.stack_hparams([obj.params(beta=b) for b in betas])
+    hp_k = members.stack_hparams([obj.params(beta=b) for b in betas])
     box = [fst]
 
     def fused_run(bs):

@@ -33,7 +33,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from dpo_jax import bench, metrics, step  # noqa: E402
+from dpo_jax import bench  # noqa: E402
+from dpo_jax.models import transformer  # noqa: E402
+from dpo_jax.train import metrics, step  # noqa: E402
 
 
 def override(cfg: bench.BenchConfig, text: str) -> bench.BenchConfig:
@@ -55,7 +57,7 @@ def override(cfg: bench.BenchConfig, text: str) -> bench.BenchConfig:
 def pieces(timer: bench.StepTimer) -> dict:
     """Jitted pieces of the timer's step: name -> zero-argument callable."""
     cfg = timer.cfg
-    graphdef = nnx.graphdef(bench.transformer.Decoder(timer.model_cfg, rngs=nnx.Rngs(0)))
+    graphdef = nnx.graphdef(transformer.Decoder(timer.model_cfg, rngs=nnx.Rngs(0)))
     scfg = step.StepConfig(graphdef=graphdef, objective=cfg.objective(), tx=None, lr=None, ref_mode=cfg.ref_mode,
                            capacity=timer.capacity, chunk_size=cfg.chunk_size, vocab_chunk_size=cfg.vocab_chunk_size)
     hp = {k: jnp.asarray(v) for k, v in timer.hp.items()}

@@ -38,7 +38,7 @@ SWEEP_BETAS = (0.01, 0.05, 0.1, 0.5)  # the usual range for sigmoid DPO on pretr
 def get_sweep(arg: str = ""):
     """`python -m launch.sweep --config=configs/hf.py:policy=...,data=... --root=DIR`: the loss of
     `arg` (default sigmoid) at the betas of SWEEP_BETAS; every member starts from the same policy."""
-    from launch import sweep  # pylint: disable=g-import-not-at-top  (training runs never import it)
+    from launch import sweep_plan  # pylint: disable=g-import-not-at-top  (training runs never import it)
 
     get_config(arg)  # the same argument errors as a run
-    return sweep.product(("loss.beta", list(SWEEP_BETAS)))
+    return sweep_plan.product(("loss.beta", list(SWEEP_BETAS)))

@@ -58,12 +58,12 @@ def get_sweep(arg: str = ""):
     12 runs: sigmoid, ipo and simpo at the betas of SWEEP_BETAS, each SWEEP_STEPS preference steps
     after the shared SFT reference (600 steps, trained once by the launcher). `runlocal=1` or
     `steps` in `arg` keep the step count of get_config(arg). Takes the arguments of get_config."""
-    from launch import sweep  # pylint: disable=g-import-not-at-top  (training runs never import it)
+    from launch import sweep_plan  # pylint: disable=g-import-not-at-top  (training runs never import it)
 
     given = parse_args(arg, {k: type(v) for k, v in ARGS.items()}, CONFIG)  # the keys of `arg` only
     short = [] if (given.get("runlocal") or "steps" in given) else [("train.steps", [SWEEP_STEPS])]
     members = []
     for loss, betas in SWEEP_BETAS.items():
         ref = [("reference.mode", ["none"])] if loss == "simpo" else []
-        members += sweep.product(("loss.name", [loss]), *ref, ("loss.beta", list(betas)), *short)
+        members += sweep_plan.product(("loss.name", [loss]), *ref, ("loss.beta", list(betas)), *short)
     return members

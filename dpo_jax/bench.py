@@ -6,7 +6,7 @@ r"""Benchmark of the real jitted train step: one JSON line of throughput, FLOP/s
     python -m dpo_jax.bench --compare trl         # + TRL's DPOTrainer on the same model and data
 
 A random decoder (`ModelConfig`) and synthetic random-token pairs (`synthetic_examples`) are laid
-out with `layouts.LayoutSpec`; `train.init_state` + `train.compiled_steps` give the step. After
+out with `layouts.LayoutSpec`; `train_state.init_state` + `loop.compiled_steps` give the step. After
 `--warmup` steps (every distinct batch shape compiled), `--repeats` rounds of `--steps` steps are
 timed (dispatched back to back, blocked at the end of each round); the median round is reported.
 
@@ -46,7 +46,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from dpo_jax import losses, metrics, optim, sharding, step, train  # noqa: E402
+from dpo_jax import logprobs, losses, sharding  # noqa: E402
+from dpo_jax.train import loop, metrics, optim, step  # noqa: E402
+from dpo_jax.train import state as train_state  # noqa: E402
 from dpo_jax.data import layouts  # noqa: E402
 from dpo_jax.models import transformer  # noqa: E402
 
@@ -85,8 +87,8 @@ class BenchConfig:
     pack_pairs: int = 0  # packed: pair capacity of a batch (0 = 4 * pairs)
     ref_mode: str = "frozen"  # frozen | precomputed | none
     capacity: int = 0  # logits at this many completion positions (0 = all positions, -1 = exact)
-    chunk_size: int = step.logprobs.DEFAULT_CHUNK_SIZE
-    vocab_chunk_size: int = step.logprobs.DEFAULT_VOCAB_CHUNK_SIZE
+    chunk_size: int = logprobs.DEFAULT_CHUNK_SIZE
+    vocab_chunk_size: int = logprobs.DEFAULT_VOCAB_CHUNK_SIZE
     naive_logits: bool = False
     steps: int = 10
     repeats: int = 3
@@ -209,7 +211,7 @@ def memory_figures(compiled) -> dict[str, int]:
 
 
 def build_step(cfg: BenchConfig, batches: list[dict], mesh):
-    """(state, train_fn, model_cfg, capacity): the state and step exactly as `train.fit` builds them."""
+    """(state, train_fn, model_cfg, capacity): the state and step exactly as `loop.fit` builds them."""
     model_cfg = cfg.model_config()
     policy = transformer.Decoder(model_cfg, rngs=nnx.Rngs(cfg.seed))
     reference = None
@@ -220,7 +222,7 @@ def build_step(cfg: BenchConfig, batches: list[dict], mesh):
                                    weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, momentum=0.0, clip_norm=1.0,
                                    grad_accum=1)
     tx, lr = optim.make_optimizer(optim_cfg, 1000)
-    state, state_sh, graphdef = train.init_state(policy, reference, tx, mesh, cfg.seed)
+    state, state_sh, graphdef = train_state.init_state(policy, reference, tx, mesh, cfg.seed)
     capacity = None
     if cfg.capacity == -1:  # exactly the largest completion count, rounded up to a multiple of 8
         capacity = int(8 * math.ceil(max(np.sum(b["loss_mask_BxT"] > 0) for b in batches) / 8))
@@ -229,7 +231,7 @@ def build_step(cfg: BenchConfig, batches: list[dict], mesh):
     step_cfg = step.StepConfig(graphdef=graphdef, objective=cfg.objective(), tx=tx, lr=lr, ref_mode=cfg.ref_mode,
                                capacity=capacity, chunk_size=cfg.chunk_size, vocab_chunk_size=cfg.vocab_chunk_size,
                                naive_logits=cfg.naive_logits)
-    train_fn, _ = train.compiled_steps(step_cfg, state_sh, mesh, tuple(sorted(batches[0])))
+    train_fn, _ = loop.compiled_steps(step_cfg, state_sh, mesh, tuple(sorted(batches[0])))
     return state, train_fn, model_cfg, capacity
 
 

@@ -1,7 +1,7 @@
 """From a config to the objects of a run: data files, tokenizer, data configs, models.
 
-Each function is a small translation of one config section; the training loop (`train.py`)
-wires them together.
+Each function is a small translation of one config section; the runner (`runner.py`) and the
+training stages (`train/stages.py`) wire them together.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from dpo_jax.data import pipeline, synthetic
+from dpo_jax.data import pipeline, synthetic, synthetic_exact
 from dpo_jax.models import hf
 from dpo_jax.models.transformer import Decoder, ModelConfig
 
@@ -31,10 +31,11 @@ class DataFiles:
     world_dir: Optional[str] = None  # the synthetic world's directory (world.json)
 
 
-def world_config(config) -> synthetic.WorldConfig:
+def world_config(config) -> synthetic_exact.WorldConfig:
     s = config.synthetic
-    return synthetic.WorldConfig(vocab_size=s.vocab_size, prompt_len=s.prompt_len, completion_len=s.completion_len,
-                                 dirichlet_alpha=s.dirichlet_alpha, reward_scale=s.reward_scale, seed=s.world_seed)
+    return synthetic_exact.WorldConfig(vocab_size=s.vocab_size, prompt_len=s.prompt_len,
+                                       completion_len=s.completion_len, dirichlet_alpha=s.dirichlet_alpha,
+                                       reward_scale=s.reward_scale, seed=s.world_seed)
 
 
 def synthetic_files(config, data_dir: str) -> DataFiles:
@@ -56,7 +57,7 @@ def synthetic_files(config, data_dir: str) -> DataFiles:
     if fresh and jax.process_index() == 0:
         if os.path.exists(world_file):
             os.remove(world_file)  # the directory is incomplete until the new world.json is written
-        world = synthetic.make_world(world_config(config))
+        world = synthetic_exact.make_world(world_config(config))
         synthetic.save_tokenizer(world, os.path.join(data_dir, "tokenizer"))
         synthetic.write_dataset(world, data_dir, s.n_sft, s.n_pairs, s.n_eval, seed=config.seed, label=s.label)
     if jax.process_count() > 1:

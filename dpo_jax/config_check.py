@@ -10,12 +10,13 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from dpo_jax import losses, optim
+from dpo_jax import losses
+from dpo_jax.train import optim
 from dpo_jax.data import formats, layouts
 from dpo_jax.data.tokenize import TRUNCATION_MODES
 from dpo_jax.models import transformer
 from dpo_jax.models.transformer import FAMILIES, REMAT_POLICIES
-from dpo_jax.step import REF_MODES
+from dpo_jax.train.step import REF_MODES
 
 FORMATS = ("auto",) + formats.FORMATS  # auto: detected from the columns of the first row
 # Training dtypes: what the model computes in, less float16 (no loss scaling here: its gradients underflow).

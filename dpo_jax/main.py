@@ -15,7 +15,8 @@ import sys  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dpo_jax import checkpoint, multihost, train  # noqa: E402
+from dpo_jax import multihost, runner  # noqa: E402
+from dpo_jax.train import checkpoint  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/synthetic.py[:arg].",
                                           lock_config=True)
@@ -28,7 +29,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     try:
-        report = train.run(_CONFIG.value, _WORKDIR.value)
+        report = runner.run(_CONFIG.value, _WORKDIR.value)
     except checkpoint.Preempted as e:  # a documented status: a scheduler requeues, a re-run resumes
         logging.warning("%s (exit status %d)", e, multihost.PREEMPTED_EXIT)
         sys.exit(multihost.PREEMPTED_EXIT)

@@ -160,7 +160,7 @@ def exact_frontier(workdir: str, kl_max: float = 0.0) -> Optional[tuple[np.ndarr
     if not os.path.exists(os.path.join(data, "world.json")):
         return None
     num_prompts = ((_read_json(os.path.join(workdir, "config.json")) or {}).get("eval") or {}).get("num_prompts")
-    from dpo_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    from dpo_jax.data import synthetic, synthetic_exact  # pylint: disable=g-import-not-at-top
 
     world = synthetic.load_world(data)
     prompts = None
@@ -170,12 +170,12 @@ def exact_frontier(workdir: str, kl_max: float = 0.0) -> Optional[tuple[np.ndarr
             rows = [json.loads(line) for line in f if line.strip()]
         rows = rows[:num_prompts] if num_prompts else rows
         prompts = np.stack([synthetic.text_to_tokens(r["prompt"]) for r in rows]) if rows else None
-    kl, reward = synthetic.frontier(world, np.geomspace(100.0, 0.02, 160), prompts)  # KL ascending
-    ref = float(synthetic.expected_reward(world, synthetic.reference_policy(world), prompts))
+    kl, reward = synthetic_exact.frontier(world, np.geomspace(100.0, 0.02, 160), prompts)  # KL ascending
+    ref = float(synthetic_exact.expected_reward(world, synthetic_exact.reference_policy(world), prompts))
     kl, reward = np.concatenate([[0.0], kl]), np.concatenate([[ref], reward])
     if kl_max > kl[-1]:  # past the last beta: flat at the maximal reward
         kl = np.append(kl, kl_max)
-        reward = np.append(reward, synthetic.frontier_reward_at_kl(world, kl_max, prompts))
+        reward = np.append(reward, synthetic_exact.frontier_reward_at_kl(world, kl_max, prompts))
     return kl, reward, ref
 
 

@@ -1,7 +1,7 @@
 """`python -m launch.sweep ... --fused`: train each group of fusable sweep members as one program.
 
 Members that differ only in loss hyper-parameters (beta, loss weights, variant parameters; see
-`dpo_jax.fused`) share one data pipeline and one reference forward, their policies stacked and
+`dpo_jax.train.members`) share one data pipeline and one reference forward, their policies stacked and
 vmapped; each member still writes its own workdir (config, metrics, final/, report.json). Groups
 run one after the other in this process; a group whose members all finished is skipped, and a
 re-launched group resumes from its checkpoints (in the first member's workdir).
@@ -12,7 +12,8 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
-from dpo_jax import checkpoint, fused, multihost
+from dpo_jax import multihost, runner
+from dpo_jax.train import checkpoint, members
 from launch import sweep_plan
 
 
@@ -31,14 +32,14 @@ def member_configs(config_spec: str, runs) -> list:
 
 def plan(config_spec: str, runs) -> list[list[int]]:
     """Indices of the runs of each fused group, in sweep order."""
-    return fused.groups(member_configs(config_spec, runs))
+    return members.groups(member_configs(config_spec, runs))
 
 
 def run(config_spec: str, runs: Sequence, *, dry_run: bool = False) -> int:
     """Train every unfinished group; returns the number of groups that failed."""
     configs = member_configs(config_spec, runs)
     failed = 0
-    for group in fused.groups(configs):
+    for group in members.groups(configs):
         names = [runs[i].name for i in group]
         if all(sweep_plan.run_status(runs[i]) == "finished" for i in group):
             print(f"# skip (finished): fused group {names}")
@@ -48,7 +49,7 @@ def run(config_spec: str, runs: Sequence, *, dry_run: bool = False) -> int:
             continue
         t0 = time.time()
         try:
-            fused.run_fused([configs[i] for i in group], [runs[i].workdir for i in group])
+            runner.run_group([configs[i] for i in group], [runs[i].workdir for i in group])
             print(f"fused group {names}: finished in {time.time() - t0:.0f} s")
         except (ValueError, FloatingPointError) as e:
             failed += 1

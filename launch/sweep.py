@@ -4,8 +4,8 @@
       [--set key=value ...] [--only NAME ...] [--print_pod | --print_slurm]
 
 Declaring and expanding a sweep (`product`, `zip`, `expand`, run names, shared SFT models, the
-launch order) is `sweep_plan.py`, re-exported here. DIR/manifest.json records the runs, their
-overrides, commands and status.
+launch order) is `sweep_plan.py`. DIR/manifest.json records the runs, their overrides, commands and
+status.
 
 Running (`run_local`): N processes at a time (default: 1 on an accelerator host, else min(2, CPU
 cores)); a run with DIR/NAME/report.json is finished and skipped; an interrupted run (checkpoints,
@@ -28,18 +28,7 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 from dpo_jax import multihost
-from launch.sweep_plan import (  # noqa: F401  (re-exported: config files declare sweeps with sweep.product / zip)
-    Run,
-    apply_overrides,
-    expand,
-    launch_order,
-    parse_sets,
-    product,
-    run_status,
-    sft_ready,
-    varying_keys,
-    zip,
-)
+from launch.sweep_plan import Run, expand, launch_order, parse_sets, run_status, sft_ready, varying_keys
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Sweep planning: a config's `get_sweep(arg)` expanded into named runs, and the order to run them.
 
 A config file declares its sweep next to `get_config`: `get_sweep(arg) -> list[dict]`, one dict of
-dotted config overrides per member, built with `product` and `zip` below (re-exported by
-`launch.sweep`, as config files call them), e.g.
+dotted config overrides per member, built with `product` and `zip` below (a config file imports
+`launch.sweep_plan` inside `get_sweep`), e.g.
   product(("loss.name", ["sigmoid", "ipo"]), ("loss.beta", [0.5, 1.0]))       # 4 members
   zip(("loss.beta", [1.0, 2.0]), ("loss.gamma", [0.5, 1.0]))                  # 2 members
 Each member becomes one run of `python -m dpo_jax.main --config=FILE[:arg] --workdir=DIR/NAME

@@ -10,7 +10,9 @@ import optax
 import pytest
 from flax import nnx
 
-from dpo_jax import bench, losses, sharding, step, train
+from dpo_jax import bench, losses, sharding
+from dpo_jax.train import loop, step
+from dpo_jax.train import state as train_state
 from dpo_jax.data import layouts
 from dpo_jax.models.transformer import Decoder, ModelConfig
 
@@ -63,7 +65,7 @@ def setup():
     """One policy/reference pair (different weights) and the pairs every layout lays out."""
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     tx = optax.adamw(1e-2)
-    state, state_sh, graphdef = train.init_state(Decoder(CFG, rngs=nnx.Rngs(0)), Decoder(CFG, rngs=nnx.Rngs(1)), tx,
+    state, state_sh, graphdef = train_state.init_state(Decoder(CFG, rngs=nnx.Rngs(0)), Decoder(CFG, rngs=nnx.Rngs(1)), tx,
                                                  mesh, seed=0)
     examples = bench.synthetic_examples(bench.BenchConfig(vocab=CFG.vocab_size, lengths="uniform:5:14"), PAIRS,
                                         np.random.default_rng(3))
@@ -76,7 +78,7 @@ def setup():
         if key not in steps:
             cfg = step.StepConfig(graphdef=graphdef, objective=losses.Objective(("sigmoid",)), tx=tx,
                                   lr=lambda s: 1e-2, chunk_size=16, vocab_chunk_size=16, naive_logits=naive_logits)
-            steps[key] = train.compiled_steps(cfg, state_sh, mesh, key[1])[0]
+            steps[key] = loop.compiled_steps(cfg, state_sh, mesh, key[1])[0]
         train_fn = steps[key]
         fresh = jax.tree.map(lambda x: x.copy(), state)  # the step donates its state
         _, m = train_fn(fresh, sharding.global_batch(batch, mesh), HP)

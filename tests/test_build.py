@@ -11,7 +11,7 @@ from flax import nnx
 
 from configs import synthetic
 from dpo_jax import build
-from dpo_jax.models import hf
+from dpo_jax.models import hf, hf_config
 from dpo_jax.models.transformer import Decoder
 
 
@@ -47,12 +47,12 @@ def test_model_config_gpt2():
     assert model.pos_embed[...].shape == (c.model.arch.max_position_embeddings, 64)
 
 
-@pytest.mark.parametrize("family", sorted(hf.ARCHITECTURES))
+@pytest.mark.parametrize("family", sorted(hf_config.ARCHITECTURES))
 def test_random_init_of_every_family_exports_as_that_family(family):
     """config_to_hf converts back and compares: the random-init architecture is expressible."""
     c = synthetic.get_config()
     c.model.arch.family = family
-    h = hf.config_to_hf(build.model_config(c, vocab_size=12))
+    h = hf_config.config_to_hf(build.model_config(c, vocab_size=12))
     assert h["model_type"] == family
 
 

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from configs import base, hf, synthetic
-from dpo_jax import config_check, losses, optim
-from dpo_jax.data import layouts
-from dpo_jax.step import REF_MODES
+from dpo_jax import config_check, losses
+from dpo_jax.train import optim
+from dpo_jax.data import layouts, tokenize
+from dpo_jax.train.step import REF_MODES
 
 
 def config(**sections):
@@ -77,7 +78,7 @@ def test_reference_modes():
 
 @pytest.mark.parametrize("section,key,bad,allowed", [
     ("data", "layout", "paked", layouts.LAYOUTS),
-    ("data", "truncation_mode", "keep_middle", config_check.TRUNCATION_MODES),
+    ("data", "truncation_mode", "keep_middle", tokenize.TRUNCATION_MODES),
     ("data", "format", "implicit", config_check.FORMATS),
     ("model", "dtype", "float16", config_check.DTYPES),
     ("model", "param_dtype", "fp32", config_check.DTYPES),

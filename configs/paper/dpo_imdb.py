@@ -57,7 +57,7 @@ def get_config(arg: str = ""):
 
 def get_sweep(arg: str = ""):
     """The frontier of Figure 2 (left): one run per beta of SWEEP_BETAS, all from the same policy."""
-    from launch import sweep  # pylint: disable=g-import-not-at-top  (training runs never import it)
+    from launch import sweep_plan  # pylint: disable=g-import-not-at-top  (training runs never import it)
 
     get_config(arg)  # the same argument errors as a run
-    return sweep.product(("loss.beta", list(SWEEP_BETAS)))
+    return sweep_plan.product(("loss.beta", list(SWEEP_BETAS)))

@@ -39,10 +39,10 @@ def get_config(arg: str = ""):
 
 def get_sweep(arg: str = ""):
     """IPO and sigmoid DPO on deterministic labels, each at the betas of SWEEP_BETAS."""
-    from launch import sweep  # pylint: disable=g-import-not-at-top  (training runs never import it)
+    from launch import sweep_plan  # pylint: disable=g-import-not-at-top  (training runs never import it)
 
     get_config(arg)  # the same argument errors as a run
     members = []
     for loss, betas in SWEEP_BETAS.items():
-        members += sweep.product(("loss.name", [loss]), ("loss.beta", list(betas)))
+        members += sweep_plan.product(("loss.name", [loss]), ("loss.beta", list(betas)))
     return members

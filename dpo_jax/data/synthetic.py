@@ -1,9 +1,9 @@
 """The synthetic Markov preference world: sampling, text datasets and a tokenizer.
 
 The world and its exact math (pi_ref, the reward, pi*_beta, exact E[r] and KL, the reward-KL
-frontier) live in `synthetic_exact.py` and are re-exported here. This module samples from it with
-a numpy Generator and writes text datasets so synthetic runs take the same path as real data
-(datasets -> tokenizer -> grain):
+frontier) live in `synthetic_exact.py`. This module samples from it with a numpy Generator and
+writes text datasets so synthetic runs take the same path as real data (datasets -> tokenizer ->
+grain):
 
 - content token i is the word "t{i}"; prompts are rendered "t3 t7 t1 t0 " (ending with a space,
   like the standard-format fixture), completions "t2 t5 ..." (exactly T words, no EOS);
@@ -39,27 +39,8 @@ import os
 
 import numpy as np
 
-from dpo_jax.data.synthetic_exact import (  # noqa: F401  (re-exported: the public API of the world)
-    INITIAL_CHOICES,
-    TabularPolicy,
-    World,
-    WorldConfig,
-    beta_for_kl,
-    expected_reward,
-    expected_reward_per_state,
-    frontier,
-    frontier_reward_at_kl,
-    kl_to_ref,
-    kl_to_ref_per_state,
-    log_partition,
-    make_world,
-    max_reward_policy,
-    optimal_policy,
-    reference_policy,
-    sequence_logprob,
-    sequence_reward,
-    start_weights,
-)
+from dpo_jax.data.synthetic_exact import (TabularPolicy, World, WorldConfig, make_world, reference_policy,
+                                          sequence_reward)
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3

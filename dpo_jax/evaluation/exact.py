@@ -15,20 +15,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from dpo_jax.data import synthetic
+from dpo_jax.data import synthetic, synthetic_exact
 from dpo_jax.evaluation.policies import Policy, Prompts
 
 
-def synthetic_report(world: synthetic.World, beta: float, last_tokens_B: np.ndarray, sampled_kl: float,
+def synthetic_report(world: synthetic_exact.World, beta: float, last_tokens_B: np.ndarray, sampled_kl: float,
                      sampled_reward: float) -> dict[str, float]:
     """exact/* of pi*_beta and frontier/* at the sampled KL, with x_k weighted as in the eval prompts."""
     prompts = np.asarray(last_tokens_B, np.int64)[:, None]
-    star, ref = synthetic.optimal_policy(world, beta), synthetic.reference_policy(world)
-    out = {"exact/reward": synthetic.expected_reward(world, star, prompts),
-           "exact/kl": synthetic.kl_to_ref(world, star, prompts),
-           "exact/reward_ref": synthetic.expected_reward(world, ref, prompts)}
+    star, ref = synthetic_exact.optimal_policy(world, beta), synthetic_exact.reference_policy(world)
+    out = {"exact/reward": synthetic_exact.expected_reward(world, star, prompts),
+           "exact/kl": synthetic_exact.kl_to_ref(world, star, prompts),
+           "exact/reward_ref": synthetic_exact.expected_reward(world, ref, prompts)}
     kl = min(max(sampled_kl, 0.0), 1e12) if not np.isnan(sampled_kl) else 0.0  # noise can make it < 0
-    at_kl = float(synthetic.frontier_reward_at_kl(world, kl, prompts)[0])
+    at_kl = float(synthetic_exact.frontier_reward_at_kl(world, kl, prompts)[0])
     gain = at_kl - out["exact/reward_ref"]
     out.update({"frontier/reward_at_kl": at_kl, "frontier/regret": at_kl - sampled_reward,
                 "frontier/regret_frac": (at_kl - sampled_reward) / gain if gain > 0 else float("nan")})
@@ -36,7 +36,7 @@ def synthetic_report(world: synthetic.World, beta: float, last_tokens_B: np.ndar
 
 
 
-def exact_model_report(policy: Policy, reference: Policy, prompts: Prompts, world: synthetic.World, *,
+def exact_model_report(policy: Policy, reference: Policy, prompts: Prompts, world: synthetic_exact.World, *,
                        vocab: int, token_offset: int = synthetic.TOKEN_OFFSET, eos_id: int = synthetic.EOS_ID,
                        max_sequences: int = 70_000, block_rows: int = 1 << 15) -> dict[str, float]:
     """Exact KL(pi || pi_ref) and E[r] (the `SyntheticReward` rules) of the completion law that the

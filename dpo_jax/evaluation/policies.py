@@ -5,8 +5,8 @@ the distribution actually sampled; row i's draw depends only on the key, its glo
 `row_ids_N[i]` and its prompt, so any split of the rows into batches or processes gives the same
 completions), `logprob` (teacher-forced log pi(y|x) at temperature 1, summed over the completion
 incl. EOS) and, for the exact path (`exact.exact_model_report`),
-`next_logprobs`: `ModelPolicy` wraps a Decoder, `MarkovPolicy` a `synthetic.TabularPolicy` (e.g.
-pi*_beta) in model token ids.
+`next_logprobs`: `ModelPolicy` wraps a Decoder, `MarkovPolicy` a `synthetic_exact.TabularPolicy`
+(e.g. pi*_beta) in model token ids.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dpo_jax.data import synthetic
+from dpo_jax.data import synthetic, synthetic_exact
 from dpo_jax.models import sampler
 
 
@@ -179,10 +179,10 @@ def _next_logprobs(params, prompts_BxP, lens_B, tokens_BxM, *, graphdef):
 
 
 class MarkovPolicy:
-    """A `synthetic.TabularPolicy` in model token ids: T content tokens (content + token_offset)
-    then EOS with probability 1; any other completion has log-prob -inf."""
+    """A `synthetic_exact.TabularPolicy` in model token ids: T content tokens (content +
+    token_offset) then EOS with probability 1; any other completion has log-prob -inf."""
 
-    def __init__(self, policy: synthetic.TabularPolicy, *, token_offset: int = synthetic.TOKEN_OFFSET,
+    def __init__(self, policy: synthetic_exact.TabularPolicy, *, token_offset: int = synthetic.TOKEN_OFFSET,
                  eos_id: int = synthetic.EOS_ID, pad_id: int = synthetic.PAD_ID):
         self.policy, self.offset, self.eos_id, self.pad_id = policy, token_offset, eos_id, pad_id
 
@@ -200,7 +200,7 @@ class MarkovPolicy:
         """Inverse-CDF draws: step t of row i uses `row_uniforms(key, row_ids_N, T)[i, t]`."""
         logp = self.policy.log_probs_TxVxV()
         if temperature > 0:
-            q = synthetic.TabularPolicy.from_logits(logp / temperature).probs_TxVxV
+            q = synthetic_exact.TabularPolicy.from_logits(logp / temperature).probs_TxVxV
         else:  # greedy: a point mass on the argmax
             q = np.eye(self.policy.vocab_size)[np.argmax(logp, axis=-1)]
         n, n_t = prompts.lens_B.shape[0], self.policy.completion_len

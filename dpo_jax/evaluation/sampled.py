@@ -37,7 +37,7 @@ import jax
 import numpy as np
 
 from dpo_jax import multihost
-from dpo_jax.data import synthetic
+from dpo_jax.data import synthetic, synthetic_exact
 from dpo_jax.evaluation.exact import synthetic_report
 from dpo_jax.evaluation.policies import Completions, MarkovPolicy, ModelPolicy, Policy, Prompts, tokenize_prompts
 
@@ -74,7 +74,7 @@ class SyntheticReward:
     never beats completing it); content tokens past T count nothing.
     """
 
-    def __init__(self, world: synthetic.World, *, token_offset: int = synthetic.TOKEN_OFFSET,
+    def __init__(self, world: synthetic_exact.World, *, token_offset: int = synthetic.TOKEN_OFFSET,
                  eos_id: int = synthetic.EOS_ID):
         self.world, self.offset, self.eos_id = world, token_offset, eos_id
 
@@ -164,7 +164,7 @@ class ModelReward(_TextReward):
         return np.concatenate(out), self.malformed(completion_ids)
 
 
-def make_reward(spec: str, *, tok=None, world: Optional[synthetic.World] = None):
+def make_reward(spec: str, *, tok=None, world: Optional[synthetic_exact.World] = None):
     """config.eval.reward -> a reward source, or None: '' = the synthetic world's true reward
     (None outside it), an existing directory = a reward model, else 'module:function'."""
     if not spec:
@@ -217,7 +217,7 @@ class Evaluator:
     reference: Any
     prompts: Prompts
     reward: Optional[Callable] = None
-    world: Optional[synthetic.World] = None
+    world: Optional[synthetic_exact.World] = None
     beta: Optional[float] = None
     samples_per_prompt: int = 4
     max_new_tokens: int = 0  # 0: T + 1 in the synthetic world, else 128
@@ -268,7 +268,7 @@ class Evaluator:
         return self.world is not None and isinstance(self.reward, SyntheticReward)  # the frontier's own reward
 
     def _world_logps(self, prompts: Prompts, comps: Completions) -> np.ndarray:
-        world_ref = MarkovPolicy(synthetic.reference_policy(self.world), token_offset=self.token_offset)
+        world_ref = MarkovPolicy(synthetic_exact.reference_policy(self.world), token_offset=self.token_offset)
         return world_ref.logprob(prompts, comps.tokens_NxM, comps.mask_NxM)
 
     def local_rows(self, policy) -> dict[str, np.ndarray]:

@@ -1,9 +1,9 @@
 """Hugging Face checkpoints <-> `Decoder`: config.json <-> `ModelConfig`, safetensors import/export.
 
 Supported `model_type`s: llama, mistral, qwen2, qwen3, gpt2, gpt_neox (their *ForCausalLM /
-GPT2LMHeadModel heads). The config half lives in `hf_config.py` (re-exported here). Each family
-is a list of rules `HF tensor <-> our parameter(s)`; the loader checks the checkpoint against the
-rules (missing, unexpected and mis-shaped tensors are named) before reading any data.
+GPT2LMHeadModel heads). The config half lives in `hf_config.py`. Each family is a list of rules
+`HF tensor <-> our parameter(s)`; the loader checks the checkpoint against the rules (missing,
+unexpected and mis-shaped tensors are named) before reading any data.
 CLI: `python -m dpo_jax.models.hf --check DIR`.
 """
 
@@ -26,13 +26,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from dpo_jax.models.hf_config import (  # noqa: F401  (re-exported: the config half of the checkpoint API)
-    ARCHITECTURES,
-    UnsupportedArchitectureError,
-    config_from_hf,
-    config_to_hf,
-    load_config,
-)
+from dpo_jax.models.hf_config import ARCHITECTURES, config_to_hf, load_config
 from dpo_jax.models.transformer import Decoder, ModelConfig, num_params
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",

@@ -3,8 +3,8 @@ GPT-2 and GPT-NeoX/Pythia, configured by one frozen `ModelConfig`.
 
 Layer parameters are stacked on a leading `layers` axis and the blocks run under `jax.lax.scan`
 (or an unrolled loop), each block a pure function of its arrays (`_block`). Attention follows the
-rule of docs/design.md (`attention_mask`) for the plain forward and for KV-cached decoding alike.
-The pure layer math (attention rule, RoPE, norms, attention, projections) is in `layers.py`.
+rule of docs/design.md (`layers.attention_mask`) for the plain forward and for KV-cached decoding
+alike. The pure layer math (attention rule, RoPE, norms, attention, projections) is in `layers.py`.
 
 Every parameter carries logical axis names as NNX `out_sharding` metadata, created with
 `eager_sharding=False` (this file knows no mesh; `nnx.get_partition_spec(nnx.state(model))` gives
@@ -30,12 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dpo_jax.models.layers import (  # the pure layer math, re-exported as part of the decoder's surface
-    activation as _act, apply_rope, attention_mask, dense as _dense, make_attention_mask, masked_attention,
-    norm as _norm, rope_inv_freq)
+from dpo_jax.models.layers import (activation as _act, apply_rope, attention_mask, dense as _dense, masked_attention,
+                                   norm as _norm, rope_inv_freq)
 
 __all__ = ["ModelConfig", "RopeScaling", "Decoder", "init_cache", "num_params", "param_shapes", "layer_param_shapes",
-           "attention_mask", "make_attention_mask", "masked_attention", "apply_rope", "rope_inv_freq",
            "FAMILIES", "LOGICAL_AXES", "REMAT_POLICIES", "ROPE_TYPES", "ACTIVATIONS", "DTYPES"]
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox")

@@ -10,7 +10,7 @@ import socket
 import pytest
 
 from configs.paper import CONFIGS, common
-from dpo_jax import config_check, train
+from dpo_jax import config_check, runner
 from dpo_jax.data import formats
 
 # The paper model's family, which the tiny runlocal model must share.
@@ -107,9 +107,9 @@ def test_local_dataset_is_written_once(tmp_path):
 
 @pytest.mark.parametrize("name", [n for n in CONFIGS if hasattr(module(n), "get_sweep")])
 def test_declared_sweep_expands_and_validates(name, tmp_path):
-    from launch import sweep
+    from launch import sweep_plan
 
-    runs = sweep.expand(module(name).__file__, str(tmp_path))
+    runs = sweep_plan.expand(module(name).__file__, str(tmp_path))
     assert len(runs) >= 2 and len({r.name for r in runs}) == len(runs)
 
 
@@ -133,7 +133,7 @@ def test_small_variant_trains_two_steps(name, tmp_path, no_network):
                      "iterator then waits forever for a row that survives")
     c.train.update(steps=2, log_every=1, progress=False, export_final=False, checkpoint_every=0)
     c.sft.steps = min(c.sft.steps, 2)
-    report = train.run(c, str(tmp_path / "run"))
+    report = runner.run(c, str(tmp_path / "run"))
     assert report["steps"] == 2 and math.isfinite(report["eval/loss"]), report
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r and r["step"] in (1, 2)]

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 
 from dpo_jax.data import synthetic as S
+from dpo_jax.data import synthetic_exact as SX
 
 BETAS = (0.3, 1.0, 4.0)
 
 
 def small_world(seed=1, alpha=1.0, initial="uniform"):
-    return S.make_world(S.WorldConfig(vocab_size=3, prompt_len=2, completion_len=4, dirichlet_alpha=alpha,
-                                      reward_scale=1.5, initial=initial, seed=seed))
+    return SX.make_world(SX.WorldConfig(vocab_size=3, prompt_len=2, completion_len=4, dirichlet_alpha=alpha,
+                                        reward_scale=1.5, initial=initial, seed=seed))
 
 
 def enumerate_world(world, s):
@@ -44,11 +45,11 @@ def test_optimum_and_statistics_match_enumeration(seed, alpha, initial):
     q = brute_prompt_last_probs(world)
     np.testing.assert_allclose(world.prompt_last_probs_V, q, atol=1e-12)
     rng = np.random.default_rng(seed)
-    other = S.TabularPolicy.from_logits(rng.normal(size=(4, 3, 3)))  # any tabular policy, not an optimum
+    other = SX.TabularPolicy.from_logits(rng.normal(size=(4, 3, 3)))  # any tabular policy, not an optimum
     for beta in BETAS:
-        opt = S.optimal_policy(world, beta)
-        log_z = S.log_partition(world, beta)
-        r_opt, kl_opt = S.expected_reward_per_state(world, opt), S.kl_to_ref_per_state(world, opt)
+        opt = SX.optimal_policy(world, beta)
+        log_z = SX.log_partition(world, beta)
+        r_opt, kl_opt = SX.expected_reward_per_state(world, opt), SX.kl_to_ref_per_state(world, opt)
         for s in range(3):
             ys, logp_ref, reward = enumerate_world(world, s)
             logits = logp_ref + reward / beta
@@ -56,85 +57,86 @@ def test_optimum_and_statistics_match_enumeration(seed, alpha, initial):
             logp_opt = logits - lz  # pi* = pi_ref exp(r / beta) / Z, normalized over all V^T completions
             p_opt = np.exp(logp_opt)
             last = np.full(len(ys), s)
-            np.testing.assert_allclose(S.sequence_logprob(opt, last, ys), logp_opt, atol=1e-9)
-            np.testing.assert_allclose(S.sequence_logprob(S.reference_policy(world), last, ys), logp_ref, atol=1e-12)
-            np.testing.assert_allclose(S.sequence_reward(world, last, ys), reward, atol=1e-12)
+            np.testing.assert_allclose(SX.sequence_logprob(opt, last, ys), logp_opt, atol=1e-9)
+            np.testing.assert_allclose(SX.sequence_logprob(SX.reference_policy(world), last, ys), logp_ref, atol=1e-12)
+            np.testing.assert_allclose(SX.sequence_reward(world, last, ys), reward, atol=1e-12)
             assert abs(log_z[s] - lz) < 1e-9
             assert abs(r_opt[s] - p_opt @ reward) < 1e-9
             assert abs(kl_opt[s] - p_opt @ (logp_opt - logp_ref)) < 1e-9
             assert abs(r_opt[s] - beta * kl_opt[s] - beta * lz) < 1e-9  # E[r] - beta KL = beta log Z
-            logp_other = S.sequence_logprob(other, last, ys)
+            logp_other = SX.sequence_logprob(other, last, ys)
             p_other = np.exp(logp_other)
             assert abs(p_other.sum() - 1) < 1e-12
-            assert abs(S.expected_reward_per_state(world, other)[s] - p_other @ reward) < 1e-9
-            assert abs(S.kl_to_ref_per_state(world, other)[s] - p_other @ (logp_other - logp_ref)) < 1e-9
+            assert abs(SX.expected_reward_per_state(world, other)[s] - p_other @ reward) < 1e-9
+            assert abs(SX.kl_to_ref_per_state(world, other)[s] - p_other @ (logp_other - logp_ref)) < 1e-9
         # Averaged forms: over the prompt distribution, and over a given set of prompts.
-        assert abs(S.expected_reward(world, opt) - q @ r_opt) < 1e-9
-        assert abs(S.kl_to_ref(world, opt) - q @ kl_opt) < 1e-9
+        assert abs(SX.expected_reward(world, opt) - q @ r_opt) < 1e-9
+        assert abs(SX.kl_to_ref(world, opt) - q @ kl_opt) < 1e-9
         prompts = np.array([[0, 2], [1, 2], [2, 0], [0, 1]])
-        assert abs(S.expected_reward(world, opt, prompts) - np.mean(r_opt[prompts[:, -1]])) < 1e-12
-        assert abs(S.kl_to_ref(world, opt, prompts) - np.mean(kl_opt[prompts[:, -1]])) < 1e-12
+        assert abs(SX.expected_reward(world, opt, prompts) - np.mean(r_opt[prompts[:, -1]])) < 1e-12
+        assert abs(SX.kl_to_ref(world, opt, prompts) - np.mean(kl_opt[prompts[:, -1]])) < 1e-12
 
 
 def test_max_reward_policy_is_the_zero_beta_limit():
     world = small_world(4)
-    pol = S.max_reward_policy(world)
+    pol = SX.max_reward_policy(world)
     for s in range(3):
         ys, logp_ref, reward = enumerate_world(world, s)
         best = np.argmax(reward)
-        assert abs(S.expected_reward_per_state(world, pol)[s] - reward[best]) < 1e-9
-        assert abs(S.kl_to_ref_per_state(world, pol)[s] + logp_ref[best]) < 1e-9
-    kl_small, r_small = S.frontier(world, [1e-4])
-    assert abs(kl_small[0] - S.kl_to_ref(world, pol)) < 1e-6 and abs(r_small[0] - S.expected_reward(world, pol)) < 1e-6
+        assert abs(SX.expected_reward_per_state(world, pol)[s] - reward[best]) < 1e-9
+        assert abs(SX.kl_to_ref_per_state(world, pol)[s] + logp_ref[best]) < 1e-9
+    kl_small, r_small = SX.frontier(world, [1e-4])
+    assert (abs(kl_small[0] - SX.kl_to_ref(world, pol)) < 1e-6
+            and abs(r_small[0] - SX.expected_reward(world, pol)) < 1e-6)
 
 
 def test_reference_policy_has_zero_kl_and_is_pi_star_at_large_beta():
-    world = S.make_world(S.WorldConfig())
-    ref = S.reference_policy(world)
-    np.testing.assert_array_equal(S.kl_to_ref_per_state(world, ref), np.zeros(world.vocab_size))
-    assert S.kl_to_ref(world, ref) == 0.0
-    np.testing.assert_allclose(S.optimal_policy(world, 1e9).probs_TxVxV, ref.probs_TxVxV, atol=1e-8)
+    world = SX.make_world(SX.WorldConfig())
+    ref = SX.reference_policy(world)
+    np.testing.assert_array_equal(SX.kl_to_ref_per_state(world, ref), np.zeros(world.vocab_size))
+    assert SX.kl_to_ref(world, ref) == 0.0
+    np.testing.assert_allclose(SX.optimal_policy(world, 1e9).probs_TxVxV, ref.probs_TxVxV, atol=1e-8)
 
 
 def test_frontier_is_monotone_and_inverted_exactly():
-    world = S.make_world(S.WorldConfig(seed=5))
+    world = SX.make_world(SX.WorldConfig(seed=5))
     betas = np.geomspace(50.0, 0.05, 40)  # decreasing beta
-    kl, reward = S.frontier(world, betas)
+    kl, reward = SX.frontier(world, betas)
     assert np.all(np.diff(kl) > 0) and np.all(np.diff(reward) > 0)
-    r_ref = S.expected_reward(world, S.reference_policy(world))
-    r_max = S.expected_reward(world, S.max_reward_policy(world))
-    k_max = S.kl_to_ref(world, S.max_reward_policy(world))
+    r_ref = SX.expected_reward(world, SX.reference_policy(world))
+    r_max = SX.expected_reward(world, SX.max_reward_policy(world))
+    k_max = SX.kl_to_ref(world, SX.max_reward_policy(world))
     assert r_ref < reward[0] and reward[-1] < r_max and kl[-1] < k_max
     # beta_for_kl inverts KL(pi*_beta); frontier_reward_at_kl lands on the curve, not on a chord.
-    np.testing.assert_allclose(S.beta_for_kl(world, kl), betas, rtol=1e-7)
-    np.testing.assert_allclose(S.frontier_reward_at_kl(world, kl), reward, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(SX.beta_for_kl(world, kl), betas, rtol=1e-7)
+    np.testing.assert_allclose(SX.frontier_reward_at_kl(world, kl), reward, rtol=1e-9, atol=1e-9)
     grid = np.linspace(0.0, 1.2 * k_max, 200)
-    at = S.frontier_reward_at_kl(world, grid)
+    at = SX.frontier_reward_at_kl(world, grid)
     assert np.all(np.diff(at) >= -1e-12)
     assert np.all(np.diff(at, 2)[grid[1:-1] < k_max - grid[1]] <= 1e-9)  # concave below K_max
     assert abs(at[0] - r_ref) < 1e-12 and np.allclose(at[grid >= k_max], r_max)
     with pytest.raises(ValueError, match="kl"):
-        S.frontier_reward_at_kl(world, -1.0)
+        SX.frontier_reward_at_kl(world, -1.0)
 
 
 def test_pi_star_beats_perturbations_and_no_policy_beats_the_frontier():
     world = small_world(6)
     rng = np.random.default_rng(0)
     for beta in BETAS:
-        opt = S.optimal_policy(world, beta)
-        best = S.expected_reward(world, opt) - beta * S.kl_to_ref(world, opt)
-        assert abs(best - beta * (S.log_partition(world, beta) @ world.prompt_last_probs_V)) < 1e-9
+        opt = SX.optimal_policy(world, beta)
+        best = SX.expected_reward(world, opt) - beta * SX.kl_to_ref(world, opt)
+        assert abs(best - beta * (SX.log_partition(world, beta) @ world.prompt_last_probs_V)) < 1e-9
         for scale in (1e-3, 0.1, 1.0):
             for _ in range(20):
                 noise = scale * rng.normal(size=opt.probs_TxVxV.shape)
-                pert = S.TabularPolicy.from_logits(np.log(opt.probs_TxVxV) + noise)
-                kl, reward = S.kl_to_ref(world, pert), S.expected_reward(world, pert)
+                pert = SX.TabularPolicy.from_logits(np.log(opt.probs_TxVxV) + noise)
+                kl, reward = SX.kl_to_ref(world, pert), SX.expected_reward(world, pert)
                 assert reward - beta * kl < best
-                assert reward <= S.frontier_reward_at_kl(world, kl)[0] + 1e-9
+                assert reward <= SX.frontier_reward_at_kl(world, kl)[0] + 1e-9
 
 
 def test_sampling_matches_the_chain():
-    world = S.make_world(S.WorldConfig(vocab_size=3, prompt_len=3, completion_len=2, initial="stationary", seed=2))
+    world = SX.make_world(SX.WorldConfig(vocab_size=3, prompt_len=3, completion_len=2, initial="stationary", seed=2))
     rng = np.random.default_rng(0)
     n = 60_000
     prompts, comps = S.sample_sft(world, n, rng)
@@ -142,30 +144,30 @@ def test_sampling_matches_the_chain():
     freq_last = np.bincount(prompts[:, -1], minlength=3) / n
     q = world.prompt_last_probs_V
     assert np.all(np.abs(freq_last - q) < 5 * np.sqrt(q * (1 - q) / n))
-    ref = S.reference_policy(world)
+    ref = SX.reference_policy(world)
     for s in range(3):
         rows = comps[prompts[:, -1] == s]
         ys = np.array(list(itertools.product(range(3), repeat=2)))
-        p = np.exp(S.sequence_logprob(ref, np.full(len(ys), s), ys))
+        p = np.exp(SX.sequence_logprob(ref, np.full(len(ys), s), ys))
         freq = np.array([np.mean(np.all(rows == y, axis=1)) for y in ys])
         assert np.all(np.abs(freq - p) < 5 * np.sqrt(p * (1 - p) / len(rows)) + 1e-12)
 
 
 def test_zero_probability_transitions_are_never_sampled():
     world = small_world(7)
-    probs = S.optimal_policy(world, 1.0).probs_TxVxV.copy()
+    probs = SX.optimal_policy(world, 1.0).probs_TxVxV.copy()
     probs[:, :, 1] = 0.0
     probs /= probs.sum(-1, keepdims=True)
-    ys = S.sample_completions(world, S.TabularPolicy(probs), np.zeros(5000, dtype=np.int64), np.random.default_rng(0))
+    ys = S.sample_completions(world, SX.TabularPolicy(probs), np.zeros(5000, dtype=np.int64), np.random.default_rng(0))
     assert not np.any(ys == 1)
 
 
 def test_pair_labels_follow_bradley_terry():
-    world = S.make_world(S.WorldConfig(vocab_size=4, prompt_len=2, completion_len=3, reward_scale=0.7, seed=3))
+    world = SX.make_world(SX.WorldConfig(vocab_size=4, prompt_len=2, completion_len=3, reward_scale=0.7, seed=3))
     pairs = S.sample_pairs(world, 40_000, np.random.default_rng(11))
     last = pairs.prompts_PxK[:, -1]
-    np.testing.assert_allclose(pairs.reward_chosen_P, S.sequence_reward(world, last, pairs.chosen_PxT), atol=1e-12)
-    np.testing.assert_allclose(pairs.reward_rejected_P, S.sequence_reward(world, last, pairs.rejected_PxT), atol=1e-12)
+    np.testing.assert_allclose(pairs.reward_chosen_P, SX.sequence_reward(world, last, pairs.chosen_PxT), atol=1e-12)
+    np.testing.assert_allclose(pairs.reward_rejected_P, SX.sequence_reward(world, last, pairs.rejected_PxT), atol=1e-12)
     d = pairs.reward_chosen_P - pairs.reward_rejected_P
     keep = np.abs(d) > 1e-12
     # The two completions are exchangeable, so P(the better one is chosen) = sigmoid(|r1 - r2|).
@@ -186,8 +188,8 @@ def test_pair_labels_follow_bradley_terry():
 
 
 def test_determinism():
-    a, b = S.make_world(S.WorldConfig(seed=9)), S.make_world(S.WorldConfig(seed=9))
-    c = S.make_world(S.WorldConfig(seed=10))
+    a, b = SX.make_world(SX.WorldConfig(seed=9)), SX.make_world(SX.WorldConfig(seed=9))
+    c = SX.make_world(SX.WorldConfig(seed=10))
     for name in ("ref_probs_VxV", "init_probs_V", "reward_VxV"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
     assert not np.array_equal(a.reward_VxV, c.reward_VxV)
@@ -200,7 +202,7 @@ def test_written_files_round_trip(tmp_path):
     import datasets
     from transformers import AutoTokenizer
 
-    world = S.make_world(S.WorldConfig(seed=4))
+    world = SX.make_world(SX.WorldConfig(seed=4))
     paths = S.write_dataset(world, str(tmp_path / "d1"), n_sft=50, n_pairs=40, n_eval=10, seed=7)
     again = S.write_dataset(world, str(tmp_path / "d2"), n_sft=50, n_pairs=80, n_eval=10, seed=7)
     for name in ("sft", "eval_pairs"):  # independent streams: n_pairs does not move the other files
@@ -216,8 +218,8 @@ def test_written_files_round_trip(tmp_path):
         assert row["prompt"].endswith(" ") and "</s>" not in row["chosen"] + row["rejected"]
         x, c, r = (S.text_to_tokens(row[k]) for k in ("prompt", "chosen", "rejected"))
         assert x.shape == (4,) and c.shape == r.shape == (8,)
-        assert abs(S.sequence_reward(world, x[-1], c) - row["reward_chosen"]) < 1e-9
-        assert abs(S.sequence_reward(world, x[-1], r) - row["reward_rejected"]) < 1e-9
+        assert abs(SX.sequence_reward(world, x[-1], c) - row["reward_chosen"]) < 1e-9
+        assert abs(SX.sequence_reward(world, x[-1], r) - row["reward_rejected"]) < 1e-9
     meta = json.load(open(paths["world"]))
     assert meta["token_offset"] == S.TOKEN_OFFSET == 4
     np.testing.assert_array_equal(S.load_world(str(tmp_path / "d1")).reward_VxV, world.reward_VxV)
@@ -235,24 +237,24 @@ def test_written_files_round_trip(tmp_path):
 
 def test_bad_input_names_the_field():
     with pytest.raises(ValueError, match="vocab_size"):
-        S.WorldConfig(vocab_size=1)
+        SX.WorldConfig(vocab_size=1)
     with pytest.raises(ValueError, match="dirichlet_alpha"):
-        S.WorldConfig(dirichlet_alpha=0.0)
+        SX.WorldConfig(dirichlet_alpha=0.0)
     with pytest.raises(ValueError, match="initial"):
-        S.WorldConfig(initial="random")
+        SX.WorldConfig(initial="random")
     with pytest.raises(ValueError, match="rows must sum to 1"):
-        S.TabularPolicy(np.full((2, 3, 3), 0.5))
+        SX.TabularPolicy(np.full((2, 3, 3), 0.5))
     world = small_world()
-    pol = S.reference_policy(world)
+    pol = SX.reference_policy(world)
     with pytest.raises(ValueError, match="completions_NxT"):
-        S.sequence_logprob(pol, [0], [[0, 1]])
+        SX.sequence_logprob(pol, [0], [[0, 1]])
     with pytest.raises(ValueError, match="last_tokens_N"):
-        S.sequence_logprob(pol, [0, 1], [[0, 1, 2, 0]])
+        SX.sequence_logprob(pol, [0, 1], [[0, 1, 2, 0]])
     with pytest.raises(ValueError, match="completions_NxT holds tokens"):
-        S.sequence_reward(world, [0], [[0, 1, 2, 3]])
+        SX.sequence_reward(world, [0], [[0, 1, 2, 3]])
     with pytest.raises(ValueError, match="policy.probs_TxVxV"):
-        S.expected_reward(world, S.TabularPolicy(np.full((2, 3, 3), 1 / 3)))
+        SX.expected_reward(world, SX.TabularPolicy(np.full((2, 3, 3), 1 / 3)))
     with pytest.raises(ValueError, match="beta"):
-        S.optimal_policy(world, 0.0)
+        SX.optimal_policy(world, 0.0)
     with pytest.raises(ValueError, match="not a content word"):
         S.text_to_tokens("t1 x2")

@@ -6,6 +6,7 @@ import pytest
 from flax import nnx
 
 from dpo_jax.data import synthetic as syn
+from dpo_jax.data import synthetic_exact as sx
 from dpo_jax.evaluation import exact as ex
 from dpo_jax.evaluation import policies as pol
 from dpo_jax.evaluation import sampled as ev
@@ -19,16 +20,16 @@ OFF, EOS = syn.TOKEN_OFFSET, syn.EOS_ID
 def test_regret_of_the_exact_optimum_is_zero(beta):
     w = world()
     content, prompts = eval_prompts(w, 32, seed=3)
-    e = ev.Evaluator(reference=pol.MarkovPolicy(syn.reference_policy(w)), prompts=prompts,
+    e = ev.Evaluator(reference=pol.MarkovPolicy(sx.reference_policy(w)), prompts=prompts,
                      reward=ev.SyntheticReward(w), world=w, beta=beta, samples_per_prompt=64)
-    out = e(pol.MarkovPolicy(syn.optimal_policy(w, beta)))
+    out = e(pol.MarkovPolicy(sx.optimal_policy(w, beta)))
     se = np.hypot(out["sample/reward_stderr"], beta * out["sample/kl_stderr"])
     within(out["frontier/regret"], 0.0, se)
     within(out["sample/kl"], out["exact/kl"], out["sample/kl_stderr"])
     within(out["sample/reward"], out["exact/reward"], out["sample/reward_stderr"])
     assert abs(out["frontier/regret_frac"]) < 0.02
     # the reference itself sits at the frontier's origin, and a worse policy has positive regret
-    np.testing.assert_allclose(out["exact/reward_ref"], syn.expected_reward(w, syn.reference_policy(w), content))
+    np.testing.assert_allclose(out["exact/reward_ref"], sx.expected_reward(w, sx.reference_policy(w), content))
     worse = e(pol.MarkovPolicy(random_tabular(w, 0)))
     assert worse["frontier/regret"] > 0.5
 
@@ -36,13 +37,13 @@ def test_regret_of_the_exact_optimum_is_zero(beta):
 def test_exact_model_report_equals_closed_form_for_tabular_policies():
     w = world(vocab_size=4, completion_len=4)
     content, prompts = eval_prompts(w, 6)
-    star = syn.optimal_policy(w, 0.7)
-    out = ex.exact_model_report(pol.MarkovPolicy(star), pol.MarkovPolicy(syn.reference_policy(w)), prompts, w,
+    star = sx.optimal_policy(w, 0.7)
+    out = ex.exact_model_report(pol.MarkovPolicy(star), pol.MarkovPolicy(sx.reference_policy(w)), prompts, w,
                                 vocab=OFF + 4, block_rows=1000)
     assert out["exact_model/mass"] == pytest.approx(1.0, abs=1e-12)
     assert out["exact_model/well_formed"] == pytest.approx(1.0, abs=1e-12)
-    assert out["exact_model/kl"] == pytest.approx(syn.kl_to_ref(w, star, content), rel=1e-10)
-    assert out["exact_model/reward"] == pytest.approx(syn.expected_reward(w, star, content), rel=1e-10)
+    assert out["exact_model/kl"] == pytest.approx(sx.kl_to_ref(w, star, content), rel=1e-10)
+    assert out["exact_model/reward"] == pytest.approx(sx.expected_reward(w, star, content), rel=1e-10)
     with pytest.raises(ValueError, match="max_sequences"):
         ex.exact_model_report(pol.MarkovPolicy(star), pol.MarkovPolicy(star), prompts, w, vocab=OFF + 4,
                               max_sequences=100)

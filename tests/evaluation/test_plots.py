@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 
-from dpo_jax.data import synthetic as syn
+from dpo_jax.data import synthetic_exact as sx
 from dpo_jax.evaluation import plots
 
 
 def test_plot_reward_kl_writes_png(tmp_path):
-    w = syn.make_world(syn.WorldConfig())
-    kl, reward = syn.frontier(w, np.geomspace(0.1, 20, 40))
+    w = sx.make_world(sx.WorldConfig())
+    kl, reward = sx.frontier(w, np.geomspace(0.1, 20, 40))
     runs = [{"label": "beta 1", "kl": 3.5, "reward": 6.8, "kl_stderr": 0.1, "reward_stderr": 0.05},
             {"label": "report", "sample/kl": 8.0, "sample/reward": 9.0, "sample/kl_stderr": 0.2}]
     path = plots.plot_reward_kl(runs, (kl, reward), path=str(tmp_path / "frontier.png"), reference_reward=0.8)

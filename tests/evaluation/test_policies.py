@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from dpo_jax.data import synthetic as syn
+from dpo_jax.data import synthetic_exact as sx
 from dpo_jax.evaluation import policies as pol
 from tests.evaluation.test_sampled import world
 
@@ -12,13 +13,13 @@ OFF, EOS = syn.TOKEN_OFFSET, syn.EOS_ID
 
 def test_markov_policy_log_probs_and_malformed_completions():
     w = world(vocab_size=4, completion_len=3)
-    pi = syn.optimal_policy(w, 1.0)
+    pi = sx.optimal_policy(w, 1.0)
     mp = pol.MarkovPolicy(pi)
     prompts = pol.make_prompts([[OFF + 1, OFF + 2], [OFF + 3]])
     toks = np.array([[OFF + 0, OFF + 3, OFF + 1, EOS], [OFF + 2, EOS, 0, 0]], np.int32)
     mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0]], np.float32)
     lp = mp.logprob(prompts, toks, mask)
-    assert lp[0] == pytest.approx(syn.sequence_logprob(pi, 2, [0, 3, 1]))
+    assert lp[0] == pytest.approx(sx.sequence_logprob(pi, 2, [0, 3, 1]))
     assert lp[1] == -np.inf  # EOS before T content tokens
     with pytest.raises(ValueError, match="not a content token"):
         mp.logprob(pol.make_prompts([[EOS]]), toks[:1], mask[:1])
@@ -51,7 +52,7 @@ def test_samples_do_not_depend_on_batching(kind):
     if kind == "model":
         make = lambda bs: pol.ModelPolicy(tiny_decoder(), eos_id=EOS, batch_size=bs)  # noqa: E731
     else:
-        make = lambda bs: pol.MarkovPolicy(syn.optimal_policy(w, 1.0))  # noqa: E731
+        make = lambda bs: pol.MarkovPolicy(sx.optimal_policy(w, 1.0))  # noqa: E731
     key, kw = jax.random.key(5), dict(max_new_tokens=4, temperature=1.0)
     whole = make(16).sample(prompts, key, **kw)
     assert len({tuple(r) for r in whole.tokens_NxM}) > 3

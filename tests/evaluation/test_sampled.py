@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from dpo_jax.data import synthetic as syn
+from dpo_jax.data import synthetic_exact as sx
 from dpo_jax.evaluation import policies as pol
 from dpo_jax.evaluation import sampled as ev
 from dpo_jax.models.transformer import Decoder, ModelConfig
@@ -19,7 +20,7 @@ OFF, EOS = syn.TOKEN_OFFSET, syn.EOS_ID
 
 
 def world(**kw):
-    return syn.make_world(syn.WorldConfig(**kw))
+    return sx.make_world(sx.WorldConfig(**kw))
 
 
 def eval_prompts(w, n, seed=0):
@@ -29,7 +30,7 @@ def eval_prompts(w, n, seed=0):
 
 def random_tabular(w, seed, alpha=0.5):
     rng = np.random.default_rng(seed)
-    return syn.TabularPolicy(rng.dirichlet(np.full(w.vocab_size, alpha), size=(w.completion_len, w.vocab_size)))
+    return sx.TabularPolicy(rng.dirichlet(np.full(w.vocab_size, alpha), size=(w.completion_len, w.vocab_size)))
 
 
 def within(est, exact, se, k=4.0):
@@ -41,10 +42,10 @@ def test_sampled_kl_matches_exact_kl_of_two_markov_chains(seed):
     w = world(vocab_size=5, completion_len=6, seed=seed)
     content, prompts = eval_prompts(w, 32, seed)
     pi = random_tabular(w, seed + 10)
-    e = ev.Evaluator(reference=pol.MarkovPolicy(syn.reference_policy(w)), prompts=prompts, samples_per_prompt=256,
+    e = ev.Evaluator(reference=pol.MarkovPolicy(sx.reference_policy(w)), prompts=prompts, samples_per_prompt=256,
                      seed=seed)
     out = e(pol.MarkovPolicy(pi))
-    exact = syn.kl_to_ref(w, pi, content)
+    exact = sx.kl_to_ref(w, pi, content)
     assert 0 < out["sample/kl_stderr"] < 0.05 * exact
     within(out["sample/kl"], exact, out["sample/kl_stderr"])
 
@@ -75,15 +76,15 @@ def test_model_policy_kl_matches_enumeration_of_every_sequence():
 def test_win_rate_half_against_itself_and_rises_with_reward():
     w = world()
     content, prompts = eval_prompts(w, 32)
-    ref = pol.MarkovPolicy(syn.reference_policy(w))
+    ref = pol.MarkovPolicy(sx.reference_policy(w))
     e = ev.Evaluator(reference=ref, prompts=prompts, reward=ev.SyntheticReward(w), world=w, beta=1.0,
                      samples_per_prompt=64)
     self_play = e(ref)
     assert abs(self_play["sample/kl"]) < 1e-12 and self_play["sample/malformed_frac"] == 0.0
     within(self_play["sample/win_rate"], 0.5, self_play["sample/win_rate_stderr"])
-    within(self_play["sample/reward"], syn.expected_reward(w, syn.reference_policy(w), content),
+    within(self_play["sample/reward"], sx.expected_reward(w, sx.reference_policy(w), content),
            self_play["sample/reward_stderr"])
-    rates = [e(pol.MarkovPolicy(syn.optimal_policy(w, b)))["sample/win_rate"] for b in (8.0, 2.0, 0.5)]
+    rates = [e(pol.MarkovPolicy(sx.optimal_policy(w, b)))["sample/win_rate"] for b in (8.0, 2.0, 0.5)]
     assert 0.55 < rates[0] < rates[1] < rates[2], rates
 
 
@@ -123,7 +124,7 @@ def test_sharded_evaluation_equals_one_process(kind, count):
                           num_kv_heads=1, init_std=0.3)
         policy, reference = (Decoder(cfg, rngs=nnx.Rngs(i)) for i in (0, 1))
     else:
-        policy, reference = pol.MarkovPolicy(random_tabular(w, 3)), pol.MarkovPolicy(syn.reference_policy(w))
+        policy, reference = pol.MarkovPolicy(random_tabular(w, 3)), pol.MarkovPolicy(sx.reference_policy(w))
 
     def make(**kw):
         return ev.Evaluator(reference=reference, prompts=prompts, reward=ev.SyntheticReward(w), world=w, beta=1.0,
@@ -146,7 +147,7 @@ def test_sharding_edge_cases_name_the_field():
     _, prompts = eval_prompts(w, 1)
 
     def make(**kw):
-        return ev.Evaluator(reference=pol.MarkovPolicy(syn.reference_policy(w)), prompts=prompts,
+        return ev.Evaluator(reference=pol.MarkovPolicy(sx.reference_policy(w)), prompts=prompts,
                             reward=ev.SyntheticReward(w), world=w, beta=1.0, samples_per_prompt=2, **kw)
 
     policy = pol.MarkovPolicy(random_tabular(w, 1))
@@ -168,7 +169,7 @@ def test_synthetic_reward_rules():
              np.array([OFF + 0, OFF + 3, 1]),  # a special token in place of content
              np.array([OFF + 0, OFF + 3, OFF + 1, OFF + 2])]  # no EOS after T tokens
     r, bad = reward([prompt] * 4, comps)
-    full = syn.sequence_reward(w, 2, [0, 3, 1])
+    full = sx.sequence_reward(w, 2, [0, 3, 1])
     worst = w.reward_VxV.min()
     np.testing.assert_allclose(r, [full, w.reward_VxV[2, 0] + 2 * worst,
                                    w.reward_VxV[2, 0] + w.reward_VxV[0, 3] + worst, full])
@@ -223,13 +224,14 @@ def test_reward_model_directory(tmp_path, world_tokenizer):
 
 def test_training_run_reports_sampled_and_exact_metrics(tmp_path):
     from configs import synthetic as synthetic_config
-    from dpo_jax import metrics, train
+    from dpo_jax import runner
+    from dpo_jax.train import metrics
 
     c = synthetic_config.get_config("runlocal=1")
     c.sft.steps = 0
     c.train.update(steps=1, progress=False, export_final=False, checkpoint_every=0)
     c.eval.update(num_prompts=8, samples_per_prompt=2)
-    report = train.run(c, str(tmp_path))
+    report = runner.run(c, str(tmp_path))
     keys = ("eval/accuracy", "eval/loss", "sample/reward", "sample/reward_ref", "sample/kl", "sample/kl_stderr",
             "sample/win_rate", "exact/reward", "exact/kl", "frontier/reward_at_kl", "frontier/regret")
     on_disk = json.loads((tmp_path / "report.json").read_text())
@@ -241,7 +243,7 @@ def test_training_run_reports_sampled_and_exact_metrics(tmp_path):
     w = syn.load_world(str(tmp_path / "data"))
     rows = metrics.read_jsonl(str(tmp_path / "data" / "eval_pairs.jsonl"))[:8]
     content = np.stack([syn.text_to_tokens(r["prompt"]) for r in rows])
-    star = syn.optimal_policy(w, c.loss.beta)
-    assert report["exact/kl"] == pytest.approx(syn.kl_to_ref(w, star, content), rel=1e-9)
-    assert report["exact/reward"] == pytest.approx(syn.expected_reward(w, star, content), rel=1e-9)
+    star = sx.optimal_policy(w, c.loss.beta)
+    assert report["exact/kl"] == pytest.approx(sx.kl_to_ref(w, star, content), rel=1e-9)
+    assert report["exact/reward"] == pytest.approx(sx.expected_reward(w, star, content), rel=1e-9)
 

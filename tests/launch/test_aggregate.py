@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from dpo_jax.evaluation import plots
-from dpo_jax.data import synthetic
+from dpo_jax.data import synthetic, synthetic_exact
 from launch import aggregate
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -56,7 +56,7 @@ def fake_run(root, name, loss, beta, *, report=True, world_dir=None, steps=100):
 @pytest.fixture(scope="module")
 def world_dir(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("world"))
-    world = synthetic.make_world(synthetic.WorldConfig(vocab_size=4, prompt_len=2, completion_len=3))
+    world = synthetic_exact.make_world(synthetic_exact.WorldConfig(vocab_size=4, prompt_len=2, completion_len=3))
     synthetic.write_dataset(world, d, n_sft=4, n_pairs=4, n_eval=10, seed=0)
     return d
 
@@ -119,9 +119,9 @@ def test_reward_kl_plot_uses_the_exact_frontier_on_the_eval_prompts(tmp_path, wo
     rows = [json.loads(line) for line in lines][:6]  # the first eval.num_prompts
     prompts = np.stack([synthetic.text_to_tokens(r["prompt"]) for r in rows])
     kl_f, reward_f = seen["frontier"]
-    ref = synthetic.expected_reward(world, synthetic.reference_policy(world), prompts)
+    ref = synthetic_exact.expected_reward(world, synthetic_exact.reference_policy(world), prompts)
     assert kl_f[0] == 0.0 and reward_f[0] == pytest.approx(ref) and seen["reference_reward"] == pytest.approx(ref)
-    kl1, r1 = synthetic.frontier(world, [1.0], prompts)
+    kl1, r1 = synthetic_exact.frontier(world, [1.0], prompts)
     np.testing.assert_allclose(np.interp(kl1, kl_f, reward_f), r1, rtol=2e-3)  # on the exact curve
     assert np.all(np.diff(kl_f) > 0) and np.all(np.diff(reward_f) > 0)  # KL ascending, reward too
     aggregate.aggregate(root, str(tmp_path / "out"), kl_key="sample/kl_world")  # KL to the world's pi_ref

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from launch import sweep
+from launch import sweep, sweep_plan
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SYNTHETIC = str(REPO / "configs" / "synthetic.py")
@@ -69,7 +69,7 @@ def write_config(tmp_path, sweep_body: str, name: str = "cfg.py") -> str:
     path = tmp_path / name
     path.write_text(textwrap.dedent("""
         from configs import synthetic
-        from launch import sweep
+        from launch import sweep_plan
 
         def get_config(arg=""):
             return synthetic.get_config(arg)
@@ -99,14 +99,14 @@ def fake(tmp_path, monkeypatch):
 def test_manifest_sft_once_parallel_skip_and_resume(tmp_path, fake, monkeypatch):
     entry, events = fake
     monkeypatch.setenv("FAKE_RUN_S", "0.5")
-    cfg = write_config(tmp_path, 'sweep.product(("loss.beta", [0.25, 0.5, 1.0, 2.0]))')
+    cfg = write_config(tmp_path, 'sweep_plan.product(("loss.beta", [0.25, 0.5, 1.0, 2.0]))')
     root = str(tmp_path / "sweep")
-    runs = sweep.expand(cfg, root, entry=entry)
+    runs = sweep_plan.expand(cfg, root, entry=entry)
     # a finished run (report.json) is skipped; an interrupted one (checkpoints) is run again and resumes
     os.makedirs(os.path.join(runs[1].workdir, "checkpoints"))
     os.makedirs(runs[3].workdir)
     write_json(os.path.join(runs[3].workdir, "report.json"), {"fake": "finished"})
-    assert [sweep.run_status(r) for r in runs] == ["pending", "interrupted", "pending", "finished"]
+    assert [sweep_plan.run_status(r) for r in runs] == ["pending", "interrupted", "pending", "finished"]
 
     state = sweep.run_local(runs, root, parallel=2, poll_s=0.05, log=lambda _: None)
     assert {n: s["status"] for n, s in state.items()} == {r.name: "finished" for r in runs}
@@ -144,9 +144,9 @@ def test_manifest_sft_once_parallel_skip_and_resume(tmp_path, fake, monkeypatch)
 
 def test_failed_builder_hands_sft_to_the_next_member(tmp_path, fake, monkeypatch):
     entry, events = fake
-    cfg = write_config(tmp_path, 'sweep.product(("loss.beta", [0.5, 1.0, 2.0]))')
+    cfg = write_config(tmp_path, 'sweep_plan.product(("loss.beta", [0.5, 1.0, 2.0]))')
     root = str(tmp_path / "sweep")
-    runs = sweep.expand(cfg, root, entry=entry)
+    runs = sweep_plan.expand(cfg, root, entry=entry)
     monkeypatch.setenv("FAKE_DIE", runs[0].name)  # the first member dies before its SFT stage
     state = sweep.run_local(runs, root, parallel=3, poll_s=0.05, log=lambda _: None)
     assert state[runs[0].name]["status"] == "failed" and state[runs[0].name]["returncode"] == 7
@@ -159,8 +159,8 @@ def test_failed_builder_hands_sft_to_the_next_member(tmp_path, fake, monkeypatch
 def test_interrupted_launcher_stops_its_runs_and_a_relaunch_resumes_them(tmp_path, fake, monkeypatch):
     entry, events = fake
     monkeypatch.setenv("FAKE_RUN_S", "30")
-    runs = sweep.expand(write_config(tmp_path, 'sweep.product(("loss.beta", [0.5, 1.0]))'),
-                        str(tmp_path / "sweep"), entry=entry)
+    runs = sweep_plan.expand(write_config(tmp_path, 'sweep_plan.product(("loss.beta", [0.5, 1.0]))'),
+                             str(tmp_path / "sweep"), entry=entry)
 
     def ctrl_c(message):  # Ctrl-C once the first run is past its SFT stage
         if message.startswith("start"):
@@ -173,7 +173,7 @@ def test_interrupted_launcher_stops_its_runs_and_a_relaunch_resumes_them(tmp_pat
     assert [e["event"] for e in events()] == ["start", "sft", "sigterm"]
     manifest = read_json(tmp_path / "sweep" / "manifest.json")
     assert [r["status"] for r in manifest["runs"]] == ["interrupted", "pending"]
-    assert sweep.run_status(runs[0]) == "interrupted"  # its checkpoints are there
+    assert sweep_plan.run_status(runs[0]) == "interrupted"  # its checkpoints are there
     monkeypatch.setenv("FAKE_RUN_S", "0.1")
     state = sweep.run_local(runs, str(tmp_path / "sweep"), poll_s=0.05, log=lambda _: None)
     assert all(s["status"] == "finished" for s in state.values())
@@ -182,8 +182,8 @@ def test_interrupted_launcher_stops_its_runs_and_a_relaunch_resumes_them(tmp_pat
 
 def test_only_some_members_run_and_the_manifest_lists_all(tmp_path, fake):
     entry, events = fake
-    runs = sweep.expand(write_config(tmp_path, 'sweep.product(("loss.beta", [0.5, 1.0, 2.0]))'),
-                        str(tmp_path / "sweep"), entry=entry)
+    runs = sweep_plan.expand(write_config(tmp_path, 'sweep_plan.product(("loss.beta", [0.5, 1.0, 2.0]))'),
+                             str(tmp_path / "sweep"), entry=entry)
     state = sweep.run_local(runs[2:], str(tmp_path / "sweep"), poll_s=0.05, log=lambda _: None, listed=runs)
     assert list(state) == [runs[2].name] and state[runs[2].name]["status"] == "finished"
     assert [e["run"] for e in events() if e["event"] == "sft"] == [runs[2].name]
@@ -201,14 +201,14 @@ def test_default_parallel(monkeypatch):
 
 
 def test_dry_run_prints_the_exact_commands_in_launch_order(tmp_path, fake, capsys):
-    cfg = write_config(tmp_path, 'sweep.product(("loss.name", ["sigmoid", "ipo"]), ("loss.beta", [0.5, 1.0]))')
+    cfg = write_config(tmp_path, 'sweep_plan.product(("loss.name", ["sigmoid", "ipo"]), ("loss.beta", [0.5, 1.0]))')
     root = str(tmp_path / "sweep")
-    runs = sweep.expand(cfg, root)
+    runs = sweep_plan.expand(cfg, root)
     os.makedirs(runs[0].workdir)
     write_json(os.path.join(runs[0].workdir, "report.json"), {})
     assert sweep.main([f"--config={cfg}", f"--root={root}", "--dry_run", "--set", "train.steps=7"]) == 0
     out, err = capsys.readouterr()
-    expected = [r for r in sweep.expand(cfg, root, extra={"train.steps": 7})][1:]
+    expected = [r for r in sweep_plan.expand(cfg, root, extra={"train.steps": 7})][1:]
     assert out.splitlines() == [r.command_line() for r in expected]
     assert out.splitlines()[0].startswith(f"JAX_COMPILATION_CACHE_DIR={root}/jax_cache ")
     assert all("--config.train.steps=7" in line for line in out.splitlines())
@@ -217,9 +217,9 @@ def test_dry_run_prints_the_exact_commands_in_launch_order(tmp_path, fake, capsy
 
 
 def test_print_pod_and_slurm(tmp_path, capsys):
-    cfg = write_config(tmp_path, 'sweep.product(("loss.beta", [0.5, 1.0, 2.0]))')
+    cfg = write_config(tmp_path, 'sweep_plan.product(("loss.beta", [0.5, 1.0, 2.0]))')
     root = str(tmp_path / "sweep")
-    runs = sweep.expand(cfg, root)
+    runs = sweep_plan.expand(cfg, root)
     assert sweep.main([f"--config={cfg}", f"--root={root}", "--print_pod"]) == 0
     pod = capsys.readouterr().out.splitlines()
     calls = [shlex.split(line) for line in pod if line.startswith("launch/tpu_pod.sh")]
@@ -236,7 +236,7 @@ def test_print_pod_and_slurm(tmp_path, capsys):
 def test_real_runs_share_one_sft_model_two_at_a_time(tmp_path, monkeypatch):
     """dpo_jax.main on tiny runs: the first trains the SFT model, then both run; resumable layout."""
     monkeypatch.chdir(REPO)
-    cfg = write_config(tmp_path, 'sweep.product(("loss.beta", [0.5, 1.0]))')
+    cfg = write_config(tmp_path, 'sweep_plan.product(("loss.beta", [0.5, 1.0]))')
     root = str(tmp_path / "sweep")
     code = sweep.main([f"--config={cfg}:runlocal=1", f"--root={root}", "--parallel=2", "--set", "sft.steps=2",
                        "--set", "train.steps=2", "--set", "train.export_final=False", "--set", "train.peak_flops=1.0",

@@ -64,10 +64,10 @@ def test_hf_sweep_over_beta(tmp_path):
 
 def test_bad_members_fail_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match=r"sweep member 'loss.betta=0.5': config key 'loss.betta' does not exist"):
-        sweep_plan.expand(write_config(tmp_path, 'sweep.product(("loss.betta", [0.5, 1.0]))'), str(tmp_path))
+        sweep_plan.expand(write_config(tmp_path, 'sweep_plan.product(("loss.betta", [0.5, 1.0]))'), str(tmp_path))
     with pytest.raises(ValueError, match=r"sweep member 'loss.name=ipo'.*reference.mode='none'"):
-        sweep_plan.expand(write_config(tmp_path, 'sweep.product(("reference.mode", ["none"]), '
-                                            '("loss.name", ["simpo", "ipo"]))'), str(tmp_path))
+        sweep_plan.expand(write_config(tmp_path, 'sweep_plan.product(("reference.mode", ["none"]), '
+                                                 '("loss.name", ["simpo", "ipo"]))'), str(tmp_path))
     with pytest.raises(ValueError, match="identical members"):
         sweep_plan.expand(write_config(tmp_path, '[{"loss.beta": 1.0}, {"loss.beta": 1.0}]'), str(tmp_path))
     with pytest.raises(ValueError, match="declares no sweep"):
@@ -75,7 +75,7 @@ def test_bad_members_fail_before_anything_runs(tmp_path):
 
 
 def test_sft_groups_follow_the_keys_that_change_sft(tmp_path):
-    cfg = write_config(tmp_path, 'sweep.product(("sft.lr", [0.001, 0.003]), ("loss.beta", [0.5, 1.0]))')
+    cfg = write_config(tmp_path, 'sweep_plan.product(("sft.lr", [0.001, 0.003]), ("loss.beta", [0.5, 1.0]))')
     runs = sweep_plan.expand(cfg, str(tmp_path))
     dirs = {r.name: r.sft_model_dir for r in runs}
     assert dirs["sft.lr=0.001,loss.beta=0.5"] == dirs["sft.lr=0.001,loss.beta=1.0"]

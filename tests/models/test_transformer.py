@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dpo_jax.models.transformer import (LOGICAL_AXES, Decoder, ModelConfig, init_cache, make_attention_mask,
-                                        num_params)
+from dpo_jax.models.layers import make_attention_mask
+from dpo_jax.models.transformer import LOGICAL_AXES, Decoder, ModelConfig, init_cache, num_params
 
 _BASE = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=4,
              max_position_embeddings=64, init_std=0.2)

@@ -11,7 +11,7 @@ import runpy
 import sys
 import time
 
-from dpo_jax import metrics
+from dpo_jax.train import metrics
 
 SIGNUM, AT_CALL = int(os.environ["TEST_SIGNAL"]), int(os.environ["TEST_SIGNAL_AT_CALL"])
 ME = os.environ.get("JAX_PROCESS_ID", "0") == os.environ.get("TEST_SIGNAL_PROCESS", "0")

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from dpo_jax import reference_cache, train
+from dpo_jax import runner
+from dpo_jax.train import reference_cache
 from dpo_jax.data import layouts
 
 
@@ -25,9 +26,9 @@ def losses_by_step(workdir):
 
 
 def test_precomputed_trains_like_frozen_and_reuses_its_cache(tmp_path, monkeypatch):
-    frozen = train.run(synthetic_config(), str(tmp_path / "frozen"))
+    frozen = runner.run(synthetic_config(), str(tmp_path / "frozen"))
     cache = tmp_path / "cache"
-    pre = train.run(synthetic_config(mode="precomputed", cache_dir=str(cache)), str(tmp_path / "pre"))
+    pre = runner.run(synthetic_config(mode="precomputed", cache_dir=str(cache)), str(tmp_path / "pre"))
     a, b = losses_by_step(tmp_path / "frozen"), losses_by_step(tmp_path / "pre")
     assert sorted(a) == [1, 2, 3, 4]
     np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-6)
@@ -38,7 +39,7 @@ def test_precomputed_trains_like_frozen_and_reuses_its_cache(tmp_path, monkeypat
         raise AssertionError("the cache should have been reused")
 
     monkeypatch.setattr(reference_cache, "compute", fail)
-    again = train.run(synthetic_config(mode="precomputed", cache_dir=str(cache)), str(tmp_path / "again"))
+    again = runner.run(synthetic_config(mode="precomputed", cache_dir=str(cache)), str(tmp_path / "again"))
     assert again["eval/loss"] == pre["eval/loss"]
 
 

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from dpo_jax import logprobs, losses, reference_cache
+from dpo_jax import logprobs, losses
 from dpo_jax.models import lora
+from dpo_jax.train import reference_cache
 
 REF_MODES = ("frozen", "precomputed", "none", "base", "sync")
 PRECOMPUTED_KEYS = tuple(f"{k}_P" for k in reference_cache.KEYS)  # the per-pair batch fields of the cache

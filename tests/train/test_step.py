@@ -11,7 +11,9 @@ import optax
 import pytest
 from flax import nnx
 
-from dpo_jax import losses, sharding, step, train
+from dpo_jax import losses, sharding
+from dpo_jax.train import loop, step
+from dpo_jax.train import state as train_state
 from dpo_jax.data import layouts
 from dpo_jax.models.transformer import Decoder, ModelConfig
 
@@ -42,10 +44,10 @@ def setup(mesh, objective=("sigmoid",), ref_mode="frozen", same_reference=True, 
     reference = Decoder(cfg, rngs=nnx.Rngs(0 if same_reference else 1)) if ref_mode in ("frozen", "sync") else None
     obj = losses.Objective(objective)
     tx = optax.adamw(lr)
-    state, state_sh, graphdef = train.init_state(policy, reference, tx, mesh, seed=0)
+    state, state_sh, graphdef = train_state.init_state(policy, reference, tx, mesh, seed=0)
     cfg = step.StepConfig(graphdef=graphdef, objective=obj, tx=tx, lr=lambda s: lr, ref_mode=ref_mode,
                           chunk_size=64, vocab_chunk_size=32)
-    train_fn, eval_fn = train.compiled_steps(cfg, state_sh, mesh, batch_keys)
+    train_fn, eval_fn = loop.compiled_steps(cfg, state_sh, mesh, batch_keys)
     return state, train_fn, eval_fn, obj
 
 
@@ -86,7 +88,7 @@ def test_new_beta_does_not_recompile():
     policy = Decoder(CFG, rngs=nnx.Rngs(0))
     obj = losses.Objective(("sigmoid", "sft"))
     tx = optax.sgd(1e-3)
-    state, state_sh, graphdef = train.init_state(policy, Decoder(CFG, rngs=nnx.Rngs(1)), tx, mesh, seed=0)
+    state, state_sh, graphdef = train_state.init_state(policy, Decoder(CFG, rngs=nnx.Rngs(1)), tx, mesh, seed=0)
     cfg = step.StepConfig(graphdef=graphdef, objective=obj, tx=tx, lr=lambda s: 1e-3, chunk_size=64,
                           vocab_chunk_size=32)
     @jax.jit
@@ -178,10 +180,10 @@ def test_lora_policy_with_base_reference():
     obj = losses.Objective(("sigmoid",))
     tx = optax.adamw(1e-2)
     lcfg = lora.LoraConfig(rank=4, alpha=8.0)
-    state, state_sh, graphdef = train.init_state(Decoder(CFG, rngs=nnx.Rngs(0)), None, tx, mesh, seed=0, lora_cfg=lcfg)
+    state, state_sh, graphdef = train_state.init_state(Decoder(CFG, rngs=nnx.Rngs(0)), None, tx, mesh, seed=0, lora_cfg=lcfg)
     cfg = step.StepConfig(graphdef=graphdef, objective=obj, tx=tx, lr=lambda s: 1e-2, ref_mode="base", lora=lcfg,
                           chunk_size=64, vocab_chunk_size=32)
-    train_fn, _ = train.compiled_steps(cfg, state_sh, mesh, layouts.BATCH_KEYS)
+    train_fn, _ = loop.compiled_steps(cfg, state_sh, mesh, layouts.BATCH_KEYS)
     assert set(state.params) == {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"}
     base0 = jax.tree.map(np.asarray, state.base_params)
     adapters0 = jax.tree.map(np.asarray, state.params)

@@ -12,8 +12,9 @@ import sys
 import numpy as np
 import pytest
 
-from dpo_jax import multihost, train
+from dpo_jax import multihost, runner
 from dpo_jax.data import pipeline
+from dpo_jax.train import checkpoint, loop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 REGEN = ("goldens: tests/fixtures/trl_parity/trl_reference.json (TRL 1.16 DPOTrainer.compute_loss, one batch of "
@@ -58,7 +59,7 @@ def test_trl_parity_end_to_end(case, trl_fixture_dir, tmp_path):
     """configs/hf.py on the fixture (policy, reference, pairs, beta 0.1, one eval batch of all 16 pairs)
     reproduces TRL's loss and metrics: checkpoint loading, tokenization, layout, log-probs, loss."""
     config = hf_config(trl_fixture_dir, **trl_case_overrides(case["case"]))
-    report = train.run(config, str(tmp_path))
+    report = runner.run(config, str(tmp_path))
     f_div = case["case"].get("f_divergence_type", "reverse_kl") != "reverse_kl"
     np.testing.assert_allclose(report["eval/loss"], case["loss"], rtol=1e-4 if f_div else 1e-5,
                                err_msg=f"{case['case']}: loss; {REGEN}")
@@ -80,7 +81,7 @@ def synthetic_config(**train_overrides):
 
 def test_evaluate_only_at_step_zero_gives_closed_form(tmp_path):
     """train.steps=0 with policy == reference: loss ln 2, all rewards 0, gradient weight 1/2."""
-    report = train.run(synthetic_config(steps=0), str(tmp_path))
+    report = runner.run(synthetic_config(steps=0), str(tmp_path))
     assert math.isclose(report["eval/loss"], math.log(2.0), rel_tol=1e-6)
     for key in ("eval/rewards/chosen", "eval/rewards/rejected", "eval/rewards/margins"):
         assert report[key] == 0.0, key
@@ -96,7 +97,7 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path):
 
     c = synthetic_config(steps=4, checkpoint_every=0)
     c.sft.steps = 2
-    train.run(c, str(tmp_path))
+    runner.run(c, str(tmp_path))
     trained = hf.load_model(str(tmp_path / "final"))
     sft = hf.load_model(str(tmp_path / "sft" / "model"))
     tokens = np.array([[5, 9, 4, 7, 6, 11, 2]], np.int32)
@@ -137,9 +138,9 @@ def _nan_at(batch_index, real):
 
 def test_nonfinite_loss_stops_and_leaves_last_checkpoint_loadable(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "make_train_iterator", _nan_at(4, pipeline.make_train_iterator))
-    monkeypatch.setattr(train.checkpoint.Checkpointer, "save", _plain_save(train.checkpoint.Checkpointer.save))
-    with pytest.raises(train.NonFiniteError, match=r"train: step 4: non-finite loss"):
-        train.run(synthetic_config(steps=8, checkpoint_every=2), str(tmp_path))
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", _plain_save(checkpoint.Checkpointer.save))
+    with pytest.raises(loop.NonFiniteError, match=r"train: step 4: non-finite loss"):
+        runner.run(synthetic_config(steps=8, checkpoint_every=2), str(tmp_path))
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [2], steps
     import jax
@@ -158,8 +159,8 @@ def _plain_save(save):  # the data iterator of the corrupting wrapper is not a g
 
 def test_nonfinite_loss_skipped_when_configured(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "make_train_iterator", _nan_at(3, pipeline.make_train_iterator))
-    monkeypatch.setattr(train.checkpoint.Checkpointer, "save", _plain_save(train.checkpoint.Checkpointer.save))
-    report = train.run(synthetic_config(steps=6, checkpoint_every=0, on_nonfinite="skip", log_every=1), str(tmp_path))
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", _plain_save(checkpoint.Checkpointer.save))
+    report = runner.run(synthetic_config(steps=6, checkpoint_every=0, on_nonfinite="skip", log_every=1), str(tmp_path))
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     flagged = [r["step"] for r in rows if r.get("nonfinite") == 1.0]
     assert flagged == [3]
@@ -180,7 +181,7 @@ ARGS = ["--config=configs/synthetic.py:runlocal=1", "--config.sft.steps=0", "--c
 # the machine is (a signal sent from outside when a checkpoint appears can arrive after the last step).
 SIGNAL_AT_STEP = """
 import os, runpy, signal, sys
-from dpo_jax import metrics
+from dpo_jax.train import metrics
 signum, at_call = int(os.environ["TEST_SIGNAL"]), int(os.environ["TEST_SIGNAL_AT_CALL"])
 calls, step_flops = [0], metrics.step_flops
 def wrapped(*args, **kwargs):
@@ -244,4 +245,4 @@ def test_dataset_with_every_row_dropped_is_an_error_not_a_hang(tmp_path, trl_fix
     config.data.source = str(bad)
     config.data.eval_source = str(bad)
     with pytest.raises(ValueError, match=r"all of the first 5 rows were dropped; reasons: .*chosen_equals_rejected"):
-        train.run(config, str(tmp_path / "run"))
+        runner.run(config, str(tmp_path / "run"))

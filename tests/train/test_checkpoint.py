@@ -14,8 +14,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dpo_jax.checkpoint import Checkpointer, abstract_target, install_sigterm_handler
-from dpo_jax.step import TrainState
+from dpo_jax.train.checkpoint import Checkpointer, abstract_target, install_sigterm_handler
+from dpo_jax.train.step import TrainState
 
 
 def make_state(seed=0, ref=True, rng=True):

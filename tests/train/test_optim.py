@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from configs import base
-from dpo_jax import optim
+from dpo_jax.train import optim
 
 PEAK, TOTAL, WARMUP = 2e-3, 110, 10
 

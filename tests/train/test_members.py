@@ -9,9 +9,12 @@ import optax
 import pytest
 from flax import nnx
 
-from dpo_jax import fused, losses, sharding, step, train
+from dpo_jax import losses, runner, sharding
+from dpo_jax.train import loop, step
+from dpo_jax.train import members as fused
+from dpo_jax.train import state as train_state
 from dpo_jax.data import layouts
-from tests.test_step import CFG, make_batches, one_device_mesh
+from tests.train.test_step import CFG, make_batches, one_device_mesh
 
 # hyper-parameters of three members that differ in beta and in the weight of the SFT term
 MEMBERS = [dict(beta=0.1, weights=[1.0, 0.0]), dict(beta=0.5, weights=[1.0, 0.3]), dict(beta=2.0, weights=[1.0, 1.0])]
@@ -24,14 +27,14 @@ def build(mesh, members=0):
     # SGD with momentum: updates are linear in the gradients, so parameters can be compared tightly
     # (Adam's g / sqrt(v) turns float32 round-off in near-zero gradients into lr-sized steps).
     tx = optax.sgd(0.02, momentum=0.9)
-    state, state_sh, graphdef = train.init_state(Decoder(CFG, rngs=nnx.Rngs(0)), Decoder(CFG, rngs=nnx.Rngs(1)),
+    state, state_sh, graphdef = train_state.init_state(Decoder(CFG, rngs=nnx.Rngs(0)), Decoder(CFG, rngs=nnx.Rngs(1)),
                                                  tx, mesh, seed=0)
     cfg = step.StepConfig(graphdef=graphdef, objective=obj, tx=tx, lr=lambda s: 0.02, chunk_size=64,
                           vocab_chunk_size=32)
     if members:
         state, state_sh = fused.stack_state(state, state_sh, members)
         cfg = dataclasses.replace(cfg, members=members)
-    train_fn, eval_fn = train.compiled_steps(cfg, state_sh, mesh, layouts.BATCH_KEYS)
+    train_fn, eval_fn = loop.compiled_steps(cfg, state_sh, mesh, layouts.BATCH_KEYS)
     return state, train_fn, eval_fn, obj
 
 
@@ -99,8 +102,8 @@ def test_run_fused_writes_each_members_workdir_like_a_separate_run(tmp_path):
         c.loss.beta = beta
         return c
 
-    reports = fused.run_fused([config(0.5), config(2.0)], [str(tmp_path / "a"), str(tmp_path / "b")])
-    separate = train.run(config(2.0), str(tmp_path / "separate"))
+    reports = runner.run_group([config(0.5), config(2.0)], [str(tmp_path / "a"), str(tmp_path / "b")])
+    separate = runner.run(config(2.0), str(tmp_path / "separate"))
     np.testing.assert_allclose(reports[1]["eval/loss"], separate["eval/loss"], rtol=1e-5)
     assert reports[0]["eval/loss"] != pytest.approx(reports[1]["eval/loss"], rel=1e-3)
     for name in ("a", "b"):
@@ -116,4 +119,4 @@ def test_run_fused_writes_each_members_workdir_like_a_separate_run(tmp_path):
     with pytest.raises(ValueError, match="differ only in loss hyper-parameters"):
         other = config(1.0)
         other.optim.lr = 1e-2
-        fused.run_fused([config(1.0), other], [str(tmp_path / "x"), str(tmp_path / "y")])
+        runner.run_group([config(1.0), other], [str(tmp_path / "x"), str(tmp_path / "y")])

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dpo_jax import metrics
+from dpo_jax.train import metrics
 from dpo_jax.data import layouts
-from dpo_jax.models.transformer import Decoder, ModelConfig, make_attention_mask
+from dpo_jax.models.layers import make_attention_mask
+from dpo_jax.models.transformer import Decoder, ModelConfig
 
 LLAMA = ModelConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_layers=3, num_heads=4, num_kv_heads=2,
                     head_dim=6)

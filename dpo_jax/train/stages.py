@@ -1,0 +1,137 @@
+"""The stages of a run: building a stage from the config (data, tokenization, objective), the SFT
+stage that trains the synthetic world's reference, precomputing reference log-probs, and running a
+stage (its state, step and loop) to a trained model."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from typing import Optional
+
+import jax
+import numpy as np
+from flax import nnx
+
+from dpo_jax import build, losses, multihost, sharding
+from dpo_jax.data import formats, pipeline
+from dpo_jax.models import hf, lora
+from dpo_jax.train import members, optim, reference_cache, step
+from dpo_jax.train import state as train_state
+from dpo_jax.train.loop import Stage, fit
+
+
+def make_stage(config, name: str, workdir: str, *, objective, hp, steps, optim_cfg, ref_mode, train_path,
+               eval_path, tok, batch_size, unpaired_label: bool = False) -> Stage:
+    data_cfg = build.data_config(config, train_path, pairs=batch_size)
+    train_rows, eval_rows = pipeline.load_splits(data_cfg)
+    if eval_path:
+        eval_rows = pipeline.load_rows(eval_path)
+    fmt = config.data.format
+    if unpaired_label:  # SFT rows {"prompt", "completion"}: every completion is desirable
+        train_rows = train_rows.map(lambda _: {"label": True})
+        eval_rows = eval_rows.map(lambda _: {"label": True}) if eval_rows is not None else None
+        fmt = "unpaired"
+    tokenize_fn = pipeline.make_row_step(tok, data_cfg, formats.FormatConfig(format=fmt), strict=config.data.strict)
+    check_rows_survive(train_rows, tokenize_fn, f"{name}: config.data.source={train_path!r}")
+    eval_cfg = build.data_config(config, train_path, pairs=config.data.eval_batch_size, eval_split=True)
+    return Stage(name=name, workdir=workdir, objective=objective, hp=hp, steps=steps, optim_cfg=optim_cfg,
+                 ref_mode=ref_mode, train_rows=train_rows, eval_rows=eval_rows, tokenize_fn=tokenize_fn,
+                 data_cfg=data_cfg, eval_data_cfg=eval_cfg)
+
+
+def precompute_reference(config, stage: Stage, reference, step_cfg: step.StepConfig, mesh, tokenizer_dir: str) -> Stage:
+    """reference.mode='precomputed': cached reference log-probs attached to every train and eval example."""
+    graphdef, ref_state = nnx.split(reference)
+    ref_params = nnx.to_pure_dict(ref_state)
+    placed = jax.device_put(ref_params, train_state.param_shardings(ref_params, graphdef, mesh))
+    logps = jax.jit(lambda p, b: step.model_logps(dataclasses.replace(step_cfg, graphdef=graphdef), p, b),
+                    out_shardings=sharding.replicated(mesh))  # every process reads every value
+    cache_dir = config.reference.cache_dir or os.path.join(stage.workdir, "ref_cache")
+    settings = {k: getattr(stage.data_cfg, k) for k in ("max_length", "max_prompt_length", "truncation_mode")}
+    settings.update(format=config.data.format, chunk=(config.train.chunk_size, config.train.vocab_chunk_size))
+    spec = dataclasses.replace(stage.eval_data_cfg, layout="standard").layout_spec()
+    fns = {}
+    for name in ("train", "eval"):
+        rows = getattr(stage, f"{name}_rows")
+        if rows is None:
+            continue
+        indexed = reference_cache.IndexedRows(rows)
+        key = reference_cache.cache_key(ref_params, tokenizer_dir, indexed, {**settings, "split": name})
+        values = reference_cache.load_or_compute(cache_dir, key, lambda: reference_cache.compute(
+            lambda b: logps(placed, b), indexed, stage.tokenize_fn, spec, lambda b: sharding.global_batch(b, mesh),
+            process_index=jax.process_index(), process_count=jax.process_count()))
+        setattr(stage, f"{name}_rows", indexed)
+        fns[name] = reference_cache.AttachReference(stage.tokenize_fn, values)
+    scalars = dict(pair_scalars=reference_cache.KEYS)
+    return dataclasses.replace(stage, tokenize_fn=fns["train"], eval_tokenize_fn=fns.get("eval"),
+                               data_cfg=dataclasses.replace(stage.data_cfg, **scalars),
+                               eval_data_cfg=dataclasses.replace(stage.eval_data_cfg, **scalars))
+
+
+def check_rows_survive(rows, tokenize_fn, where: str, probe: int = 256) -> None:
+    """Fail fast (rather than let a repeating iterator search forever) when the first rows of a
+    dataset are all dropped by formatting or tokenization; the error lists the drop reasons."""
+    if len(rows) == 0:
+        raise ValueError(f"{where}: the dataset is empty")
+    step = copy.deepcopy(tokenize_fn)  # keep the real counters untouched
+    n = min(len(rows), probe)
+    if all(step(rows[i]) is None for i in range(n)):
+        drops = step.drops.as_dict() if hasattr(step, "drops") else {}
+        raise ValueError(f"{where}: all of the first {n} rows were dropped; reasons: {drops.get('dropped', drops)}")
+
+
+def run_stage(config, stage: Stage, model, reference, mesh, writer, preempt, peak_flops, tokenizer_dir="",
+              writers=None):
+    """Build the state and step of `stage`, train it, and return (trained model, state, final eval).
+    With `writers` (one per fused member; `stage.hp` then holds arrays [K]) the K members are
+    trained as one program and lists of models and final evals are returned."""
+    num_members = len(writers) if writers else 0
+    tx, lr = optim.make_optimizer(stage.optim_cfg, stage.steps)
+    lora_cfg = lora_config(config) if stage.name == "train" else None
+    state, state_sh, graphdef = train_state.init_state(
+        model, reference if stage.ref_mode in ("frozen", "sync") else None, tx, mesh, config.seed, lora_cfg)
+    if num_members:
+        state, state_sh = members.stack_state(state, state_sh, num_members)
+    step_cfg = step.StepConfig(graphdef=graphdef, objective=stage.objective, tx=tx, lr=lr, ref_mode=stage.ref_mode,
+                               grad_accum=stage.optim_cfg.grad_accum, capacity=config.train.capacity or None,
+                               chunk_size=config.train.chunk_size, vocab_chunk_size=config.train.vocab_chunk_size,
+                               lora=lora_cfg, members=num_members)
+    if stage.ref_mode == "precomputed":
+        stage = precompute_reference(config, stage, reference, dataclasses.replace(step_cfg, members=0), mesh,
+                                     tokenizer_dir)
+    state, final_evals = fit(stage, state, state_sh, step_cfg, mesh, config, writers=writers or [writer],
+                             preempt=preempt, peak_flops=peak_flops)
+    params = multihost.fetch_to_host(step.policy_params(step_cfg, state.params, state.base_params))
+    if num_members:
+        return [nnx.merge(graphdef, members.member(params, k)) for k in range(num_members)], state, final_evals
+    return nnx.merge(graphdef, params), state, final_evals[0]
+
+
+def lora_config(config) -> Optional[lora.LoraConfig]:
+    l = config.model.lora
+    return lora.LoraConfig(rank=l.rank, alpha=l.alpha, targets=tuple(l.targets)) if l.rank > 0 else None
+
+
+def sft_stage(config, workdir, files, tok, model, mesh, writer, preempt, peak_flops):
+    """Train the SFT reference once: its export (config.sft.model_dir, default workdir/sft/model) is
+    reused on resume and by every run that names the same directory."""
+    out = config.sft.model_dir or os.path.join(workdir, "sft", "model")
+    if os.path.exists(os.path.join(out, "config.json")):
+        return build.policy(config, tok, path=out)
+    optim_cfg = config.optim.copy_and_resolve_references()
+    with optim_cfg.unlocked():
+        optim_cfg.update(lr=config.sft.lr, warmup_steps=config.sft.warmup_steps, schedule="constant", grad_accum=1)
+    objective = losses.Objective(("sft",))
+    stage = make_stage(config, "sft", os.path.join(workdir, "sft"), objective=objective,
+                       hp={**objective.params(), "beta": np.float32(config.loss.beta)}, steps=config.sft.steps,
+                       optim_cfg=optim_cfg, ref_mode="none", train_path=files.sft, eval_path=None, tok=tok,
+                       batch_size=config.sft.batch_size, unpaired_label=True)
+    trained, _, _ = run_stage(config, stage, model, None, mesh, writer, preempt, peak_flops)
+    if multihost.is_main_process():
+        tmp = f"{out}.tmp-{os.getpid()}"  # atomic: readers never see a half-written model
+        hf.export_model(trained, tmp, tokenizer_dir=files.tokenizer)
+        if not os.path.exists(out):
+            os.replace(tmp, out)
+    multihost.barrier("dpo_jax.train.sft_stage.export")
+    return trained

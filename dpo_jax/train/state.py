@@ -1,0 +1,54 @@
+"""The train state on the mesh: the policy's parameters (or LoRA adapters over frozen weights), the
+optimizer state and the frozen reference, each placed in the shardings of its logical axes."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from dpo_jax import sharding
+from dpo_jax.models import lora
+from dpo_jax.train import step
+
+
+def param_shardings(params: dict, graphdef, mesh) -> dict:
+    """Pure dict of NamedShardings for the policy's parameters, from their logical axes."""
+    state = nnx.merge(graphdef, params)
+    return nnx.to_pure_dict(sharding.state_shardings(nnx.state(state, nnx.Param), mesh))
+
+
+def init_state(model, reference, tx, mesh, seed: int, lora_cfg: Optional[lora.LoraConfig] = None):
+    """(TrainState placed on the mesh, its shardings, graphdef). With `lora_cfg`, the trained params
+    are fresh adapters and the model's weights become the frozen `base_params`."""
+    graphdef, params_state = nnx.split(model)
+    params = nnx.to_pure_dict(params_state)
+    p_sh = param_shardings(params, graphdef, mesh)
+    params = jax.device_put(params, p_sh)
+    rep = sharding.replicated(mesh)
+    base, base_sh = None, None
+    if lora_cfg is not None:
+        base, base_sh = params, p_sh
+        params = lora.init_adapters(base, lora_cfg, jax.random.key(seed))
+        is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
+        p_sh = jax.tree.map(lambda names, a: jax.sharding.NamedSharding(
+            mesh, sharding.logical_to_mesh(tuple(names), a.shape, mesh)), lora.adapter_logical_axes(params), params,
+            is_leaf=is_spec)
+        params = jax.device_put(params, p_sh)
+    is_sh = lambda x: isinstance(x, jax.sharding.Sharding)  # noqa: E731
+    opt_sh = optax.tree_utils.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), p_sh,
+                                              transform_non_params=lambda _: rep, is_leaf=is_sh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    ref_params, ref_sh = None, None
+    if reference is not None:
+        ref_sh = base_sh or p_sh
+        ref_params = jax.device_put(nnx.to_pure_dict(nnx.split(reference)[1]), ref_sh)
+    state = step.TrainState(step=jax.device_put(jnp.int32(0), rep), params=params, opt_state=opt_state,
+                            ref_params=ref_params, rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), rep),
+                            base_params=base)
+    shardings = step.TrainState(step=rep, params=p_sh, opt_state=opt_sh, ref_params=ref_sh, rng=rep,
+                                base_params=base_sh)
+    return state, shardings, graphdef
