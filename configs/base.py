@@ -12,6 +12,7 @@ command-line overrides parse). Invalid values fail before anything is compiled
 from ml_collections import config_dict
 
 from configs.common import parse_args
+from dpo_jax import sharding
 from dpo_jax.losses import LOSSES
 
 placeholder = config_dict.placeholder
@@ -121,5 +122,8 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
     )
 
     # --- device mesh and partitioning rules (logical axis -> mesh axes)
-    c.mesh = dict(shape=dict(data=-1, fsdp=1, tensor=1))
+    # rules: logical axis -> mesh axes (a name, a tuple of names, or None: replicated), e.g.
+    # --config.mesh.rules="(('embed', 'fsdp'), ('mlp', 'tensor'), ...)"; a dimension is sharded only if
+    # its size divides by the axes' devices (dpo_jax/sharding.py).
+    c.mesh = dict(shape=dict(data=-1, fsdp=1, tensor=1), rules=sharding.DEFAULT_RULES)
     return c

@@ -16,7 +16,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from dpo_jax.data import pipeline, synthetic, synthetic_exact
-from dpo_jax.models import hf
+from dpo_jax.models import hf, hf_config
 from dpo_jax.models.transformer import Decoder, ModelConfig
 
 
@@ -106,19 +106,10 @@ def model_config(config, vocab_size: int) -> ModelConfig:
               max_position_embeddings=a.max_position_embeddings, rope_theta=a.rope_theta,
               dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat,
               scan_min_layers=config.model.scan_min_layers)
-    kw.update(_FAMILY_TRAITS.get(a.family, {}))
-    if a.family in ("gpt2", "gpt_neox"):  # no grouped-query attention in these families
+    kw.update(hf_config.FAMILY_TRAITS.get(a.family, {}))
+    if a.family in hf_config.NO_GQA_FAMILIES:
         kw["num_kv_heads"] = a.num_heads
     return ModelConfig(**kw)
-
-
-_LAYER_NORM = dict(norm="layer", norm_eps=1e-5, gated_mlp=False, qkv_bias=True, o_bias=True, mlp_bias=True)
-_FAMILY_TRAITS = {
-    "gpt2": dict(_LAYER_NORM, activation="gelu_tanh", position="learned", tie_embeddings=True),
-    "gpt_neox": dict(_LAYER_NORM, activation="gelu", parallel_residual=True, rotary_fraction=0.25),
-    "qwen2": dict(qkv_bias=True),
-    "qwen3": dict(qk_norm=True),
-}
 
 
 def policy(config, tok, path: str = "") -> Decoder:

@@ -10,13 +10,13 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from dpo_jax import losses
-from dpo_jax.train import optim
-from dpo_jax.data import formats, layouts
+from dpo_jax import losses, sharding
+from dpo_jax.data import formats, layouts, pipeline
 from dpo_jax.data.tokenize import TRUNCATION_MODES
 from dpo_jax.models import transformer
 from dpo_jax.models.transformer import FAMILIES, REMAT_POLICIES
-from dpo_jax.train.step import REF_MODES
+from dpo_jax.train import optim
+from dpo_jax.train.step import check_ref_mode
 
 FORMATS = ("auto",) + formats.FORMATS  # auto: detected from the columns of the first row
 # Training dtypes: what the model computes in, less float16 (no loss scaling here: its gradients underflow).
@@ -81,13 +81,8 @@ def validate(config) -> None:
     """Raise ValueError naming the first invalid key or combination."""
     obj = objective(config)
     loss_hparams(config)
-    _choice("reference.mode", config.reference.mode, REF_MODES)
-    if config.reference.mode == "none" and obj.uses_reference:
-        free = sorted({s.name for s in losses.LOSSES.values() if not s.uses_reference})
-        raise ValueError(f"config.reference.mode='none' is only for reference-free losses ({', '.join(free)}); "
-                         f"config.loss.name={config.loss.name!r} uses a reference")
-    if config.reference.mode == "base" and config.model.lora.rank <= 0:
-        raise ValueError("config.reference.mode='base' needs a LoRA policy: set config.model.lora.rank > 0")
+    check_ref_mode(config.reference.mode, obj, has_lora=config.model.lora.rank > 0, key="config.",
+                   loss_name=config.loss.name)
     if config.model.lora.rank > 0 and config.reference.mode == "sync":
         raise ValueError("config.reference.mode='sync' updates the reference towards the policy; with a LoRA "
                          "policy (config.model.lora.rank > 0) use 'base', 'frozen' or 'precomputed'")
@@ -109,22 +104,17 @@ def validate(config) -> None:
     _positive("data.max_length", config.data.max_length)
     if not 0.0 <= config.data.prefix_min_saving < 1.0:
         raise ValueError(f"config.data.prefix_min_saving={config.data.prefix_min_saving}; must be in [0, 1)")
-    if not 0.0 <= config.data.eval_fraction < 1.0:
-        raise ValueError(f"config.data.eval_fraction={config.data.eval_fraction}; must be in [0, 1)")
-    if sum(bool(x) for x in (config.data.eval_fraction, config.data.eval_split, config.data.eval_source)) > 1:
-        raise ValueError("config.data: set at most one of eval_split, eval_fraction, eval_source")
+    pipeline.check_eval_split(config.data.eval_split, config.data.eval_fraction, config.data.eval_source,
+                              key="config.data")
     if not config.data.source:
         raise ValueError("config.data.source is empty: 'synthetic', a local file, a saved dataset or a hub id")
     if config.data.source != "synthetic" and not (config.model.path or config.model.tokenizer):
         raise ValueError("config.model.tokenizer (or config.model.path) is needed to tokenize "
                          f"config.data.source={config.data.source!r}")
-    _choice("optim.name", config.optim.name, optim.OPTIMIZERS)
-    _choice("optim.schedule", config.optim.schedule, optim.SCHEDULES)
-    _positive("optim.lr", config.optim.lr)
-    _positive("optim.grad_accum", config.optim.grad_accum)
-    _positive("optim.warmup_steps", config.optim.warmup_steps, zero_ok=True)
+    optim.check(config.optim, key="config.optim")
     _positive("train.steps", config.train.steps, zero_ok=True)
     _positive("train.log_every", config.train.log_every)
+    sharding.check_rules(config.mesh.rules)
     _positive("distributed.heartbeat_timeout_s", config.distributed.heartbeat_timeout_s)
     _positive("distributed.initialization_timeout_s", config.distributed.initialization_timeout_s)
     _choice("train.on_nonfinite", config.train.on_nonfinite, NONFINITE)

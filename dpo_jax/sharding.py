@@ -1,7 +1,10 @@
 """The device mesh and every partitioning decision: logical axis names -> mesh axes.
 
 The model names each parameter dimension with a logical axis (`embed`, `mlp`, `heads`, `kv_heads`,
-`kv`, `vocab`, `layers`); `rules` maps logical names to mesh axes (`data`, `fsdp`, `tensor`).
+`kv`, `vocab`, `layers`); `rules` maps logical names to mesh axes (`data`, `fsdp`, `tensor`). The
+rules are a config value, `mesh.rules` (default `DEFAULT_RULES`), checked by `check_rules`; every
+sharding of the train state (parameters, LoRA adapters, optimizer state, stacked fused members)
+is decided here.
 A dimension is sharded only if its size divides evenly by the mesh axes it maps to and no other
 dimension of the same array already uses them; otherwise it is replicated. Batches are sharded on
 their leading (row / pair) dimension over (`data`, `fsdp`).
@@ -14,6 +17,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -31,6 +35,30 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
     ("length", None),
 )
+
+
+LOGICAL_AXES = ("layers", "vocab", "embed", "heads", "kv_heads", "kv", "mlp", "batch", "length")
+
+
+def check_rules(rules, key: str = "mesh.rules") -> tuple[tuple[str, Any], ...]:
+    """`rules` as a tuple of (logical axis, mesh axis | tuple of mesh axes | None); a ValueError
+    names `config.<key>` and what is wrong (an unknown logical or mesh axis, a repeated name)."""
+    out, seen = [], set()
+    for i, rule in enumerate(rules):
+        if not isinstance(rule, (tuple, list)) or len(rule) != 2:
+            raise ValueError(f"config.{key}[{i}]={rule!r}: want (logical axis, mesh axes)")
+        name, axes = rule
+        if name not in LOGICAL_AXES:
+            raise ValueError(f"config.{key}[{i}]: unknown logical axis {name!r}; allowed: {', '.join(LOGICAL_AXES)}")
+        if name in seen:
+            raise ValueError(f"config.{key}: logical axis {name!r} has two rules")
+        seen.add(name)
+        flat = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+        bad = [a for a in flat if a not in MESH_AXES]
+        if bad:
+            raise ValueError(f"config.{key}[{i}] ({name!r}): unknown mesh axes {bad}; allowed: {', '.join(MESH_AXES)}")
+        out.append((name, None if axes is None else (axes if isinstance(axes, str) else tuple(axes))))
+    return tuple(out)
 
 
 def mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
@@ -99,6 +127,33 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Sequence[tuple[str, Any
 
     is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
     return jax.tree.map(one, logical, state, is_leaf=is_var)
+
+
+def param_shardings(params: dict, graphdef, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> dict:
+    """Pure dict of NamedShardings for a model's parameters (a pure dict of `graphdef`), from their
+    logical axes."""
+    state = nnx.merge(graphdef, params)
+    return nnx.to_pure_dict(state_shardings(nnx.state(state, nnx.Param), mesh, rules))
+
+
+def logical_shardings(logical_tree, arrays, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
+    """NamedShardings for a tree of arrays whose logical axes are a matching tree of PartitionSpecs
+    (e.g. LoRA adapters: `lora.adapter_logical_axes`)."""
+    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+    return jax.tree.map(lambda names, a: NamedSharding(mesh, logical_to_mesh(tuple(names), a.shape, mesh, rules)),
+                        logical_tree, arrays, is_leaf=is_spec)
+
+
+def optimizer_shardings(tx, params, params_sh, mesh: Mesh):
+    """The optimizer state's shardings: each moment like its parameter, every other leaf replicated."""
+    is_sh = lambda x: isinstance(x, jax.sharding.Sharding)  # noqa: E731
+    return optax.tree_utils.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), params_sh,
+                                            transform_non_params=lambda _: replicated(mesh), is_leaf=is_sh)
+
+
+def stacked_sharding(sharding: NamedSharding) -> NamedSharding:
+    """The sharding of an array stacked on a new leading axis (fused members): that axis replicated."""
+    return NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

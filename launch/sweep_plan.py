@@ -8,7 +8,7 @@ dotted config overrides per member, built with `product` and `zip` below (a conf
 Each member becomes one run of `python -m dpo_jax.main --config=FILE[:arg] --workdir=DIR/NAME
 --config.KEY=VALUE ...`; NAME lists the keys that vary across members (`loss.name=ipo,loss.beta=0.5`).
 Members that train an SFT reference (config.sft.steps > 0) share one SFT model, DIR/sft_model (one
-per group of members whose SFT-relevant keys differ, see SFT_NEUTRAL); in `launch_order` one
+per group of members whose SFT-relevant keys differ, see SFT_CHANGING); in `launch_order` one
 member of each group whose model is missing goes first (it trains the model).
 The runs share JAX's persistent compilation cache (DIR/jax_cache): beta and the other loss
 hyper-parameters are traced, so after the first member of each loss most members compile nothing.
@@ -38,6 +38,18 @@ SFT_NEUTRAL = ("loss.", "reference.", "eval.", "model.lora.", "train.steps", "tr
                "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "train.export_final",
                "train.peak_flops", "train.on_nonfinite", "data.batch_size", "data.eval_batch_size", "optim.lr",
                "optim.warmup_steps", "optim.schedule", "optim.end_lr_frac", "optim.grad_accum")
+# Keys that change the SFT stage (model, data, the optimizer's update rule, the SFT section, ...):
+# members differing in one of these train separate SFT models. Every key of configs/base.py is in
+# exactly one of SFT_NEUTRAL and SFT_CHANGING (tests/configs/test_base_keys.py); a key in neither
+# counts as SFT-changing.
+SFT_CHANGING = ("seed", "model.path", "model.arch.", "model.dtype", "model.param_dtype", "model.remat",
+                "model.scan_min_layers", "model.tokenizer", "data.source", "data.name", "data.format",
+                "data.train_split", "data.eval_split", "data.eval_fraction", "data.eval_source", "data.max_length",
+                "data.max_prompt_length", "data.truncation_mode", "data.layout", "data.prefix_min_saving",
+                "data.logit_slots", "data.min_bucket", "data.pack_length", "data.num_threads", "data.strict",
+                "data.num_epochs", "optim.name", "optim.weight_decay", "optim.b1", "optim.b2", "optim.eps",
+                "optim.momentum", "optim.clip_norm", "train.capacity", "train.chunk_size", "train.vocab_chunk_size",
+                "sft.", "synthetic.", "distributed.", "mesh.")
 _KEY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
 
@@ -183,8 +195,13 @@ def member_name(member: dict, keys: Sequence[str]) -> str:
     return ",".join(parts) or "run"
 
 
+def matching_rules(key: str, rules: Sequence[str]) -> list[str]:
+    """The rules of `rules` that cover `key`: a rule ending with '.' covers its section, another one key."""
+    return [r for r in rules if (key.startswith(r) if r.endswith(".") else key == r)]
+
+
 def _sft_neutral(key: str) -> bool:
-    return any(key.startswith(p) if p.endswith(".") else key == p for p in SFT_NEUTRAL)
+    return bool(matching_rules(key, SFT_NEUTRAL))
 
 
 def compile_cache_env(cache_dir: str) -> dict:

@@ -167,3 +167,30 @@ def test_ld_alpha_length_weighting_and_ld_dpo():
     assert config_check.loss_hparams(c)["ld_alpha"] == np.float32(0.3)
     raises(config(loss=dict(name="ld_dpo", ld_alpha=1.5)), "config.loss", "'ld_dpo'", "ld_alpha=1.5")
     assert config_check.loss_hparams(config(loss=dict(name="ld_dpo")))["ld_alpha"] == np.float32(0.5)
+
+
+def test_rules_owned_by_lower_modules_name_the_config_key():
+    """optim, eval-split and reference-mode rules live with their modules; config_check names the key."""
+    from dpo_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    from dpo_jax.train import step  # pylint: disable=g-import-not-at-top
+
+    c = config(optim=dict(name="adam"))
+    with pytest.raises(ValueError, match=r"^optim\.name='adam'; allowed: adamw"):
+        optim.check(c.optim)
+    raises(c, "config.optim.name='adam'; allowed: adamw")
+    with pytest.raises(ValueError, match=r"^DataConfig: set at most one of eval_split, eval_fraction$"):
+        pipeline.DataConfig(eval_split="test", eval_fraction=0.1).validate()
+    raises(config(data=dict(eval_split="test", eval_source="x.jsonl")),
+           "config.data: set at most one of eval_split, eval_fraction, eval_source")
+    obj = config_check.objective(config())
+    with pytest.raises(ValueError, match=r"^reference\.mode='base' needs a LoRA policy: set model\.lora\.rank > 0"):
+        step.check_ref_mode("base", obj, has_lora=False)
+    step.check_ref_mode("base", obj, has_lora=True)
+    raises(config(reference=dict(mode="none")), "config.loss.name='sigmoid' uses a reference")
+
+
+def test_mesh_rules_are_checked_before_anything_is_built():
+    c = base.get_config()
+    c.mesh.rules = (("embd", "fsdp"),)
+    with pytest.raises(ValueError, match=r"config\.mesh\.rules\[0\]: unknown logical axis 'embd'"):
+        config_check.validate(c)

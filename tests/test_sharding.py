@@ -138,3 +138,36 @@ def test_check_batch_divisible(mesh):
 
 def test_process_pair_offset_of_one_process_is_zero(mesh):
     assert sharding.process_pair_offset(mesh, 8) == 0
+
+
+def test_rules_are_a_config_value_that_decides_the_parameter_shardings(mesh):
+    from configs import base
+
+    rules = base.get_config().mesh.rules
+    assert sharding.check_rules(rules) == sharding.DEFAULT_RULES
+    graphdef, state = nnx.split(Decoder(CFG, rngs=nnx.Rngs(0)))
+    params = nnx.to_pure_dict(state)
+    default = sharding.param_shardings(params, graphdef, mesh, sharding.check_rules(rules))
+    replicated_embed = sharding.check_rules([(k, None if k == "embed" else v) for k, v in rules])
+    changed = sharding.param_shardings(params, graphdef, mesh, replicated_embed)
+    specs = lambda tree: {jax.tree_util.keystr(p): s.spec for p, s in jax.tree_util.tree_leaves_with_path(tree)}  # noqa: E731
+    before, after = specs(default), specs(changed)
+    moved = [k for k in before if before[k] != after[k]]
+    assert moved and all("fsdp" in str(before[k]) and "fsdp" not in str(after[k]) for k in moved)
+
+
+@pytest.mark.parametrize("rules,fragment", [
+    ([("embd", "fsdp")], "unknown logical axis 'embd'"),
+    ([("embed", "pipeline")], "unknown mesh axes ['pipeline']"),
+    ([("embed", "fsdp"), ("embed", None)], "'embed' has two rules"),
+    ([("embed",)], "want (logical axis, mesh axes)"),
+])
+def test_bad_rules_name_the_config_key(rules, fragment):
+    with pytest.raises(ValueError) as e:
+        sharding.check_rules(rules)
+    assert str(e.value).startswith("config.mesh.rules") and fragment in str(e.value), str(e.value)
+
+
+def test_stacked_sharding_replicates_the_member_axis(mesh):
+    sh = jax.sharding.NamedSharding(mesh, P("fsdp", None))
+    assert sharding.stacked_sharding(sh).spec == P(None, "fsdp", None)

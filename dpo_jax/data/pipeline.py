@@ -115,15 +115,25 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raises ValueError naming the first bad field."""
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.eval_fraction and self.eval_split:
-            raise ValueError("set eval_split or eval_fraction, not both")
+        check_eval_split(self.eval_split, self.eval_fraction)
         if self.num_epochs is not None and self.num_epochs < 1:
             raise ValueError(f"num_epochs must be >= 1 or None (forever), got {self.num_epochs}")
         if self.num_threads < 0 or self.worker_count < 0:
             raise ValueError("num_threads and worker_count must be >= 0")
         self.layout_spec()
+
+
+def check_eval_split(eval_split, eval_fraction: float, eval_source=None, *, key: str = "DataConfig") -> None:
+    """The rules of the eval rows: `eval_fraction` in [0, 1), and at most one of `eval_split`,
+    `eval_fraction` (and `eval_source`, where the caller has one) set. Messages name `key`
+    (`config_check` passes 'config.data')."""
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"{key}.eval_fraction={eval_fraction}; must be in [0, 1)")
+    given = {"eval_split": eval_split, "eval_fraction": eval_fraction}
+    if eval_source is not None:
+        given["eval_source"] = eval_source
+    if sum(bool(v) for v in given.values()) > 1:
+        raise ValueError(f"{key}: set at most one of {', '.join(given)}")
 
 
 # ----------------------------------------------------------------------------- sources

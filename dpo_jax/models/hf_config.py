@@ -16,6 +16,17 @@ from dpo_jax.models.transformer import ModelConfig, RopeScaling
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM"}
+# What a random-init model of each family takes beyond the ModelConfig defaults, so that it exports as
+# that family (`config_to_hf`): the traits its Hugging Face config cannot change, and the defaults of
+# the ones it reads (gpt2's activation, norm_eps and tied embeddings, gpt_neox's rotary fraction).
+_LAYER_NORM = dict(norm="layer", norm_eps=1e-5, gated_mlp=False, qkv_bias=True, o_bias=True, mlp_bias=True)
+FAMILY_TRAITS = {
+    "gpt2": dict(_LAYER_NORM, activation="gelu_tanh", position="learned", tie_embeddings=True),
+    "gpt_neox": dict(_LAYER_NORM, activation="gelu", parallel_residual=True, rotary_fraction=0.25),
+    "qwen2": dict(qkv_bias=True),
+    "qwen3": dict(qk_norm=True),
+}
+NO_GQA_FAMILIES = ("gpt2", "gpt_neox")  # one key/value head per query head (num_kv_heads = num_heads)
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
                 "gelu_pytorch_tanh": "gelu_tanh"}
 _ACT_TO_HF = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_new"}

@@ -21,7 +21,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+
+from dpo_jax import sharding
 
 # Keys that must NOT differ between fused members, by prefix, beyond which the loss section's
 # numeric hyper-parameters are free.
@@ -71,17 +72,12 @@ def stack_hparams(hps: Sequence[dict]) -> dict[str, np.ndarray]:
     return {k: np.stack([np.asarray(hp[k], np.float32) for hp in hps]) for k in sorted(keys)}
 
 
-def stacked_sharding(sharding: NamedSharding) -> NamedSharding:
-    """The sharding of a stacked array: the member axis replicated, the rest as before."""
-    return NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec))
-
-
 def stack_state(state, shardings, k: int):
     """(state with params and opt_state stacked K times, the matching shardings)."""
     is_sh = lambda x: isinstance(x, jax.sharding.Sharding)  # noqa: E731
 
     def stack_tree(tree, sh_tree):
-        sh_k = jax.tree.map(stacked_sharding, sh_tree, is_leaf=is_sh)
+        sh_k = jax.tree.map(sharding.stacked_sharding, sh_tree, is_leaf=is_sh)
         out = jax.jit(lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (k, *x.shape)), t),
                       out_shardings=sh_k)(tree)
         return out, sh_k

@@ -14,12 +14,31 @@ OPTIMIZERS = ("adamw", "rmsprop", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
 
 
+def _choice(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r}; allowed: {', '.join(allowed)}")
+
+
+def _positive(key: str, value, zero_ok: bool = False) -> None:
+    if value is None or (value < 0 if zero_ok else value <= 0):
+        raise ValueError(f"{key}={value!r}; must be {'>= 0' if zero_ok else '> 0'}")
+
+
+def check(cfg, key: str = "optim") -> None:
+    """The rules of an `optim` config (name, schedule, lr, grad_accum, warmup_steps); messages name
+    the field as `key.field` (`config_check` passes 'config.optim')."""
+    _choice(f"{key}.name", cfg.name, OPTIMIZERS)
+    _choice(f"{key}.schedule", cfg.schedule, SCHEDULES)
+    _positive(f"{key}.lr", cfg.lr)
+    _positive(f"{key}.grad_accum", cfg.grad_accum)
+    _positive(f"{key}.warmup_steps", cfg.warmup_steps, zero_ok=True)
+
+
 def schedule(peak_lr: float, total_steps: int, warmup_steps: int = 0, kind: str = "constant",
              end_lr_frac: float = 0.0) -> optax.Schedule:
-    if kind not in SCHEDULES:
-        raise ValueError(f"optim.schedule={kind!r}; allowed: {list(SCHEDULES)}")
-    if warmup_steps < 0 or total_steps < 0:
-        raise ValueError("optim.warmup_steps and train.steps must be >= 0")
+    _choice("optim.schedule", kind, SCHEDULES)
+    _positive("optim.warmup_steps", warmup_steps, zero_ok=True)
+    _positive("train.steps", total_steps, zero_ok=True)
     decay_steps = max(total_steps - warmup_steps, 1)
     end = peak_lr * end_lr_frac
     after = {"constant": optax.constant_schedule(peak_lr),
@@ -33,12 +52,7 @@ def schedule(peak_lr: float, total_steps: int, warmup_steps: int = 0, kind: str 
 def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(tx, lr_schedule) from an `optim` config (name, lr, warmup_steps, schedule, end_lr_frac,
     weight_decay, b1, b2, eps, momentum, clip_norm, grad_accum)."""
-    if cfg.name not in OPTIMIZERS:
-        raise ValueError(f"optim.name={cfg.name!r}; allowed: {list(OPTIMIZERS)}")
-    if cfg.lr <= 0:
-        raise ValueError(f"optim.lr={cfg.lr} must be > 0")
-    if cfg.grad_accum < 1:
-        raise ValueError(f"optim.grad_accum={cfg.grad_accum} must be >= 1")
+    check(cfg)
     lr = schedule(cfg.lr, total_steps, cfg.warmup_steps, cfg.schedule, cfg.end_lr_frac)
     if cfg.name == "adamw":
         opt = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)

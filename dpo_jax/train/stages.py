@@ -44,7 +44,8 @@ def precompute_reference(config, stage: Stage, reference, step_cfg: step.StepCon
     """reference.mode='precomputed': cached reference log-probs attached to every train and eval example."""
     graphdef, ref_state = nnx.split(reference)
     ref_params = nnx.to_pure_dict(ref_state)
-    placed = jax.device_put(ref_params, train_state.param_shardings(ref_params, graphdef, mesh))
+    rules = sharding.check_rules(config.mesh.rules)
+    placed = jax.device_put(ref_params, sharding.param_shardings(ref_params, graphdef, mesh, rules))
     logps = jax.jit(lambda p, b: step.model_logps(dataclasses.replace(step_cfg, graphdef=graphdef), p, b),
                     out_shardings=sharding.replicated(mesh))  # every process reads every value
     cache_dir = config.reference.cache_dir or os.path.join(stage.workdir, "ref_cache")
@@ -90,7 +91,8 @@ def run_stage(config, stage: Stage, model, reference, mesh, writer, preempt, pea
     tx, lr = optim.make_optimizer(stage.optim_cfg, stage.steps)
     lora_cfg = lora_config(config) if stage.name == "train" else None
     state, state_sh, graphdef = train_state.init_state(
-        model, reference if stage.ref_mode in ("frozen", "sync") else None, tx, mesh, config.seed, lora_cfg)
+        model, reference if stage.ref_mode in ("frozen", "sync") else None, tx, mesh, config.seed, lora_cfg,
+        rules=sharding.check_rules(config.mesh.rules))
     if num_members:
         state, state_sh = members.stack_state(state, state_sh, num_members)
     step_cfg = step.StepConfig(graphdef=graphdef, objective=stage.objective, tx=tx, lr=lr, ref_mode=stage.ref_mode,

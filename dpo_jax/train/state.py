@@ -7,7 +7,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from dpo_jax import sharding
@@ -15,32 +14,23 @@ from dpo_jax.models import lora
 from dpo_jax.train import step
 
 
-def param_shardings(params: dict, graphdef, mesh) -> dict:
-    """Pure dict of NamedShardings for the policy's parameters, from their logical axes."""
-    state = nnx.merge(graphdef, params)
-    return nnx.to_pure_dict(sharding.state_shardings(nnx.state(state, nnx.Param), mesh))
-
-
-def init_state(model, reference, tx, mesh, seed: int, lora_cfg: Optional[lora.LoraConfig] = None):
+def init_state(model, reference, tx, mesh, seed: int, lora_cfg: Optional[lora.LoraConfig] = None,
+               rules=sharding.DEFAULT_RULES):
     """(TrainState placed on the mesh, its shardings, graphdef). With `lora_cfg`, the trained params
-    are fresh adapters and the model's weights become the frozen `base_params`."""
+    are fresh adapters and the model's weights become the frozen `base_params`. `rules`: the
+    logical-axis rules (`config.mesh.rules`)."""
     graphdef, params_state = nnx.split(model)
     params = nnx.to_pure_dict(params_state)
-    p_sh = param_shardings(params, graphdef, mesh)
+    p_sh = sharding.param_shardings(params, graphdef, mesh, rules)
     params = jax.device_put(params, p_sh)
     rep = sharding.replicated(mesh)
     base, base_sh = None, None
     if lora_cfg is not None:
         base, base_sh = params, p_sh
         params = lora.init_adapters(base, lora_cfg, jax.random.key(seed))
-        is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
-        p_sh = jax.tree.map(lambda names, a: jax.sharding.NamedSharding(
-            mesh, sharding.logical_to_mesh(tuple(names), a.shape, mesh)), lora.adapter_logical_axes(params), params,
-            is_leaf=is_spec)
+        p_sh = sharding.logical_shardings(lora.adapter_logical_axes(params), params, mesh, rules)
         params = jax.device_put(params, p_sh)
-    is_sh = lambda x: isinstance(x, jax.sharding.Sharding)  # noqa: E731
-    opt_sh = optax.tree_utils.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), p_sh,
-                                              transform_non_params=lambda _: rep, is_leaf=is_sh)
+    opt_sh = sharding.optimizer_shardings(tx, params, p_sh, mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
     ref_params, ref_sh = None, None
     if reference is not None:

@@ -56,16 +56,24 @@ class StepConfig:
     members: int = 0  # K > 0: K fused policies (stacked params, hp arrays [K]) sharing batch and reference
 
     def __post_init__(self):
-        if self.ref_mode not in REF_MODES:
-            raise ValueError(f"reference.mode={self.ref_mode!r}; allowed: {list(REF_MODES)}")
-        if self.ref_mode == "none" and self.objective.uses_reference:
-            needs = [s.name for s in self.objective.specs if s.uses_reference]
-            raise ValueError(f"reference.mode='none' is only for reference-free losses (simpo, orpo, cpo, sft); "
-                             f"loss.name uses a reference: {needs}")
+        check_ref_mode(self.ref_mode, self.objective, has_lora=self.lora is not None)
         if self.members and (self.lora is not None or self.ref_mode == "sync"):
             raise ValueError("fused members support full fine-tuning with a frozen, precomputed or no reference")
-        if self.ref_mode == "base" and self.lora is None:
-            raise ValueError("reference.mode='base' needs a LoRA policy (model.lora.rank > 0)")
+
+
+def check_ref_mode(mode: str, objective: losses.Objective, *, has_lora: bool, key: str = "",
+                   loss_name: Optional[str] = None) -> None:
+    """The rules of a reference mode: one of REF_MODES; 'none' only for reference-free losses; 'base'
+    only with a LoRA policy. Messages name `key` + 'reference.mode' (`config_check` passes 'config.')."""
+    if mode not in REF_MODES:
+        raise ValueError(f"{key}reference.mode={mode!r}; allowed: {', '.join(REF_MODES)}")
+    if mode == "none" and objective.uses_reference:
+        free = sorted({s.name for s in losses.LOSSES.values() if not s.uses_reference})
+        name = loss_name if loss_name is not None else "+".join(objective.names)
+        raise ValueError(f"{key}reference.mode='none' is only for reference-free losses ({', '.join(free)}); "
+                         f"{key}loss.name={name!r} uses a reference")
+    if mode == "base" and not has_lora:
+        raise ValueError(f"{key}reference.mode='base' needs a LoRA policy: set {key}model.lora.rank > 0")
 
 
 def model_logps(cfg: StepConfig, params, batch) -> logprobs.SequenceLogps:

@@ -55,3 +55,13 @@ def test_config_round_trip(cfg):
 def test_inexpressible_config_is_refused_naming_the_field():
     with pytest.raises(ValueError, match="qk_norm"):
         hf_config.config_to_hf(ModelConfig(family="llama", qk_norm=True))
+
+
+def test_family_traits_name_known_families_and_fields():
+    import dataclasses  # pylint: disable=g-import-not-at-top
+
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    for family, traits in hf_config.FAMILY_TRAITS.items():
+        assert family in hf_config.ARCHITECTURES, family
+        assert set(traits) <= fields, (family, set(traits) - fields)
+    assert set(hf_config.NO_GQA_FAMILIES) <= set(hf_config.ARCHITECTURES)
