@@ -89,12 +89,17 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
         checkpoint_every=100,  # 0 = only at the end (and on SIGTERM)
         keep_checkpoints=2,
         on_nonfinite="stop",   # stop | skip (the update of a non-finite step is never applied)
-        capacity=0,            # logits at this many completion positions per batch (0 = all, or data.logit_slots)
-        chunk_size=1024,       # rows per log-prob chunk
-        vocab_chunk_size=8192,
         export_final=True,     # write workdir/final/ in Hugging Face format
         progress=True,         # tqdm progress bar
         peak_flops=0.0,        # for mfu; 0 = the device's known peak, or a measured matmul on CPU
+    )
+
+    # --- log-probs (dpo_jax/logprobs.py): tiles of positions x vocabulary, never [B, T, V] float32 logits
+    c.logprobs = dict(
+        chunk_size=1024,        # positions per tile
+        vocab_chunk_size=8192,  # vocabulary entries per tile
+        capacity=0,             # > 0: logits at this many completion positions per batch, compacted on device;
+                                # an alternative to data.logit_slots (per-row slots built on the host), not both
     )
 
     # --- SFT stage before preference training (the synthetic world trains its reference this way)

@@ -118,7 +118,13 @@ def validate(config) -> None:
     _positive("distributed.heartbeat_timeout_s", config.distributed.heartbeat_timeout_s)
     _positive("distributed.initialization_timeout_s", config.distributed.initialization_timeout_s)
     _choice("train.on_nonfinite", config.train.on_nonfinite, NONFINITE)
-    for key in ("eval_every", "checkpoint_every", "capacity", "sft.steps"):
+    _positive("logprobs.chunk_size", config.logprobs.chunk_size)
+    _positive("logprobs.vocab_chunk_size", config.logprobs.vocab_chunk_size)
+    if config.logprobs.capacity > 0 and config.data.logit_slots:
+        raise ValueError(f"config.logprobs.capacity={config.logprobs.capacity} and config.data.logit_slots=True "
+                         "both choose where logits are computed; set one (logprobs.capacity=0 or "
+                         "data.logit_slots=False)")
+    for key in ("eval_every", "checkpoint_every", "logprobs.capacity", "sft.steps"):
         section, _, name = key.rpartition(".")
         value = config[section or "train"][name]
         _positive(f"{section or 'train'}.{name}", value, zero_ok=True)

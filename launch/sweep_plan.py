@@ -48,7 +48,7 @@ SFT_CHANGING = ("seed", "model.path", "model.arch.", "model.dtype", "model.param
                 "data.max_prompt_length", "data.truncation_mode", "data.layout", "data.prefix_min_saving",
                 "data.logit_slots", "data.min_bucket", "data.pack_length", "data.num_threads", "data.strict",
                 "data.num_epochs", "optim.name", "optim.weight_decay", "optim.b1", "optim.b2", "optim.eps",
-                "optim.momentum", "optim.clip_norm", "train.capacity", "train.chunk_size", "train.vocab_chunk_size",
+                "optim.momentum", "optim.clip_norm", "logprobs.",
                 "sft.", "synthetic.", "distributed.", "mesh.")
 _KEY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]")

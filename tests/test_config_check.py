@@ -104,7 +104,7 @@ def test_family_checked_only_for_random_init():
     ("data", "batch_size", 0, "> 0"), ("data", "eval_batch_size", -1, "> 0"), ("data", "max_length", 0, "> 0"),
     ("optim", "lr", 0.0, "> 0"), ("optim", "grad_accum", 0, "> 0"), ("optim", "warmup_steps", -1, ">= 0"),
     ("train", "steps", -1, ">= 0"), ("train", "log_every", 0, "> 0"), ("train", "eval_every", -5, ">= 0"),
-    ("train", "capacity", -1, ">= 0"), ("sft", "steps", -1, ">= 0"),
+    ("logprobs", "capacity", -1, ">= 0"), ("sft", "steps", -1, ">= 0"),
 ])
 def test_numbers_out_of_range(section, key, bad, bound):
     raises(config(**{section: {key: bad}}), f"config.{section}.{key}={bad!r}", bound)
@@ -194,3 +194,8 @@ def test_mesh_rules_are_checked_before_anything_is_built():
     c.mesh.rules = (("embd", "fsdp"),)
     with pytest.raises(ValueError, match=r"config\.mesh\.rules\[0\]: unknown logical axis 'embd'"):
         config_check.validate(c)
+
+
+def test_logit_slots_and_capacity_are_not_both_chosen():
+    raises(config(logprobs=dict(capacity=64)), "config.logprobs.capacity=64", "config.data.logit_slots=True")
+    config_check.validate(config(logprobs=dict(capacity=64), data=dict(logit_slots=False)))

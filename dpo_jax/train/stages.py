@@ -50,7 +50,7 @@ def precompute_reference(config, stage: Stage, reference, step_cfg: step.StepCon
                     out_shardings=sharding.replicated(mesh))  # every process reads every value
     cache_dir = config.reference.cache_dir or os.path.join(stage.workdir, "ref_cache")
     settings = {k: getattr(stage.data_cfg, k) for k in ("max_length", "max_prompt_length", "truncation_mode")}
-    settings.update(format=config.data.format, chunk=(config.train.chunk_size, config.train.vocab_chunk_size))
+    settings.update(format=config.data.format, chunk=(config.logprobs.chunk_size, config.logprobs.vocab_chunk_size))
     spec = dataclasses.replace(stage.eval_data_cfg, layout="standard").layout_spec()
     fns = {}
     for name in ("train", "eval"):
@@ -96,8 +96,8 @@ def run_stage(config, stage: Stage, model, reference, mesh, writer, preempt, pea
     if num_members:
         state, state_sh = members.stack_state(state, state_sh, num_members)
     step_cfg = step.StepConfig(graphdef=graphdef, objective=stage.objective, tx=tx, lr=lr, ref_mode=stage.ref_mode,
-                               grad_accum=stage.optim_cfg.grad_accum, capacity=config.train.capacity or None,
-                               chunk_size=config.train.chunk_size, vocab_chunk_size=config.train.vocab_chunk_size,
+                               grad_accum=stage.optim_cfg.grad_accum, capacity=config.logprobs.capacity or None,
+                               chunk_size=config.logprobs.chunk_size, vocab_chunk_size=config.logprobs.vocab_chunk_size,
                                lora=lora_cfg, members=num_members)
     if stage.ref_mode == "precomputed":
         stage = precompute_reference(config, stage, reference, dataclasses.replace(step_cfg, members=0), mesh,
