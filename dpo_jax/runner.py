@@ -17,7 +17,7 @@ import dpo_jax
 from dpo_jax import build, config_check, multihost, sharding
 from dpo_jax.evaluation import sampled
 from dpo_jax.models import hf
-from dpo_jax.train import checkpoint, members, metrics, stages
+from dpo_jax.train import checkpoint, members, metrics, stages, step
 from dpo_jax.train.loop import Stage
 
 
@@ -66,8 +66,7 @@ def run_group(configs: Sequence, workdirs: Sequence[str]) -> list[dict]:
     for c in configs:
         config_check.validate(c)
     c0, fused = configs[0], len(configs) > 1
-    if fused and (c0.model.lora.rank > 0 or c0.reference.mode in ("sync", "base")):
-        raise ValueError("fused members support full fine-tuning with reference.mode frozen, precomputed or none")
+    step.check_members(len(configs) if fused else 0, has_lora=c0.model.lora.rank > 0, ref_mode=c0.reference.mode)
     hps = [config_check.loss_hparams(c) for c in configs]
     initialize_distributed(c0)
     mesh = sharding.make_mesh(c0.mesh.shape)

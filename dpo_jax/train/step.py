@@ -57,8 +57,15 @@ class StepConfig:
 
     def __post_init__(self):
         check_ref_mode(self.ref_mode, self.objective, has_lora=self.lora is not None)
-        if self.members and (self.lora is not None or self.ref_mode == "sync"):
-            raise ValueError("fused members support full fine-tuning with a frozen, precomputed or no reference")
+        check_members(self.members, has_lora=self.lora is not None, ref_mode=self.ref_mode)
+
+
+def check_members(members: int, *, has_lora: bool, ref_mode: str) -> None:
+    """Fused members (K > 0) train full policies against a frozen, precomputed or no reference: a
+    LoRA base or a reference synced to each member is not shared by the K members."""
+    if members and (has_lora or ref_mode in ("sync", "base")):
+        raise ValueError("fused members support full fine-tuning with reference.mode frozen, precomputed or none "
+                         f"(got reference.mode={ref_mode!r}{', a LoRA policy' if has_lora else ''})")
 
 
 def check_ref_mode(mode: str, objective: losses.Objective, *, has_lora: bool, key: str = "",

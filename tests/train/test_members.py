@@ -120,3 +120,11 @@ def test_run_fused_writes_each_members_workdir_like_a_separate_run(tmp_path):
         other = config(1.0)
         other.optim.lr = 1e-2
         runner.run_group([config(1.0), other], [str(tmp_path / "x"), str(tmp_path / "y")])
+
+
+@pytest.mark.parametrize("lora,ref_mode", [(True, "frozen"), (False, "sync"), (False, "base")])
+def test_members_need_full_fine_tuning_and_a_shared_reference(lora, ref_mode):
+    with pytest.raises(ValueError, match="fused members support full fine-tuning"):
+        step.check_members(2, has_lora=lora, ref_mode=ref_mode)
+    step.check_members(0, has_lora=lora, ref_mode=ref_mode)  # a plain run: no restriction
+    step.check_members(2, has_lora=False, ref_mode="precomputed")
