@@ -119,19 +119,25 @@ def allgather_rows(rows: np.ndarray) -> np.ndarray:
     rows = np.asarray(rows)
     if jax.process_count() == 1:
         return rows
+    return np.concatenate(_gather_ragged(rows), axis=0)
+
+
+def _gather_ragged(rows: np.ndarray) -> list[np.ndarray]:
+    """Every process's `rows`, one array per process: the row counts, then the rows padded to the
+    longest (8-byte and bool dtypes travel as bytes: the collectives run without 64-bit types)."""
     counts = np.asarray(multihost_utils.process_allgather(np.int32(rows.shape[0]))).reshape(-1)
     padded = np.zeros((int(counts.max()), *rows.shape[1:]), rows.dtype)
     padded[: rows.shape[0]] = rows
     wire = padded.view(np.uint8) if padded.dtype.itemsize == 8 or padded.dtype == bool else padded
     gathered = np.asarray(multihost_utils.process_allgather(wire)).reshape(len(counts), *wire.shape)
     gathered = gathered.view(padded.dtype).reshape(len(counts), *padded.shape)
-    return np.concatenate([gathered[i, : counts[i]] for i in range(len(counts))], axis=0)
+    return [gathered[i, : counts[i]] for i in range(len(counts))]
 
 
 def barrier(name: str) -> None:
     """Every process waits here until all arrive (no-op with one process)."""
     if jax.process_count() > 1:
-            multihost_utils.sync_global_devices(name)
+        multihost_utils.sync_global_devices(name)
 
 
 def process_share(n: int, index: Optional[int] = None, count: Optional[int] = None) -> slice:
@@ -161,7 +167,4 @@ def allgather_json(value) -> list:
     if jax.process_count() == 1:
         return [value]
     data = np.frombuffer(json.dumps(value, sort_keys=True).encode(), np.uint8)
-    lengths = allgather_rows(np.asarray([len(data)], np.int64))
-    joined = allgather_rows(data).tobytes()
-    ends = np.cumsum(lengths)
-    return [json.loads(joined[end - n: end]) for n, end in zip(lengths, ends)]
+    return [json.loads(part.tobytes()) for part in _gather_ragged(data)]

@@ -93,18 +93,20 @@ def run_group(configs: Sequence, workdirs: Sequence[str]) -> list[dict]:
         preempt.uninstall()
     if not fused:
         trained, evals = [trained], [evals]
-    return [finish_run(c, w, m, e, files, tok, stage, writer)
+    # One evaluation reference for every member: the SFT model, if any, was trained in the first one's workdir.
+    reference = build.evaluation_reference(c0, workdirs[0], tok) if c0.eval.num_prompts > 0 else None
+    return [finish_run(c, w, m, e, files, tok, stage, writer, reference)
             for c, w, m, e, writer in zip(configs, workdirs, trained, evals, writers)]
 
 
-def finish_run(config, workdir: str, trained, final_eval: dict, files, tok, stage: Stage, writer) -> dict:
-    """The end of a run: sampled evaluation, the exported policy, report.json (returned)."""
+def finish_run(config, workdir: str, trained, final_eval: dict, files, tok, stage: Stage, writer, reference) -> dict:
+    """The end of a run: sampled evaluation against `reference` (`build.evaluation_reference`; None when
+    config.eval.num_prompts is 0), the exported policy, report.json (returned)."""
     report = {"steps": config.train.steps, "loss": config.loss.name,
               **{f"eval/{k}": v for k, v in final_eval.items()}}
     if "eval/rewards/accuracies" in report:
         report["eval/accuracy"] = report["eval/rewards/accuracies"]
     if config.eval.num_prompts > 0:  # sampled reward, KL, win rate, frontier: every process samples its share
-        reference = build.evaluation_reference(config, workdir, tok)
         report.update(sampled.final_report(config, files, tok, trained, stage, reference=reference))
     if multihost.is_main_process():
         if config.train.export_final:

@@ -33,7 +33,7 @@ class PackedGroupIterator(grain.DatasetIterator):
         self._pending = None
         self._pending_state = None
 
-    def __next__(self) -> dict[str, np.ndarray]:
+    def __next__(self) -> list:
         spec, group = self._spec, []
         packer = layouts.FirstFitPacker(spec.num_rows, spec.row_length)
         if self._pending is not None:

@@ -109,7 +109,7 @@ def fit(stage: Stage, state, state_sh, step_cfg: step.StepConfig, mesh, config, 
     window = {"tokens": 0.0, "flops": 0.0, "t": time.perf_counter()}
     pending = None
 
-    def handle(done_step: int, m_dev, tokens: float, flops: float):
+    def handle(done_step: int, m_dev, flops: float):
         fetched = metrics.fetch_members(m_dev, members)
         for k, m in enumerate(fetched):
             if m["nonfinite"] > 0:
@@ -120,7 +120,7 @@ def fit(stage: Stage, state, state_sh, step_cfg: step.StepConfig, mesh, config, 
                 if tc.on_nonfinite == "stop":
                     raise NonFiniteError(msg + "; stopping (train.on_nonfinite='stop'); the last checkpoint is intact")
                 logging.warning("%s; skipped (train.on_nonfinite='skip')", msg)
-        window["tokens"] += fetched[0].get("tokens/input", tokens)  # the step's own count: every process's rows
+        window["tokens"] += fetched[0]["tokens/input"]  # the step's own count: every process's rows
         window["flops"] += flops * max(members, 1) * jax.process_count()  # processes lay out equal shapes
         if done_step % tc.log_every == 0 or done_step == tx_steps:
             elapsed = max(time.perf_counter() - window["t"], 1e-9)
@@ -145,11 +145,10 @@ def fit(stage: Stage, state, state_sh, step_cfg: step.StepConfig, mesh, config, 
                                            f"command again to resume")
             local = next(train_iter)
             flops = metrics.step_flops(model_cfg, local, reference_forward=ref_forward)
-            tokens = float(np.sum(local["segment_ids_BxT"] > 0))
             state, m_dev = train_fn(state, sharding.global_batch(local, mesh), hp)
             if pending is not None:
                 handle(*pending)
-            pending = (s + 1, m_dev, tokens, flops)
+            pending = (s + 1, m_dev, flops)
             if stage.ref_mode == "sync" and (s + 1) % config.reference.sync_every == 0:
                 state = jax.jit(step.sync_reference, donate_argnums=(0,), out_shardings=state_sh)(
                     state, config.reference.sync_alpha)

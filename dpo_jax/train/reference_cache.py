@@ -144,7 +144,7 @@ def load_or_compute(cache_dir: str, key: str, compute_fn: Callable[[], dict]) ->
     several processes the file is read only if every process sees it (else all compute it
     together), and process 0 writes it."""
     path = os.path.join(cache_dir, f"{key}.npz")
-    if -multihost.agree_max([-int(os.path.exists(path))])[0]:
+    if not multihost.agree_max([int(not os.path.exists(path))])[0]:  # every process sees the file
         with np.load(path) as f:
             return {k: f[k] for k in KEYS}
     values = compute_fn()
