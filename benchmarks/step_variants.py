@@ -1,9 +1,9 @@
 r"""Time variants of the train step, and pieces of it, interleaved in one process.
 
-    python benchmarks/step_variants.py --variants base capacity=-1 scan_layers=0 --pieces [bench flags]
+    python benchmarks/step_variants.py --variants base logit_slots=0 scan_min_layers=0 --pieces [bench flags]
 
 Each variant is `name=value[,name=value]` overrides of the benchmark's config
-(`dpo_jax.bench.BenchConfig`, e.g. `capacity=-1`, `vocab_chunk_size=4096`, `scan_layers=0`,
+(`dpo_jax.bench.BenchConfig`, e.g. `logit_slots=0`, `vocab_chunk_size=4096`, `scan_min_layers=0`,
 `remat=dots`); `base` is the config the bench flags give (the CPU shape of docs/performance.md by
 default). `--pieces` adds jitted pieces of the base step: the decoder forward, the decoder forward
 and backward (of the sum of the hidden states), the reference's log-probs, and the policy's
@@ -34,7 +34,6 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from dpo_jax import bench  # noqa: E402
-from dpo_jax.models import transformer  # noqa: E402
 from dpo_jax.train import metrics, step  # noqa: E402
 
 
@@ -56,10 +55,7 @@ def override(cfg: bench.BenchConfig, text: str) -> bench.BenchConfig:
 
 def pieces(timer: bench.StepTimer) -> dict:
     """Jitted pieces of the timer's step: name -> zero-argument callable."""
-    cfg = timer.cfg
-    graphdef = nnx.graphdef(transformer.Decoder(timer.model_cfg, rngs=nnx.Rngs(0)))
-    scfg = step.StepConfig(graphdef=graphdef, objective=cfg.objective(), tx=None, lr=None, ref_mode=cfg.ref_mode,
-                           capacity=timer.capacity, chunk_size=cfg.chunk_size, vocab_chunk_size=cfg.vocab_chunk_size)
+    scfg, graphdef = timer.step_cfg, timer.step_cfg.graphdef
     hp = {k: jnp.asarray(v) for k, v in timer.hp.items()}
 
     def forward(state, b, params=None):
@@ -96,8 +92,7 @@ def main(argv=None):
         timer = bench.StepTimer(override(base, text))
         timer.warmup()
         runners[text] = lambda timer=timer: timer.run_steps(args.round_steps)
-        flops[text] = (timer.per_step["flops"], timer.per_step["tokens"], timer.per_step["real_tokens"],
-                       timer.capacity)
+        flops[text] = (timer.per_step["flops"], timer.per_step["tokens"], timer.per_step["real_tokens"])
         if args.pieces and text == args.variants[0]:
             for name, fn in pieces(timer).items():
                 jax.block_until_ready(fn())
@@ -121,9 +116,9 @@ def main(argv=None):
         row = {"variant": name, "step_time_s": s, "cpu_time_s": c, "page_faults": statistics.median(faults[name]),
                "rounds_s": [round(t, 4) for t in wall[name]], "matmul_flops_per_s": peak}
         if name in flops:
-            fl, tokens, real, capacity = flops[name]
+            fl, tokens, real = flops[name]
             row.update(tokens_per_s=tokens / s, real_tokens_per_s=real / s, model_flops_per_s=fl / s,
-                       mfu=fl / s / peak, cpu_mfu=fl / c / cpu_peak, capacity=capacity)
+                       mfu=fl / s / peak, cpu_mfu=fl / c / cpu_peak)
         print(json.dumps(row), flush=True)
 
 

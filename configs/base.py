@@ -89,6 +89,7 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
         checkpoint_every=100,  # 0 = only at the end (and on SIGTERM)
         keep_checkpoints=2,
         on_nonfinite="stop",   # stop | skip (the update of a non-finite step is never applied)
+        max_skipped_steps=10,  # skip: stop after this many non-finite steps in a row
         export_final=True,     # write workdir/final/ in Hugging Face format
         progress=True,         # tqdm progress bar
         peak_flops=0.0,        # for mfu; 0 = the device's known peak, or a measured matmul on CPU
@@ -98,8 +99,6 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
     c.logprobs = dict(
         chunk_size=1024,        # positions per tile
         vocab_chunk_size=8192,  # vocabulary entries per tile
-        capacity=0,             # > 0: logits at this many completion positions per batch, compacted on device;
-                                # an alternative to data.logit_slots (per-row slots built on the host), not both
     )
 
     # --- SFT stage before preference training (the synthetic world trains its reference this way)

@@ -13,11 +13,18 @@ twice, and a value that does not convert to the argument's type:
   int    int(value)
   float  float(value)
   bool   1, true, yes, on | 0, false, no, off (any case)
+
+Command-line overrides (`--config.train.steps=5`): `check_keys` names an unknown key and the
+nearest valid one (ml_collections itself raises an AttributeError with the last part only).
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import difflib
+import re
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+from ml_collections import config_dict
 
 TYPES = (str, int, float, bool)
 _TRUE = ("1", "true", "yes", "on")
@@ -94,3 +101,36 @@ def format_args(values: Mapping[str, Any]) -> str:
             raise ValueError(f"argument {key}={text!r}: a value cannot contain ','")
         out.append(f"{key}={text}")
     return ",".join(out)
+
+
+def command_line_overrides(argv: Sequence[str], flag: str = "config") -> tuple[Optional[str], list[str]]:
+    """(the value of `--<flag>`, the dotted keys of its overrides `--<flag>.<key>[=value]` and
+    `--no<flag>.<key>`) in a command line, e.g. (['--config=c.py', '--config.train.steps=5'] ->
+    ('c.py', ['train.steps']))."""
+    path, keys = None, []
+    for i, arg in enumerate(argv):
+        if m := re.match(rf"^--?{re.escape(flag)}(=(.*))?$", arg):
+            path = m.group(2) if m.group(1) else (argv[i + 1] if i + 1 < len(argv) else None)
+        elif m := re.match(rf"^--?(no)?{re.escape(flag)}\.([^=]+)", arg):
+            keys.append(m.group(2))
+    return path, keys
+
+
+def config_keys(config: config_dict.ConfigDict) -> list[str]:
+    """Every dotted key of a ConfigDict, sections included: ['train', 'train.steps', ...]."""
+    keys = []
+    for k, v in config.items():
+        keys.append(k)
+        if isinstance(v, config_dict.ConfigDict):
+            keys += [f"{k}.{sub}" for sub in config_keys(v)]
+    return keys
+
+
+def check_keys(config: config_dict.ConfigDict, keys: Iterable[str], flag: str = "config") -> None:
+    """ValueError naming the first of `keys` (dotted) that `config` lacks and its nearest valid key."""
+    valid = config_keys(config)
+    for key in keys:
+        if key not in valid:
+            near = difflib.get_close_matches(key, valid, n=1)
+            hint = f"did you mean --{flag}.{near[0]}?" if near else "the keys are listed in configs/base.py"
+            raise ValueError(f"--{flag}.{key}: unknown config key {key!r}; {hint}")

@@ -3,12 +3,18 @@ r"""Benchmark of the real jitted train step: one JSON line of throughput, FLOP/s
     python -m dpo_jax.bench                       # the CPU shape of docs/performance.md
     python -m dpo_jax.bench --layout prefix --prompt-len 256
     python -m dpo_jax.bench --layout packed --lengths uniform:16:256
-    python -m dpo_jax.bench --compare trl         # + TRL's DPOTrainer on the same model and data
+    python benchmarks/trl_compare.py              # + TRL's DPOTrainer on the same model and data
 
-A random decoder (`ModelConfig`) and synthetic random-token pairs (`synthetic_examples`) are laid
-out with `layouts.LayoutSpec`; `train_state.init_state` + `loop.compiled_steps` give the step. After
-`--warmup` steps (every distinct batch shape compiled), `--repeats` rounds of `--steps` steps are
-timed (dispatched back to back, blocked at the end of each round); the median round is reported.
+A benchmark (`BenchConfig`) is a training config (`BenchConfig.training_config`: configs/base.py
+with the model, data, log-prob, reference and seed keys its fields name) plus synthetic data and
+timing. From that config, as a training run builds them: the random decoder
+(`build.model_config`), the batch layout (`build.data_config(...).layout_spec()`, with
+`data.max_length` = the longest sequence rounded up to a multiple of `--min-bucket`), the optimizer
+(`optim.make_optimizer(config.optim)`, AdamW at lr 1e-6), the loss, and the step
+(`train_state.init_state` + `loop.compiled_steps`). The pairs are random tokens
+(`synthetic_examples`). After `--warmup` steps (every distinct batch shape compiled), `--repeats`
+rounds of `--steps` steps are timed (dispatched back to back, blocked at the end of each round);
+the median round is reported.
 
 Tokens, per step: `tokens` = input tokens as TRL counts them, sum over pairs of 2n + a + b (prompt
 n counted twice, completions a and b), in every layout, so the layouts compare on the same work;
@@ -17,24 +23,20 @@ the prefix layout); `padded_tokens` = B * T. FLOP model (`metrics.step_flops`): 
 token + 2 N per reference token (frozen reference) + attention pairs, N = matmul parameters
 including the unembedding, over the real tokens; with logit slots (the default, as in training;
 `--no-logit-slots`: logits at every position, as TRL computes them) the unembedding counts only at
-the slots, where it runs. MFU = model FLOP/s over the peak: on CPU a dense
-float32 2048 x 2048 matmul measured in the same process, on GPU/TPU the chip's bf16 dense peak.
-Peak memory = temp + argument + output - alias bytes of the compiled step's memory analysis.
+the slots, where it runs. MFU = model FLOP/s over the peak: on CPU a dense float32 2048 x 2048
+matmul measured in the same process, on GPU/TPU the chip's bf16 dense peak. Peak memory = temp +
+argument + output - alias bytes of the compiled step's memory analysis (`metrics.memory_figures`).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
 import os
 import statistics
-import sys
-import tempfile
 import time
-from typing import Optional
 
 from dpo_jax import host_memory
 
@@ -45,50 +47,65 @@ if __name__ == "__main__":  # before the heavy imports: the process may be re-ex
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
+from ml_collections import config_dict  # noqa: E402
 
-from dpo_jax import logprobs, losses, sharding  # noqa: E402
+from configs import base  # noqa: E402
+from dpo_jax import build, config_check, sharding  # noqa: E402
 from dpo_jax.train import loop, metrics, optim, step  # noqa: E402
 from dpo_jax.train import state as train_state  # noqa: E402
 from dpo_jax.data import layouts  # noqa: E402
 from dpo_jax.models import transformer  # noqa: E402
 
-PAD, BOS, EOS, UNK = 0, 1, 2, 3  # special ids of the word-level tokenizer of the TRL comparison
+PAD, BOS, EOS, UNK = 0, 1, 2, 3  # special ids of the synthetic tokens (and of the TRL comparison's tokenizer)
+LR = 1e-6  # AdamW's constant learning rate
 # Keys of the JSON line of a timed run (docs/performance.md describes each).
 KEYS = ("step_time_s", "pairs_per_s", "tokens_per_s", "real_tokens_per_s", "padded_tokens_per_s",
         "model_flops_per_step", "model_flops_per_s", "flop_model", "peak_flops_per_s", "peak_source", "mfu",
         "peak_memory_bytes", "memory_bytes", "batch_shape", "config", "env")
+_BASE = base.get_config()
+_ARCH = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+         "tie_embeddings")
+# BenchConfig field -> the training config key it sets.
+TRAINING_KEYS = {**{f: f"model.arch.{f}" for f in _ARCH},
+                 **{f: f"model.{f}" for f in ("dtype", "param_dtype", "remat", "scan_min_layers")},
+                 **{f: f"data.{f}" for f in ("layout", "logit_slots", "min_bucket", "pack_length",
+                                              "prefix_min_saving")},
+                 **{f: f"logprobs.{f}" for f in ("chunk_size", "vocab_chunk_size")},
+                 "pairs": "data.batch_size", "ref_mode": "reference.mode", "seed": "seed"}
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
-    """One benchmark: model, data shape, step settings and timing."""
+    """One benchmark. Model, data and log-prob fields are named as the training config keys they set
+    (`TRAINING_KEYS`); the others shape the synthetic pairs and the timing."""
 
-    hidden: int = 256
-    intermediate: int = 704
-    layers: int = 4
-    heads: int = 4
-    kv_heads: int = 2
-    vocab: int = 4096
-    tie: bool = False
-    dtype: str = "float32"  # compute and parameter dtype
-    remat: str = "none"
-    scan_layers: bool = True
-    scan_min_layers: int = transformer.ModelConfig.scan_min_layers  # shallower stacks run unrolled
+    # model.arch: the CPU shape of docs/performance.md
+    family: str = "llama"
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    intermediate_size: int = 704
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    tie_embeddings: bool = False
+    # model, data, logprobs: the trainer's defaults (float32)
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat: str = _BASE.model.remat
+    scan_min_layers: int = _BASE.model.scan_min_layers  # stacks this deep are scanned (0: all), others unrolled
+    layout: str = _BASE.data.layout  # standard | prefix | packed
+    logit_slots: bool = _BASE.data.logit_slots  # logits only at completion positions (--no-logit-slots: all)
+    min_bucket: int = _BASE.data.min_bucket  # rows padded to powers of two from here up to data.max_length
+    pack_length: int = _BASE.data.pack_length  # packed: row length (0 = the longest row)
+    prefix_min_saving: float = _BASE.data.prefix_min_saving  # prefix: batches saving less are laid out standard
+    chunk_size: int = _BASE.logprobs.chunk_size
+    vocab_chunk_size: int = _BASE.logprobs.vocab_chunk_size
+    # synthetic pairs, step and timing
     prompt_len: int = 64
     completion_len: int = 64  # tokens of each completion, EOS included
     lengths: str = ""  # "uniform:LO:HI": each sequence (prompt + completion) length ~ U{LO..HI}
-    pairs: int = 8
-    layout: str = "standard"  # standard | prefix | packed
-    prefix_min_saving: float = 0.1  # prefix: batches saving less of the padded tokens are laid out standard
-    logit_slots: bool = True  # logits only at completion positions (data.logit_slots; --no-logit-slots: all)
-    bucket: int = 16  # standard / prefix rows padded to a multiple of this
-    pack_rows: int = 0  # packed: rows per batch (0 = 2 * pairs)
-    pack_length: int = 0  # packed: row length (0 = the longest sequence)
-    pack_pairs: int = 0  # packed: pair capacity of a batch (0 = 4 * pairs)
-    ref_mode: str = "frozen"  # frozen | precomputed | none
-    capacity: int = 0  # logits at this many completion positions (0 = all positions, -1 = exact)
-    chunk_size: int = logprobs.DEFAULT_CHUNK_SIZE
-    vocab_chunk_size: int = logprobs.DEFAULT_VOCAB_CHUNK_SIZE
+    pairs: int = 8  # pairs per batch (data.batch_size)
+    ref_mode: str = "frozen"  # frozen | precomputed | none (reference.mode)
     naive_logits: bool = False
     steps: int = 10
     repeats: int = 3
@@ -98,29 +115,40 @@ class BenchConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.layout not in layouts.LAYOUTS:
-            raise ValueError(f"--layout must be one of {layouts.LAYOUTS}; got {self.layout!r}")
-        if self.ref_mode not in ("frozen", "precomputed", "none"):
-            raise ValueError(f"--ref-mode must be frozen, precomputed or none; got {self.ref_mode!r}")
-        for name in ("prompt_len", "completion_len", "pairs", "bucket", "steps", "repeats", "batches", "devices"):
+        choices = {"layout": layouts.LAYOUTS, "ref_mode": ("frozen", "precomputed", "none"),
+                   "family": transformer.FAMILIES, "dtype": config_check.DTYPES, "param_dtype": config_check.DTYPES,
+                   "remat": transformer.REMAT_POLICIES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{_flag(name)} must be one of {tuple(allowed)}; got {getattr(self, name)!r}")
+        for name in ("prompt_len", "completion_len", "pairs", "min_bucket", "steps", "repeats", "batches", "devices"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
+                raise ValueError(f"--{_flag(name)} must be >= 1; got {getattr(self, name)}")
         if self.lengths:
             parse_lengths(self.lengths)
 
-    def model_config(self) -> transformer.ModelConfig:
-        return transformer.ModelConfig(
-            vocab_size=self.vocab, hidden_size=self.hidden, intermediate_size=self.intermediate,
-            num_layers=self.layers, num_heads=self.heads, num_kv_heads=self.kv_heads, tie_embeddings=self.tie,
-            dtype=self.dtype, param_dtype=self.dtype, remat=self.remat, scan_layers=self.scan_layers,
-            scan_min_layers=self.scan_min_layers,
-            max_position_embeddings=4096, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
-
-    def objective(self) -> losses.Objective:
-        return losses.Objective(("simpo",) if self.ref_mode == "none" else ("sigmoid",))
-
     def longest_sequence(self) -> int:
         return parse_lengths(self.lengths)[1] if self.lengths else self.prompt_len + self.completion_len
+
+    def max_length(self) -> int:
+        """data.max_length: the longest sequence, rounded up to a multiple of `min_bucket`."""
+        return self.min_bucket * math.ceil(self.longest_sequence() / self.min_bucket)
+
+    def training_config(self) -> config_dict.ConfigDict:
+        """configs/base.py with the keys of `TRAINING_KEYS`, data.max_length, the loss (sigmoid, or
+        simpo without a reference) and the learning rate set from this benchmark."""
+        config = base.get_config()
+        config.update_from_flattened_dict({key: getattr(self, f) for f, key in TRAINING_KEYS.items()})
+        config.data.max_length = self.max_length()
+        arch = config.model.arch
+        arch.max_position_embeddings = max(arch.max_position_embeddings, config.data.max_length)
+        config.loss.name = "simpo" if self.ref_mode == "none" else "sigmoid"
+        config.optim.lr = LR
+        return config
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
 
 
 def parse_lengths(text: str) -> tuple[int, int]:
@@ -134,12 +162,23 @@ def parse_lengths(text: str) -> tuple[int, int]:
     return lo, hi
 
 
+def model_config(config) -> transformer.ModelConfig:
+    """The random-init policy of a training config (`build.model_config`), with the special ids."""
+    cfg = build.model_config(config, config.model.arch.vocab_size)
+    return dataclasses.replace(cfg, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+
+
+def layout_spec(config) -> layouts.LayoutSpec:
+    """The batch shapes of a training config: the pipeline's `DataConfig.layout_spec()`."""
+    return build.data_config(config, path="", pairs=config.data.batch_size).layout_spec()
+
+
 def synthetic_examples(cfg: BenchConfig, n: int, rng: np.random.Generator) -> list[dict]:
     """n random pairs. Fixed: prompt n, completions a = b = completion_len. `lengths`: the chosen and
     rejected sequence lengths s_c, s_r ~ U{LO..HI}, prompt = min(s_c, s_r) // 2. Completions end
     with EOS; other tokens are uniform over the non-special ids."""
     def ids(k):
-        return rng.integers(4, cfg.vocab, k).astype(np.int32)
+        return rng.integers(4, cfg.vocab_size, k).astype(np.int32)
 
     out = []
     for _ in range(n):
@@ -155,31 +194,19 @@ def synthetic_examples(cfg: BenchConfig, n: int, rng: np.random.Generator) -> li
     return out
 
 
-def layout_spec(cfg: BenchConfig) -> layouts.LayoutSpec:
-    """Row lengths padded to a multiple of `cfg.bucket` (the same rule for every layout)."""
-    longest = cfg.longest_sequence()
-    if cfg.layout == "packed":
-        return layouts.LayoutSpec(layout="packed", num_pairs=cfg.pack_pairs or 4 * cfg.pairs,
-                                  num_rows=cfg.pack_rows or 2 * cfg.pairs, row_length=cfg.pack_length or longest,
-                                  logit_slots=cfg.logit_slots)
-    row = 2 * longest if cfg.layout == "prefix" else longest  # prefix rows: n + a + b + 1 <= 2 * longest
-    return layouts.LayoutSpec(layout=cfg.layout, num_pairs=cfg.pairs, prefix_min_saving=cfg.prefix_min_saving,
-                              buckets=tuple(range(cfg.bucket, row + cfg.bucket, cfg.bucket)),
-                              logit_slots=cfg.logit_slots)
-
-
-def make_batches(cfg: BenchConfig) -> tuple[list[dict], list[list[dict]]]:
-    """`cfg.batches` host batches and the examples of each (packed: as many pairs as fit)."""
+def make_batches(cfg: BenchConfig, config) -> tuple[list[dict], list[list[dict]]]:
+    """`cfg.batches` host batches laid out as `config` lays them out, and the examples of each
+    (packed: as many pairs as fit)."""
     rng = np.random.default_rng(cfg.seed)
-    spec = layout_spec(cfg)
+    spec = layout_spec(config)
     if cfg.layout == "packed":
-        groups = list(layouts.pack_groups(iter(synthetic_examples(cfg, 64 * cfg.batches * spec.num_pairs, rng)),
-                                          spec))[:cfg.batches]
+        stream = iter(synthetic_examples(cfg, 64 * cfg.batches * spec.num_pairs, rng))
+        groups = list(layouts.pack_groups(stream, spec))[:cfg.batches]
     else:
         groups = [synthetic_examples(cfg, cfg.pairs, rng) for _ in range(cfg.batches)]
     batches = [spec(g) for g in groups]
     if cfg.ref_mode == "precomputed":  # reference log-probs carried in the batch
-        for b, g in zip(batches, groups):
+        for b in batches:
             vals = rng.normal(-300.0, 10.0, (4, spec.num_pairs)).astype(np.float32)
             for key, v in zip(step.PRECOMPUTED_KEYS, vals):
                 b[key] = v * b["pair_mask_P"]
@@ -202,37 +229,21 @@ def batch_counts(batch: dict, examples: list[dict], model_cfg, ref_forward: bool
             "flops": flops, "flops_completion_logits": flops_all_logits - unembed_elsewhere}
 
 
-def memory_figures(compiled) -> dict[str, int]:
-    m = compiled.memory_analysis()
-    out = {"temp": m.temp_size_in_bytes, "argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
-           "alias": m.alias_size_in_bytes}
-    out["peak"] = out["temp"] + out["argument"] + out["output"] - out["alias"]
-    return out
-
-
-def build_step(cfg: BenchConfig, batches: list[dict], mesh):
-    """(state, train_fn, model_cfg, capacity): the state and step exactly as `loop.fit` builds them."""
-    model_cfg = cfg.model_config()
-    policy = transformer.Decoder(model_cfg, rngs=nnx.Rngs(cfg.seed))
-    reference = None
-    if cfg.ref_mode == "frozen":
-        graphdef, state = nnx.split(policy)
-        reference = nnx.merge(graphdef, jax.tree.map(lambda x: x.copy(), state))
-    optim_cfg = argparse.Namespace(name="adamw", lr=1e-6, warmup_steps=0, schedule="constant", end_lr_frac=0.0,
-                                   weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, momentum=0.0, clip_norm=1.0,
-                                   grad_accum=1)
-    tx, lr = optim.make_optimizer(optim_cfg, 1000)
-    state, state_sh, graphdef = train_state.init_state(policy, reference, tx, mesh, cfg.seed)
-    capacity = None
-    if cfg.capacity == -1:  # exactly the largest completion count, rounded up to a multiple of 8
-        capacity = int(8 * math.ceil(max(np.sum(b["loss_mask_BxT"] > 0) for b in batches) / 8))
-    elif cfg.capacity > 0:
-        capacity = cfg.capacity
-    step_cfg = step.StepConfig(graphdef=graphdef, objective=cfg.objective(), tx=tx, lr=lr, ref_mode=cfg.ref_mode,
-                               capacity=capacity, chunk_size=cfg.chunk_size, vocab_chunk_size=cfg.vocab_chunk_size,
-                               naive_logits=cfg.naive_logits)
-    train_fn, _ = loop.compiled_steps(step_cfg, state_sh, mesh, tuple(sorted(batches[0])))
-    return state, train_fn, model_cfg, capacity
+def build_step(cfg: BenchConfig, config, batch_keys: tuple[str, ...], mesh):
+    """(state, train_fn, step_cfg, model_cfg): policy, reference, optimizer, state and jitted step
+    built from the training config as a training run builds them."""
+    model_cfg = model_config(config)
+    policy = transformer.Decoder(model_cfg, rngs=nnx.Rngs(config.seed))
+    reference = build.reference(config, policy) if config.reference.mode == "frozen" else None
+    tx, lr = optim.make_optimizer(config.optim, config.train.steps)
+    state, state_sh, graphdef = train_state.init_state(policy, reference, tx, mesh, config.seed,
+                                                       rules=sharding.check_rules(config.mesh.rules))
+    step_cfg = step.StepConfig(graphdef=graphdef, objective=config_check.objective(config), tx=tx, lr=lr,
+                               ref_mode=config.reference.mode, grad_accum=config.optim.grad_accum,
+                               chunk_size=config.logprobs.chunk_size,
+                               vocab_chunk_size=config.logprobs.vocab_chunk_size, naive_logits=cfg.naive_logits)
+    train_fn, _ = loop.compiled_steps(step_cfg, state_sh, mesh, batch_keys)
+    return state, train_fn, step_cfg, model_cfg
 
 
 def matmul_rate(n: int = 2048, repeats: int = 3) -> float:
@@ -249,19 +260,22 @@ def peak_source() -> str:
 
 
 class StepTimer:
-    """The benchmark's step, compiled and warmed up; `round()` times `cfg.steps` steps."""
+    """The benchmark's step, compiled; `warmup()` runs every batch shape once, `round()` times
+    `cfg.steps` steps, `result()` reports. `config` is the training config it was built from,
+    `groups` the examples of each batch."""
 
     def __init__(self, cfg: BenchConfig):
-        self.cfg = cfg
-        mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:cfg.devices])
-        host, self.groups = make_batches(cfg)
-        self.state, self.train_fn, self.model_cfg, self.capacity = build_step(cfg, host, mesh)
-        self.hp = cfg.objective().params(beta=0.1)
+        self.cfg, self.config = cfg, cfg.training_config()
+        mesh = sharding.make_mesh(dict(self.config.mesh.shape), devices=jax.devices()[:cfg.devices])
+        host, self.groups = make_batches(cfg, self.config)
+        self.state, self.train_fn, self.step_cfg, self.model_cfg = build_step(cfg, self.config,
+                                                                              tuple(sorted(host[0])), mesh)
+        self.hp = config_check.loss_hparams(self.config)
         counts = [batch_counts(b, g, self.model_cfg, cfg.ref_mode == "frozen") for b, g in zip(host, self.groups)]
         self.per_step = {k: sum(counts[i % len(counts)][k] for i in range(cfg.steps)) / cfg.steps for k in counts[0]}
         self.batches = [sharding.global_batch(b, mesh) for b in host]
         t = time.perf_counter()
-        self.memory = memory_figures(self.train_fn.lower(self.state, self.batches[0], self.hp).compile())
+        self.memory = metrics.memory_figures(self.train_fn.lower(self.state, self.batches[0], self.hp).compile())
         self.compile_s = time.perf_counter() - t
         self.shape = list(host[0]["tokens_BxT"].shape)
         self.rounds: list[float] = []
@@ -289,7 +303,7 @@ class StepTimer:
         cfg, c = self.cfg, self.per_step
         out = {"bench": "dpo_jax.train_step", "backend": jax.default_backend(),
                "device": jax.devices()[0].device_kind, "devices": cfg.devices, "config": dataclasses.asdict(cfg),
-               "capacity_used": self.capacity, "batch_shape": self.shape, "pairs_per_step": c["pairs"],
+               "max_length": self.config.data.max_length, "batch_shape": self.shape, "pairs_per_step": c["pairs"],
                "params": sum(math.prod(s) for s, _ in transformer.param_shapes(self.model_cfg).values()),
                "matmul_params": metrics.matmul_params(self.model_cfg),
                "peak_memory_bytes": self.memory["peak"], "memory_bytes": self.memory,
@@ -318,140 +332,58 @@ class StepTimer:
         return out
 
 
-def run(cfg: BenchConfig, *, compile_only: bool = False, compare: Optional[str] = None, trl_steps: int = 0) -> dict:
-    """Compile, warm up, time `cfg.repeats` rounds (between TRL's steps when comparing), report."""
+def finish(timer: StepTimer, load_start: float) -> dict:
+    """The rounds left of `cfg.repeats`, then the result with the environment (`load_start`: the
+    1-minute load average when the benchmark began)."""
+    while len(timer.rounds) < timer.cfg.repeats:
+        timer.round()
+    out = timer.result()
+    out["env"] = {"loadavg_1m_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)],
+                  "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", ""), "cpu_count": os.cpu_count(),
+                  "jax": jax.__version__}
+    return out
+
+
+def run(cfg: BenchConfig, *, compile_only: bool = False) -> dict:
+    """Compile, warm up, time `cfg.repeats` rounds, report."""
     load = os.getloadavg()[0]
     timer = StepTimer(cfg)
     if compile_only:
         return timer.result()
     timer.warmup()
-    trl_out = trl_bench(cfg, timer, trl_steps or cfg.steps) if compare == "trl" else None
-    while len(timer.rounds) < cfg.repeats:
-        timer.round()
-    out = timer.result()
-    out["env"] = {"loadavg_1m_start_end": [round(load, 2), round(os.getloadavg()[0], 2)],
-                  "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", ""), "cpu_count": os.cpu_count(),
-                  "jax": jax.__version__}
-    if trl_out is not None:
-        out["trl"] = trl_out
-        out["speedup_vs_trl"] = out["tokens_per_s"] / trl_out["tokens_per_s"]
-    return out
+    return finish(timer, load)
 
 
-# ----------------------------------------------------------------------------------------------
-# TRL's DPOTrainer on the same model and pairs (optional: pip install 'dpo_jax[bench]').
-
-def _word_tokenizer(vocab: int, out_dir: str):
-    """Word level: '<pad>' 0, '<s>' 1, '</s>' 2, '<unk>' 3, 'w<i>' = id i ('w5 w9' -> [5, 9]), no BOS."""
-    from tokenizers import Tokenizer, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
-    from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
-
-    words = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"])}
-    words.update({f"w{i}": i for i in range(4, vocab)})
-    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                     unk_token="<unk>")
-    hf_tok.save_pretrained(out_dir)
-    return hf_tok
+def arg_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """One flag per BenchConfig field: `--hidden-size 256`, `--logit-slots` / `--no-logit-slots`, ..."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    for f in dataclasses.fields(BenchConfig):
+        if f.type == "bool":
+            ap.add_argument("--" + _flag(f.name), action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            ap.add_argument("--" + _flag(f.name), type={"int": int, "str": str, "float": float}[f.type],
+                            default=f.default)
+    return ap
 
 
-def trl_bench(cfg: BenchConfig, timer: StepTimer, steps_per_round: int) -> dict:
-    """TRL's DPOTrainer (float32 CPU, same batch size, frozen reference, no gradient checkpointing) on
-    the same random Llama exported with `hf.export_model`, and the same pairs. After every
-    `steps_per_round` timed TRL steps a trainer callback runs one round of the JAX step, so both
-    see the same machine load. A TRL step is timed from `on_step_begin` to `on_step_end`: forward,
-    backward, gradient clipping and the AdamW update (`between_steps_s`: the trainer's work between
-    steps, next batch and logging, reported apart, as the JAX side's batch building is left out)."""
-    if cfg.ref_mode != "frozen" or cfg.dtype != "float32":
-        raise ValueError("--compare trl needs --ref-mode frozen and --dtype float32")
-    import datasets  # pylint: disable=g-import-not-at-top
-    import torch  # pylint: disable=g-import-not-at-top
-    import transformers  # pylint: disable=g-import-not-at-top
-    import trl  # pylint: disable=g-import-not-at-top
-
-    from dpo_jax.models import hf  # pylint: disable=g-import-not-at-top
-
-    datasets.disable_progress_bars()
-    with tempfile.TemporaryDirectory(prefix="dpo_jax_bench_trl_") as tmp:
-        tok = _word_tokenizer(cfg.vocab, os.path.join(tmp, "tokenizer"))
-        model = transformer.Decoder(timer.model_cfg, rngs=nnx.Rngs(cfg.seed))  # the JAX policy's initial weights
-        hf.export_model(model, os.path.join(tmp, "model"), tokenizer_dir=os.path.join(tmp, "tokenizer"))
-        load = lambda: transformers.AutoModelForCausalLM.from_pretrained(  # noqa: E731
-            os.path.join(tmp, "model"), dtype=torch.float32)
-        examples = [e for g in timer.groups for e in g]
-        text = lambda ids: " ".join(f"w{int(i)}" for i in ids)  # noqa: E731
-        rows = [{"prompt": text(e["prompt_ids"]) + " ", "chosen": text(e["chosen_ids"][:-1]),
-                 "rejected": text(e["rejected_ids"][:-1])} for e in examples]  # TRL appends the EOS
-        warmup = max(cfg.warmup, 3)
-        args = trl.DPOConfig(output_dir=tmp, per_device_train_batch_size=cfg.pairs, beta=0.1, learning_rate=1e-6,
-                             max_steps=warmup + steps_per_round * cfg.repeats, use_cpu=True, bf16=False,
-                             fp16=False, gradient_checkpointing=False, max_length=None, report_to=[],
-                             save_strategy="no", logging_steps=10**9, disable_tqdm=True, dataloader_num_workers=0,
-                             seed=cfg.seed)
-        trainer = trl.DPOTrainer(model=load(), ref_model=load(), args=args, processing_class=tok,
-                                 train_dataset=datasets.Dataset.from_list(rows))
-        for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
-            if list(trainer.train_dataset[0][key]) != [int(i) for i in examples[0][key]]:
-                raise ValueError(f"TRL tokenized {key} of pair 0 differently from the benchmark")
-
-        class Interleave(transformers.TrainerCallback):
-            def __init__(self):
-                self.t0, self.end, self.times, self.between = 0.0, None, [], []
-
-            def on_step_begin(self, *_, **__):
-                self.t0 = time.perf_counter()
-                if self.end is not None:  # the trainer's own work between steps: next batch, logging
-                    self.between.append(self.t0 - self.end)
-
-            def on_step_end(self, *_, **__):
-                self.times.append(time.perf_counter() - self.t0)
-                timed = len(self.times) - warmup
-                if timed > 0 and timed % steps_per_round == 0:
-                    timer.round()
-                self.end = time.perf_counter()
-
-        cb = Interleave()
-        trainer.add_callback(cb)
-        with contextlib.redirect_stdout(sys.stderr):  # the trainer prints a summary; stdout is the JSON line
-            trainer.train()
-    timed = cb.times[warmup:]
-    rounds = [statistics.mean(timed[i:i + steps_per_round]) for i in range(0, len(timed), steps_per_round)]
-    step_s = statistics.median(rounds)
-    tokens = sum(2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples)
-    tokens_per_step = tokens / len(examples) * cfg.pairs  # exact for fixed lengths, else the dataset's mean
-    between = statistics.median(cb.between[warmup:]) if len(cb.between) > warmup else 0.0
-    return {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "step_time_s": step_s,
-            "step_time_rounds_s": [round(r, 5) for r in rounds], "between_steps_s": between,
-            "tokens_per_s_with_between": tokens_per_step / (step_s + between), "tokens_per_step": tokens_per_step,
-            "tokens_per_s": tokens_per_step / step_s, "pairs_per_s": cfg.pairs / step_s,
-            "layout": "standard (TRL pads chosen and rejected rows; padding_free is disabled in TRL 1.16)"}
+def config_from_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> BenchConfig:
+    """The BenchConfig of parsed flags; an invalid one exits through `ap.error`."""
+    try:
+        return BenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)})
+    except ValueError as e:
+        ap.error(str(e))
 
 
 def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
-    ap = argparse.ArgumentParser(prog="python -m dpo_jax.bench", description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(BenchConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            ap.add_argument(flag, type={"int": int, "str": str, "float": float}[f.type], default=f.default)
+    ap = arg_parser("python -m dpo_jax.bench", __doc__.splitlines()[0])
     ap.add_argument("--compile-only", action="store_true", help="compile only: memory figures, no timing")
-    ap.add_argument("--compare", choices=["trl"], help="also time TRL's DPOTrainer on the same model and pairs")
-    ap.add_argument("--trl-steps", type=int, default=0, help="timed TRL steps per round (0 = --steps)")
     args = ap.parse_args(argv)
-    try:
-        cfg = BenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)})
-    except ValueError as e:
-        ap.error(str(e))
-    return cfg, args
+    return config_from_args(ap, args), args
 
 
 def main(argv=None) -> int:
     cfg, args = parse_args(argv)
-    print(json.dumps(run(cfg, compile_only=args.compile_only, compare=args.compare, trl_steps=args.trl_steps)),
-          flush=True)
+    print(json.dumps(run(cfg, compile_only=args.compile_only)), flush=True)
     return 0
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import numpy as np
+from jax.sharding import AbstractMesh
 
-from dpo_jax import losses, sharding
-from dpo_jax.data import formats, layouts, pipeline
+from dpo_jax import build, losses, sharding
+from dpo_jax.data import formats, layouts, pipeline, tokenize
 from dpo_jax.data.tokenize import TRUNCATION_MODES
-from dpo_jax.models import transformer
+from dpo_jax.models import hf_config, transformer
 from dpo_jax.models.transformer import FAMILIES, REMAT_POLICIES
 from dpo_jax.train import optim
 from dpo_jax.train.step import check_ref_mode
@@ -22,6 +23,8 @@ FORMATS = ("auto",) + formats.FORMATS  # auto: detected from the columns of the 
 # Training dtypes: what the model computes in, less float16 (no loss scaling here: its gradients underflow).
 DTYPES = tuple(d for d in transformer.DTYPES if d != "float16")
 NONFINITE = ("stop", "skip")
+# The tokenizer's vocabulary size is only known once it is loaded; no architecture rule depends on it.
+_PLACEHOLDER_VOCAB = 1
 
 
 def _choice(key: str, value: Any, allowed: Iterable[str]) -> None:
@@ -78,7 +81,8 @@ def loss_hparams(config) -> dict:
 
 
 def validate(config) -> None:
-    """Raise ValueError naming the first invalid key or combination."""
+    """Raise ValueError naming the first invalid key or combination. Needs no devices: the rules
+    that depend on them are `check_devices`."""
     obj = objective(config)
     loss_hparams(config)
     check_ref_mode(config.reference.mode, obj, has_lora=config.model.lora.rank > 0, key="config.",
@@ -96,6 +100,7 @@ def validate(config) -> None:
     _positive("model.scan_min_layers", config.model.scan_min_layers, zero_ok=True)
     if not config.model.path:
         _choice("model.arch.family", config.model.arch.family, FAMILIES)
+        check_arch(config)
     _choice("data.layout", config.data.layout, layouts.LAYOUTS)
     _choice("data.truncation_mode", config.data.truncation_mode, TRUNCATION_MODES)
     _choice("data.format", config.data.format, FORMATS)
@@ -111,7 +116,11 @@ def validate(config) -> None:
     if config.data.source != "synthetic" and not (config.model.path or config.model.tokenizer):
         raise ValueError("config.model.tokenizer (or config.model.path) is needed to tokenize "
                          f"config.data.source={config.data.source!r}")
+    check_lengths(config.data)
+    check_format_for_losses(config.data.format, obj)
     optim.check(config.optim, key="config.optim")
+    optim.check_lr(config.sft.lr, key="config.sft.lr")
+    _positive("sft.batch_size", config.sft.batch_size)
     _positive("train.steps", config.train.steps, zero_ok=True)
     _positive("train.log_every", config.train.log_every)
     sharding.check_rules(config.mesh.rules)
@@ -120,13 +129,80 @@ def validate(config) -> None:
     _choice("train.on_nonfinite", config.train.on_nonfinite, NONFINITE)
     _positive("logprobs.chunk_size", config.logprobs.chunk_size)
     _positive("logprobs.vocab_chunk_size", config.logprobs.vocab_chunk_size)
-    if config.logprobs.capacity > 0 and config.data.logit_slots:
-        raise ValueError(f"config.logprobs.capacity={config.logprobs.capacity} and config.data.logit_slots=True "
-                         "both choose where logits are computed; set one (logprobs.capacity=0 or "
-                         "data.logit_slots=False)")
-    for key in ("eval_every", "checkpoint_every", "logprobs.capacity", "sft.steps"):
-        section, _, name = key.rpartition(".")
-        value = config[section or "train"][name]
-        _positive(f"{section or 'train'}.{name}", value, zero_ok=True)
+    for key in ("train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "train.max_skipped_steps",
+                "sft.steps", "sft.warmup_steps"):
+        section, name = key.split(".")
+        _positive(key, config[section][name], zero_ok=True)
     if config.train.peak_flops < 0:
-        raise ValueError("config.train.peak_flops must be >= 0")
+        raise ValueError(f"config.train.peak_flops={config.train.peak_flops!r}; must be >= 0")
+
+
+def check_arch(config) -> None:
+    """The random-init architecture `config.model.arch`: the rules of `ModelConfig` (via
+    `build.model_config`), head_dim=0 (hidden_size // num_heads) only where that divides, and a
+    model its Hugging Face family can express (the SFT model and the final policy are exported)."""
+    a = config.model.arch
+    try:
+        cfg = build.model_config(config, _PLACEHOLDER_VOCAB)
+    except ValueError as e:
+        raise ValueError(str(e).replace("ModelConfig.", "config.model.arch.")) from None
+    if not a.head_dim and a.hidden_size % a.num_heads:
+        raise ValueError(f"config.model.arch.hidden_size={a.hidden_size} is not a multiple of "
+                         f"config.model.arch.num_heads={a.num_heads} (head_dim=0 means hidden_size // num_heads); "
+                         "change one of them or set config.model.arch.head_dim")
+    try:
+        hf_config.config_to_hf(cfg)
+    except ValueError as e:
+        raise ValueError(f"config.model.arch (family={a.family!r}): {e}") from None
+
+
+def check_lengths(data) -> None:
+    """`config.data.max_length` and `max_prompt_length`: the tokenizer's bounds (`PairTokenizer`:
+    max_length >= 2, one prompt and one completion token; the EOS appended to a completion is cut
+    like any completion token when the sequence is full, so it adds nothing), and a prompt limit
+    below max_length, which leaves room for a completion (a prompt that fills max_length drops the
+    row under keep_start and is cut shorter anyway under keep_end)."""
+    try:  # the tokenizer's own argument checks; no tokenizer is needed for them
+        tokenize.PairTokenizer(None, max_length=data.max_length, max_prompt_length=data.max_prompt_length,
+                               truncation_mode=data.truncation_mode)
+    except ValueError as e:
+        raise ValueError(f"config.data.{e}") from None
+    if data.max_prompt_length is not None and data.max_prompt_length >= data.max_length:
+        raise ValueError(f"config.data.max_prompt_length={data.max_prompt_length} leaves no room for a completion "
+                         f"in config.data.max_length={data.max_length}; must be < max_length")
+
+
+def check_format_for_losses(format_name: str, objective: losses.Objective, where: str = "config.data.format") -> None:
+    """Unpaired rows (format 'unpaired': prompt, completion, label) train only losses of one completion
+    (`LossSpec.needs_pairs` False); a loss that compares a pair's two completions is an error. `where` names the
+    format's origin in the message: the config key, or the data source whose format 'auto' detected."""
+    if format_name != "unpaired":
+        return
+    paired = objective.paired_names
+    if paired:
+        raise ValueError(f"{where}={format_name!r}: rows of one completion cannot train "
+                         f"config.loss.name={'+'.join(objective.names)!r} ({', '.join(paired)} compares chosen and "
+                         f"rejected completions); losses for unpaired rows: "
+                         f"{', '.join(sorted({s.name for s in losses.LOSSES.values() if not s.needs_pairs}))}")
+
+
+def check_devices(config, num_devices: int, num_processes: int = 1) -> None:
+    """The rules that depend on the machine: `config.mesh.shape` fits `num_devices` (resolved as
+    `sharding.make_mesh` does), and every batch splits evenly over the mesh axes that shard it
+    (`sharding.BATCH_AXES`) and over the processes. `grad_accum` does not split a batch (each
+    micro-step takes a whole `data.batch_size` batch). Asking JAX for the devices starts its backend,
+    so call it in the process that trains, after `jax.distributed` starts:
+      check_devices(config, jax.device_count(), jax.process_count())"""
+    try:
+        sizes = sharding.mesh_shape(config.mesh.shape, num_devices)
+    except ValueError as e:
+        raise ValueError(f"config.{e}") from None
+    mesh = AbstractMesh(tuple(sizes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES)
+    batches = {"data.batch_size": config.data.batch_size, "data.eval_batch_size": config.data.eval_batch_size}
+    if config.sft.steps > 0:
+        batches["sft.batch_size"] = config.sft.batch_size
+    for key, n in batches.items():
+        sharding.check_batch_divisible(n, mesh, key=f"config.{key}={n}")
+        if n % num_processes:
+            raise ValueError(f"config.{key}={n} cannot be split over {num_processes} processes; "
+                             f"choose a multiple of {num_processes}")

@@ -7,10 +7,10 @@ Pure functions; no model import. All log-prob math is float32 whatever the input
   forward or the backward pass. `naive_token_logps` is the plain reference.
 - `sequence_logps`: segment sums over pair ids of the masked token log-probs, split by branch
   (1 = chosen, 2 = rejected), the token counts, and LD-DPO's shared-prefix sums.
-- `gather_completions` / `completion_logps`: only completion positions need logits; gather the
-  loss-masked positions of [B, T, D] hidden states into a static-capacity [C, D] buffer first, or,
-  when the batch carries `logit_slots_BxC` (per-row positions computed on the host, see
-  `data.layouts.logit_slots`), into [B, C, D] rows (`slot_completions`: shards like the batch).
+- `completion_logps`: only completion positions need logits; when the batch carries
+  `logit_slots_BxC` (per-row positions computed on the host, see `data.layouts.logit_slots`), the
+  loss-masked hidden states are gathered into [B, C, D] rows first (`slot_completions`: shards
+  like the batch).
 """
 
 import functools
@@ -372,21 +372,6 @@ def sequence_logps(token_logps_BxT, loss_mask_BxT, pair_ids_BxT, branch_ids_BxT,
 # Only completion positions need logits.
 
 
-class Completions(NamedTuple):
-    """The loss-masked positions of a batch, compacted to a static capacity C (row-major order).
-
-    Slots past the masked count hold position 0 with loss mask 0. `num_masked` (int32 scalar) is
-    the number of loss-masked positions of the batch; more than C means some were dropped.
-    """
-
-    hidden_CxD: jax.Array
-    targets_C: jax.Array
-    loss_mask_C: jax.Array
-    pair_ids_C: jax.Array
-    branch_ids_C: jax.Array
-    num_masked: jax.Array
-
-
 def _check_batch(batch: Mapping[str, Any], hidden_BxTxD):
     if hidden_BxTxD.ndim != 3:
         raise ValueError(f"hidden_BxTxD must be 3-D [B, T, D]; got shape {hidden_BxTxD.shape}")
@@ -399,29 +384,6 @@ def _check_batch(batch: Mapping[str, Any], hidden_BxTxD):
                 f"batch[{k!r}] must have shape [B, T] = {tuple(hidden_BxTxD.shape[:2])} "
                 f"(from hidden_BxTxD); got {tuple(batch[k].shape)}"
             )
-
-
-def gather_completions(hidden_BxTxD, batch: Mapping[str, Any], capacity: int) -> Completions:
-    """Gather the positions with loss_mask > 0 (row-major order) into [C, D] plus their fields."""
-    _check_batch(batch, hidden_BxTxD)
-    capacity = _positive_int("capacity", capacity)
-    d = hidden_BxTxD.shape[-1]
-    mask_N = batch["loss_mask_BxT"].reshape(-1)
-    (idx_C,) = jnp.nonzero(mask_N > 0, size=capacity, fill_value=0)
-    num_masked = jnp.sum(mask_N > 0, dtype=jnp.int32)
-    valid_C = jnp.arange(capacity) < num_masked
-
-    def take(x):
-        return jnp.take(x.reshape(-1), idx_C, axis=0)
-
-    return Completions(
-        hidden_CxD=jnp.take(hidden_BxTxD.reshape(-1, d), idx_C, axis=0),
-        targets_C=take(batch["targets_BxT"]),
-        loss_mask_C=jnp.where(valid_C, take(mask_N), 0).astype(mask_N.dtype),
-        pair_ids_C=take(batch["pair_ids_BxT"]),
-        branch_ids_C=jnp.where(valid_C, take(batch["branch_ids_BxT"]), 0),
-        num_masked=num_masked,
-    )
 
 
 def slot_completions(hidden_BxTxD, batch: Mapping[str, Any]):
@@ -448,40 +410,23 @@ def completion_logps(
     num_pairs: int,
     *,
     bias_V=None,
-    capacity: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     vocab_chunk_size: int = DEFAULT_VOCAB_CHUNK_SIZE,
     naive: bool = False,
 ) -> SequenceLogps:
     """Per-pair log-probs of a batch (docs/design.md, "The batch") from its final hidden states.
 
-    capacity None: logits at all B*T positions, or, when the batch has `logit_slots_BxC`, at its
-    B*C slots (`slot_completions`; same values). capacity C: logits only at the first C loss-masked
-    positions (`gather_completions`); every field of a pair that lost tokens to the capacity is
-    NaN, so an overflow cannot pass silently. naive: `naive_token_logps` (float32 [N, V] logits at
+    Logits at all B*T positions, or, when the batch has `logit_slots_BxC`, only at its B*C slots
+    (`slot_completions`; the same values). naive: `naive_token_logps` (float32 [N, V] logits at
     once) instead of the chunked `token_logps`, to measure what chunking saves.
     """
     _check_batch(batch, hidden_BxTxD)
     mask, pairs, branches = batch["loss_mask_BxT"], batch["pair_ids_BxT"], batch["branch_ids_BxT"]
     sizes = dict(bias_V=bias_V, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size)
     token_logps_fn = naive_token_logps if naive else token_logps
-    if capacity is None and layouts.SLOTS_KEY in batch:
+    if layouts.SLOTS_KEY in batch:
         hidden_BxCxD, targets_BxC, mask_BxC, pairs_BxC, branches_BxC = slot_completions(hidden_BxTxD, batch)
         logps_BxC = token_logps_fn(hidden_BxCxD, unembed_DxV, targets_BxC, **sizes)
         return sequence_logps(logps_BxC, mask_BxC, pairs_BxC, branches_BxC, num_pairs)
-    if capacity is None:
-        logps_BxT = token_logps_fn(hidden_BxTxD, unembed_DxV, batch["targets_BxT"], **sizes)
-        return sequence_logps(logps_BxT, mask, pairs, branches, num_pairs)
-    comp = gather_completions(hidden_BxTxD, batch, capacity)
-    logps_C = token_logps_fn(comp.hidden_CxD, unembed_DxV, comp.targets_C, **sizes)
-    seq = sequence_logps(logps_C, comp.loss_mask_C, comp.pair_ids_C, comp.branch_ids_C, num_pairs)
-    masked_N = mask.reshape(-1) > 0
-    dropped_N = masked_N & (jnp.cumsum(masked_N, dtype=jnp.int32) > capacity)
-    pair_N = pairs.reshape(-1).astype(jnp.int32)
-    in_range_N = (pair_N >= 0) & (pair_N < num_pairs)
-    lost_P = jax.ops.segment_sum(
-        (dropped_N & in_range_N).astype(jnp.int32),
-        jnp.where(in_range_N, pair_N, 0),
-        num_segments=num_pairs,
-    ) > 0
-    return SequenceLogps(*(jnp.where(lost_P, jnp.nan, x) for x in seq))
+    logps_BxT = token_logps_fn(hidden_BxTxD, unembed_DxV, batch["targets_BxT"], **sizes)
+    return sequence_logps(logps_BxT, mask, pairs, branches, num_pairs)

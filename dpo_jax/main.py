@@ -15,13 +15,30 @@ import sys  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from configs import common  # noqa: E402
 from dpo_jax import multihost, runner  # noqa: E402
-from dpo_jax.train import checkpoint  # noqa: E402
+from dpo_jax.train import preemption  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/synthetic.py[:arg].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, the final model and the report.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_flags(argv):
+    """absl's flag parsing, except that an unknown `--config.<key>` (ml_collections raises an
+    AttributeError or KeyError) is one line naming it and the nearest valid key, exit status 2."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError):
+        path, keys = common.command_line_overrides(argv, _CONFIG.name)
+        try:
+            if path is not None:
+                common.check_keys(flags.FLAGS[_CONFIG.name].parser.parse(path), keys, _CONFIG.name)
+        except ValueError as e:
+            sys.stderr.write(f"{e}\n")
+            sys.exit(2)
+        raise
 
 
 def main(argv):
@@ -30,7 +47,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     try:
         report = runner.run(_CONFIG.value, _WORKDIR.value)
-    except checkpoint.Preempted as e:  # a documented status: a scheduler requeues, a re-run resumes
+    except preemption.Preempted as e:  # a documented status: a scheduler requeues, a re-run resumes
         logging.warning("%s (exit status %d)", e, multihost.PREEMPTED_EXIT)
         sys.exit(multihost.PREEMPTED_EXIT)
     if multihost.is_main_process():
@@ -51,4 +68,4 @@ def summary(report: dict, workdir: str) -> str:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

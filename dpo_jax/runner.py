@@ -9,15 +9,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
+from absl import logging
 
 import dpo_jax
 from dpo_jax import build, config_check, multihost, sharding
 from dpo_jax.evaluation import sampled
 from dpo_jax.models import hf
-from dpo_jax.train import checkpoint, members, metrics, stages, step
+from dpo_jax.train import members, metrics, preemption, stages, step
 from dpo_jax.train.loop import Stage
 
 
@@ -35,7 +36,7 @@ def write_run_info(config, workdir: str) -> None:
     if jax.process_index() != 0:
         return
     with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        f.write(config_json(config))
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
                              cwd=os.path.dirname(os.path.abspath(dpo_jax.__file__))).stdout.strip() or None
@@ -46,6 +47,25 @@ def write_run_info(config, workdir: str) -> None:
             "process_count": jax.process_count()}
     with open(os.path.join(workdir, "run_info.json"), "w") as f:
         json.dump(info, f, indent=2)
+
+
+def finished_report(config, workdir: str) -> Optional[dict]:
+    """The report of a finished run of this very config in `workdir` (its config.json equals this
+    config, and report.json, written last, exists), else None. A changed config (more steps, say)
+    resumes from the checkpoints instead."""
+    report, stored = os.path.join(workdir, "report.json"), os.path.join(workdir, "config.json")
+    if not (os.path.exists(report) and os.path.exists(stored)):
+        return None
+    with open(stored) as f:
+        if f.read() != config_json(config):
+            return None
+    with open(report) as f:
+        return json.load(f)
+
+
+def config_json(config) -> str:
+    """The resolved config as workdir/config.json holds it."""
+    return config.to_json_best_effort(indent=2, sort_keys=True)
 
 
 def run(config, workdir: str) -> dict:
@@ -65,19 +85,24 @@ def run_group(configs: Sequence, workdirs: Sequence[str]) -> list[dict]:
                          "loss.<variant parameters>); these configs differ in more")
     for c in configs:
         config_check.validate(c)
+    done = [finished_report(c, w) for c, w in zip(configs, workdirs)]
+    if all(r is not None for r in done):
+        logging.warning("%s: finished already (report.json of this config): nothing was run or written",
+                        ", ".join(workdirs))
+        return done
     c0, fused = configs[0], len(configs) > 1
     step.check_members(len(configs) if fused else 0, has_lora=c0.model.lora.rank > 0, ref_mode=c0.reference.mode)
     hps = [config_check.loss_hparams(c) for c in configs]
     initialize_distributed(c0)
+    config_check.check_devices(c0, jax.device_count(), jax.process_count())  # after start-up: asks for devices
     mesh = sharding.make_mesh(c0.mesh.shape)
-    sharding.check_batch_divisible(c0.data.batch_size, mesh)
     for c, w in zip(configs, workdirs):
         write_run_info(c, w)
     files = build.data_files(c0, workdirs[0])
     tok = build.tokenizer(files.tokenizer)
     writers = [metrics.Writer(w, enabled=multihost.is_main_process()) for w in workdirs]
     peak = c0.train.peak_flops or metrics.device_peak_flops()
-    preempt = checkpoint.install_sigterm_handler()
+    preempt = preemption.install_sigterm_handler()
     try:
         model = build.policy(c0, tok)
         if c0.sft.steps > 0:
@@ -106,6 +131,8 @@ def finish_run(config, workdir: str, trained, final_eval: dict, files, tok, stag
               **{f"eval/{k}": v for k, v in final_eval.items()}}
     if "eval/rewards/accuracies" in report:
         report["eval/accuracy"] = report["eval/rewards/accuracies"]
+    for split, drops in stage.data_reports.items():  # rows read, kept, dropped by reason (first row numbers)
+        report.update({f"data/{split}/{k}": v for k, v in drops.items() if k != "source"})
     if config.eval.num_prompts > 0:  # sampled reward, KL, win rate, frontier: every process samples its share
         report.update(sampled.final_report(config, files, tok, trained, stage, reference=reference))
     if multihost.is_main_process():

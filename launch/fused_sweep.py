@@ -13,7 +13,7 @@ import time
 from typing import Sequence
 
 from dpo_jax import multihost, runner
-from dpo_jax.train import checkpoint, members
+from dpo_jax.train import members, preemption
 from launch import sweep_plan
 
 
@@ -54,7 +54,7 @@ def run(config_spec: str, runs: Sequence, *, dry_run: bool = False) -> int:
         except (ValueError, FloatingPointError) as e:
             failed += 1
             print(f"fused group {names}: failed: {e}")
-        except checkpoint.Preempted as e:  # resume by running the same command again
+        except preemption.Preempted as e:  # resume by running the same command again
             print(f"fused group {names}: {e}")
             raise SystemExit(multihost.PREEMPTED_EXIT) from e
     return failed

@@ -1,8 +1,11 @@
-"""The benchmark's smoke test (one JSON line on a toy shape), and step-level equalities it relies on:
-the loss of the real train step is the same in every batch layout, and with naive logits."""
+"""The benchmark's smoke test (one JSON line on a toy shape); its model and batch layout are those
+of the equivalent training config; and step-level equalities it relies on: the loss of the real
+train step is the same in every batch layout, and with naive logits."""
 
 import dataclasses
+import importlib.util
 import json
+import os
 
 import jax
 import numpy as np
@@ -10,15 +13,16 @@ import optax
 import pytest
 from flax import nnx
 
-from dpo_jax import bench, losses, sharding
+from configs import base
+from dpo_jax import bench, build, losses, sharding
 from dpo_jax.train import loop, step
 from dpo_jax.train import state as train_state
 from dpo_jax.data import layouts
 from dpo_jax.models.transformer import Decoder, ModelConfig
 
-TOY = ["--hidden", "32", "--intermediate", "64", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--vocab", "64",
-       "--prompt-len", "6", "--completion-len", "5", "--pairs", "2", "--steps", "2", "--repeats", "1",
-       "--warmup", "1", "--batches", "2"]
+TOY = ["--hidden-size", "32", "--intermediate-size", "64", "--num-layers", "1", "--num-heads", "2",
+       "--num-kv-heads", "1", "--vocab-size", "64", "--prompt-len", "6", "--completion-len", "5", "--pairs", "2",
+       "--steps", "2", "--repeats", "1", "--warmup", "1", "--batches", "2"]
 
 
 def test_bench_prints_one_json_line_with_the_documented_keys(capsys):
@@ -30,7 +34,7 @@ def test_bench_prints_one_json_line_with_the_documented_keys(capsys):
     assert not missing, f"missing keys {missing}"
     # 2 pairs of prompt 6 + completions 5 + 5, the prompt counted twice: 2 * (12 + 10) tokens per step.
     assert out["tokens_per_step"] == 44.0 and out["real_tokens_per_step"] == 44.0
-    assert out["batch_shape"] == [4, 16]  # 2P rows, padded to a multiple of 16
+    assert out["batch_shape"] == [4, 16]  # 2P rows, padded to data.max_length = 11 rounded up to 16
     for key in ("step_time_s", "tokens_per_s", "model_flops_per_s", "peak_flops_per_s", "mfu", "peak_memory_bytes"):
         assert np.isfinite(out[key]) and out[key] > 0, (key, out[key])
     np.testing.assert_allclose(out["tokens_per_s"], 44.0 / out["step_time_s"], rtol=1e-9)
@@ -45,7 +49,7 @@ def test_bench_rejects_bad_arguments():
 
 
 def test_synthetic_lengths_are_uniform_per_sequence():
-    cfg = bench.BenchConfig(lengths="uniform:16:64", vocab=64)
+    cfg = bench.BenchConfig(lengths="uniform:16:64", vocab_size=64)
     ex = bench.synthetic_examples(cfg, 400, np.random.default_rng(0))
     seq = np.array([len(e["prompt_ids"]) + len(e[k]) for e in ex for k in ("chosen_ids", "rejected_ids")])
     assert seq.min() >= 16 and seq.max() <= 64 and abs(seq.mean() - 40) < 2
@@ -67,7 +71,7 @@ def setup():
     tx = optax.adamw(1e-2)
     state, state_sh, graphdef = train_state.init_state(Decoder(CFG, rngs=nnx.Rngs(0)), Decoder(CFG, rngs=nnx.Rngs(1)), tx,
                                                  mesh, seed=0)
-    examples = bench.synthetic_examples(bench.BenchConfig(vocab=CFG.vocab_size, lengths="uniform:5:14"), PAIRS,
+    examples = bench.synthetic_examples(bench.BenchConfig(vocab_size=CFG.vocab_size, lengths="uniform:5:14"), PAIRS,
                                         np.random.default_rng(3))
 
     steps = {}  # one jitted step per setting: a batch shape compiles once
@@ -117,6 +121,70 @@ def test_naive_logits_step_equals_the_chunked_step(setup):
 
 
 def test_bench_config_fields_are_cli_flags():
-    cfg, _ = bench.parse_args(["--layout", "packed", "--no-scan-layers", "--capacity", "-1"])
-    assert cfg == dataclasses.replace(bench.BenchConfig(), layout="packed", scan_layers=False, capacity=-1)
+    cfg, _ = bench.parse_args(["--layout", "packed", "--scan-min-layers", "0", "--no-logit-slots",
+                               "--vocab-size", "128"])
+    assert cfg == dataclasses.replace(bench.BenchConfig(), layout="packed", scan_min_layers=0, logit_slots=False,
+                                      vocab_size=128)
 
+
+# ---------------------------------------------------------------------------------------------
+# The bench's model and batches are the training config's.
+
+def test_bench_fields_are_training_config_keys():
+    config = base.get_config()
+    for field, key in bench.TRAINING_KEYS.items():
+        section, _, name = key.rpartition(".")
+        assert name == field or field in ("pairs", "ref_mode"), (field, key)
+        assert name in (config[section] if section else config), f"{key} is not a key of configs/base.py"
+        assert hasattr(bench.BenchConfig(), field)
+
+
+def training_config(cfg: bench.BenchConfig, max_length: int):
+    """The training config of `cfg`, written out key by key."""
+    config = base.get_config()
+    config.model.arch.update(family=cfg.family, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                             intermediate_size=cfg.intermediate_size, num_layers=cfg.num_layers,
+                             num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                             tie_embeddings=cfg.tie_embeddings)
+    config.model.update(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat,
+                        scan_min_layers=cfg.scan_min_layers)
+    config.data.update(layout=cfg.layout, logit_slots=cfg.logit_slots, min_bucket=cfg.min_bucket,
+                       pack_length=cfg.pack_length, prefix_min_saving=cfg.prefix_min_saving, max_length=max_length,
+                       batch_size=cfg.pairs)
+    return config
+
+
+@pytest.mark.parametrize("flags, max_length, shape", [
+    ([], 128, dict(buckets=(16, 32, 64, 128))),
+    (["--layout", "packed", "--lengths", "uniform:16:250", "--pairs", "4"], 256, dict(num_rows=4, row_length=256)),
+    (["--layout", "prefix", "--prompt-len", "9", "--completion-len", "4", "--family", "qwen3", "--tie-embeddings",
+      "--scan-min-layers", "0", "--dtype", "bfloat16", "--no-logit-slots"], 16, dict(buckets=(16, 32))),
+])
+def test_bench_model_and_layout_are_the_training_configs(flags, max_length, shape):
+    cfg, _ = bench.parse_args(flags)
+    expected = training_config(cfg, max_length)
+    model = dataclasses.replace(build.model_config(expected, cfg.vocab_size), bos_token_id=bench.BOS,
+                                eos_token_id=bench.EOS, pad_token_id=bench.PAD)
+    assert bench.model_config(cfg.training_config()) == model
+    spec = bench.layout_spec(cfg.training_config())
+    assert spec == build.data_config(expected, path="", pairs=cfg.pairs).layout_spec()
+    assert spec.num_pairs == cfg.pairs and spec.layout == cfg.layout and spec.logit_slots == cfg.logit_slots
+    for key, value in shape.items():
+        assert getattr(spec, key) == value, (key, getattr(spec, key))
+    if cfg.family == "qwen3":  # the family's traits and the flags reach the model
+        assert model.qk_norm and model.tie_embeddings and model.scanned and model.dtype == "bfloat16"
+
+
+def test_trl_compare_takes_the_bench_flags(capsys):
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "trl_compare.py")
+    spec = importlib.util.spec_from_file_location("trl_compare", path)
+    trl_compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trl_compare)
+    with pytest.raises(SystemExit) as e:
+        trl_compare.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert all(f in out for f in ("--trl-steps", "--hidden-size", "--vocab-size")), out
+    with pytest.raises(SystemExit) as e:  # TRL runs float32 with a frozen reference
+        trl_compare.main(["--ref-mode", "none"])
+    assert e.value.code == 2

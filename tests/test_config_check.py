@@ -2,11 +2,12 @@
 
 import re
 
+import jax
 import numpy as np
 import pytest
 
 from configs import base, hf, synthetic
-from dpo_jax import config_check, losses
+from dpo_jax import config_check, losses, runner
 from dpo_jax.train import optim
 from dpo_jax.data import layouts, tokenize
 from dpo_jax.train.step import REF_MODES
@@ -104,7 +105,8 @@ def test_family_checked_only_for_random_init():
     ("data", "batch_size", 0, "> 0"), ("data", "eval_batch_size", -1, "> 0"), ("data", "max_length", 0, "> 0"),
     ("optim", "lr", 0.0, "> 0"), ("optim", "grad_accum", 0, "> 0"), ("optim", "warmup_steps", -1, ">= 0"),
     ("train", "steps", -1, ">= 0"), ("train", "log_every", 0, "> 0"), ("train", "eval_every", -5, ">= 0"),
-    ("logprobs", "capacity", -1, ">= 0"), ("sft", "steps", -1, ">= 0"),
+    ("train", "keep_checkpoints", -1, ">= 0"), ("train", "max_skipped_steps", -1, ">= 0"), ("sft", "steps", -1, ">= 0"), ("sft", "warmup_steps", -1, ">= 0"),
+    ("sft", "batch_size", 0, "> 0"), ("train", "peak_flops", -1.0, ">= 0"),
 ])
 def test_numbers_out_of_range(section, key, bad, bound):
     raises(config(**{section: {key: bad}}), f"config.{section}.{key}={bad!r}", bound)
@@ -196,6 +198,105 @@ def test_mesh_rules_are_checked_before_anything_is_built():
         config_check.validate(c)
 
 
-def test_logit_slots_and_capacity_are_not_both_chosen():
-    raises(config(logprobs=dict(capacity=64)), "config.logprobs.capacity=64", "config.data.logit_slots=True")
-    config_check.validate(config(logprobs=dict(capacity=64), data=dict(logit_slots=False)))
+# Every rule of `validate`, through `runner.run`: the error comes before anything is compiled or written.
+REJECTED = {
+    "lr_nan": (dict(optim=dict(lr=float("nan"))), ("config.optim.lr=nan", "finite and > 0")),
+    "lr_inf": (dict(optim=dict(lr=float("inf"))), ("config.optim.lr=inf",)),
+    "lr_zero": (dict(optim=dict(lr=0.0)), ("config.optim.lr=0.0",)),
+    "lr_negative": (dict(optim=dict(lr=-1e-3)), ("config.optim.lr=-0.001",)),
+    "sft_lr_nan": (dict(sft=dict(lr=float("nan"))), ("config.sft.lr=nan", "finite and > 0")),
+    "keep_checkpoints": (dict(train=dict(keep_checkpoints=-1)), ("config.train.keep_checkpoints=-1", ">= 0")),
+    "log_every": (dict(train=dict(log_every=0)), ("config.train.log_every=0", "> 0")),
+    "heads_do_not_divide_hidden": (dict(model=dict(arch=dict(hidden_size=66))),
+                                   ("config.model.arch.hidden_size=66", "config.model.arch.num_heads=4")),
+    "kv_heads_do_not_divide_heads": (dict(model=dict(arch=dict(num_kv_heads=3))),
+                                     ("config.model.arch.num_heads (4)", "num_kv_heads (3)")),
+    "not_exportable": (dict(model=dict(arch=dict(family="gpt2", head_dim=8))),
+                       ("config.model.arch (family='gpt2')", "head_dim")),
+    "max_length": (dict(data=dict(max_length=1)), ("config.data.max_length=1", ">= 2")),
+    "max_prompt_length": (dict(data=dict(max_prompt_length=16)),
+                          ("config.data.max_prompt_length=16", "config.data.max_length=16")),
+    "unpaired_with_paired_loss": (dict(data=dict(format="unpaired")),
+                                  ("config.data.format='unpaired'", "config.loss.name='sigmoid'", "sft")),
+}
+
+
+@pytest.fixture
+def compiles():
+    """The XLA compilations while the test runs (jax.monitoring's backend-compile event)."""
+    seen = []
+
+    def listen(event, duration_secs, **kwargs):
+        del duration_secs, kwargs
+        if event == "/jax/core/compile/backend_compile_duration":
+            seen.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    yield seen
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def test_compile_counter_sees_a_compile(compiles):
+    jax.jit(lambda x: x * 3 + 1)(np.float32(2.0))
+    assert compiles
+
+
+@pytest.mark.parametrize("updates,fragments", REJECTED.values(), ids=REJECTED.keys())
+def test_rejected_before_anything_compiles(updates, fragments, tmp_path, compiles):
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError) as e:
+        runner.run(config(**updates), str(workdir))
+    msg = str(e.value)
+    for fragment in fragments:
+        assert fragment in msg, f"{fragment!r} missing from: {msg}"
+    assert "\n" not in msg
+    assert compiles == [] and not workdir.exists()
+
+
+def test_the_rejected_configs_pass_once_fixed():
+    config_check.validate(config(model=dict(arch=dict(hidden_size=66, head_dim=16))))
+    config_check.validate(config(model=dict(arch=dict(family="gpt2", num_kv_heads=3))))  # gpt2: kv heads = heads
+    config_check.validate(config(model=dict(path="/some/hf/dir", arch=dict(num_kv_heads=3))))  # its config.json rules
+    config_check.validate(config(data=dict(max_length=2, max_prompt_length=1)))
+
+
+def test_format_for_losses():
+    sft, mixed = losses.Objective(("sft",)), losses.Objective(("sigmoid", "sft"))
+    config_check.check_format_for_losses("unpaired", sft)
+    for fmt in ("auto", "standard", "conversational"):
+        config_check.check_format_for_losses(fmt, mixed)
+    with pytest.raises(ValueError, match=r"^config\.data\.source='x\.jsonl'='unpaired': .*'sigmoid\+sft' \(sigmoid "):
+        config_check.check_format_for_losses("unpaired", mixed, where="config.data.source='x.jsonl'")
+
+
+# The rules that depend on the devices: 8 devices (tests/conftest.py), mesh (data=-1, fsdp=1, tensor=1).
+DEVICE_REJECTED = {
+    "batch_size": (dict(data=dict(batch_size=12)), 8, 1, ("config.data.batch_size=12", "multiple of 8")),
+    "eval_batch_size": (dict(data=dict(eval_batch_size=20)), 8, 1, ("config.data.eval_batch_size=20", "8 devices")),
+    "sft_batch_size": (dict(sft=dict(batch_size=36)), 8, 1, ("config.sft.batch_size=36", "multiple of 8")),
+    "fsdp_shards_the_batch": (dict(data=dict(batch_size=12), mesh=dict(shape=dict(data=1, fsdp=-1))), 8, 1,
+                              ("config.data.batch_size=12", "('data', 'fsdp')")),
+    "tensor_does_not": (dict(data=dict(batch_size=6), mesh=dict(shape=dict(tensor=2))), 8, 1,
+                        ("config.data.batch_size=6", "multiple of 4")),
+    "processes": (dict(data=dict(batch_size=7), mesh=dict(shape=dict(data=1, tensor=-1))), 2, 2,
+                  ("config.data.batch_size=7", "2 processes")),
+    "mesh_shape": (dict(mesh=dict(shape=dict(data=3))), 8, 1, ("config.mesh.shape=", "needs 3 devices")),
+}
+
+
+@pytest.mark.parametrize("updates,devices,processes,fragments", DEVICE_REJECTED.values(), ids=DEVICE_REJECTED.keys())
+def test_device_rules(updates, devices, processes, fragments):
+    c = config(**updates)
+    config_check.validate(c)  # no devices needed
+    with pytest.raises(ValueError) as e:
+        config_check.check_devices(c, devices, processes)
+    for fragment in fragments:
+        assert fragment in str(e.value), f"{fragment!r} missing from: {e.value}"
+
+
+def test_device_rules_pass_for_the_shipped_configs():
+    for c in (synthetic.get_config(), synthetic.get_config("runlocal=1"), base.get_config()):
+        config_check.check_devices(c, jax.device_count(), jax.process_count())
+        config_check.check_devices(c, 1)
+    config_check.check_devices(config(data=dict(batch_size=6), mesh=dict(shape=dict(tensor=4))), 8)
+    config_check.check_devices(config(sft=dict(steps=0, batch_size=36)), 8)  # no SFT stage: its batch is unused

@@ -1,4 +1,4 @@
-"""Tests of dpo_jax/logprobs.py: chunked vs naive log-probs, the per-pair reduction, compaction."""
+"""Tests of dpo_jax/logprobs.py: chunked vs naive log-probs, the per-pair reduction, logit slots."""
 
 import chex
 import jax
@@ -9,7 +9,6 @@ import pytest
 from dpo_jax.logprobs import (
     SequenceLogps,
     completion_logps,
-    gather_completions,
     naive_token_logps,
     sequence_logps,
     token_logps,
@@ -287,27 +286,6 @@ def test_completion_logps_full_path_matches_loop():
     _assert_seq_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_compacted_path_equals_full_path():
-    hidden, unembed, batch = _batch(2, 8, 30)
-    assert int(batch["loss_mask_BxT"].sum()) == 30
-
-    def run(h, w, cap):
-        seq = completion_logps(h, w, batch, P, capacity=cap, chunk_size=8, vocab_chunk_size=16)
-        loss = jnp.sum(seq.chosen_shared - 0.5 * seq.rejected + 0.1 * seq.chosen)
-        return loss, seq
-
-    grad_fn = jax.jit(jax.value_and_grad(run, argnums=(0, 1), has_aux=True), static_argnums=2)
-    (_, full), full_grads = grad_fn(hidden, unembed, None)
-    for capacity in (30, 64):  # the masked count; B*T
-        (_, comp), comp_grads = grad_fn(hidden, unembed, capacity)
-        for name in SequenceLogps._fields:
-            np.testing.assert_allclose(
-                getattr(comp, name), getattr(full, name), rtol=1e-5, atol=1e-5, err_msg=name
-            )
-        for g, r in zip(comp_grads, full_grads):
-            np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5, err_msg=f"capacity {capacity}")
-
-
 def test_logit_slots_path_equals_full_path():
     """Per-row slots from the host (`layouts.logit_slots`): same sums (LD-DPO's shared ones too) and
     gradients as logits at every position; -1 slots count nowhere."""
@@ -340,25 +318,6 @@ def test_logit_slots_path_equals_full_path():
                            np.asarray(full.chosen_len) + np.asarray(full.rejected_len))
 
 
-def test_gather_completions_and_overflow_poisons_only_lost_pairs():
-    hidden, unembed, batch = _batch(3, 8, 30)
-    comp = jax.jit(gather_completions, static_argnums=2)(hidden, batch, 40)
-    assert comp.hidden_CxD.shape == (40, 8) and int(comp.num_masked) == 30
-    rows, cols = np.nonzero(np.asarray(batch["loss_mask_BxT"]))
-    np.testing.assert_array_equal(comp.hidden_CxD[:30], hidden[rows, cols])
-    np.testing.assert_array_equal(comp.pair_ids_C[:30], batch["pair_ids_BxT"][rows, cols])
-    assert float(jnp.sum(comp.loss_mask_C[30:])) == 0 and int(jnp.sum(comp.branch_ids_C[30:])) == 0
-
-    run = jax.jit(
-        lambda cap: completion_logps(hidden, unembed, batch, P, capacity=cap), static_argnums=0
-    )
-    full, short = run(None), run(28)  # 28 drops the last 2 tokens (pair 3, rejected)
-    for name in SequenceLogps._fields:
-        got, want = np.asarray(getattr(short, name)), np.asarray(getattr(full, name))
-        assert np.isnan(got[3]), name
-        np.testing.assert_allclose(np.delete(got, 3), np.delete(want, 3), rtol=1e-5, atol=1e-5)
-
-
 def test_batch_validation_names_the_key():
     hidden, unembed, batch = _batch(0, 8, 30)
     missing = {k: v for k, v in batch.items() if k != "pair_ids_BxT"}
@@ -367,8 +326,6 @@ def test_batch_validation_names_the_key():
     wrong = dict(batch, branch_ids_BxT=batch["branch_ids_BxT"][:, :-1])
     with pytest.raises(ValueError, match="branch_ids_BxT"):
         completion_logps(hidden, unembed, wrong, P)
-    with pytest.raises(ValueError, match="capacity"):
-        completion_logps(hidden, unembed, batch, P, capacity=0)
     with pytest.raises(ValueError, match="loss_mask_BxT"):
         z = jnp.zeros((2, 3))
         sequence_logps(z, jnp.zeros((2, 4)), z, z, 1)

@@ -1,6 +1,7 @@
 """End-to-end tests of the trainer: TRL parity through configs/hf.py, exact resume after SIGKILL,
 SIGTERM, non-finite losses, and the exported model."""
 
+import collections
 import json
 import math
 import os
@@ -111,6 +112,10 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path):
 
 
 def _nan_at(batch_index, real):
+    """`make_train_iterator` whose batch number `batch_index` (1-based; a container: each of those) has
+    out-of-vocabulary targets, so a NaN loss."""
+    bad = set(batch_index) if isinstance(batch_index, (set, range, list, tuple)) else {batch_index}
+
     def make(rows, tokenize_fn, config, **kw):
         it = real(rows, tokenize_fn, config, **kw)
 
@@ -121,7 +126,7 @@ def _nan_at(batch_index, real):
             def __next__(self):
                 batch = dict(next(it))
                 self.n += 1
-                if self.n == batch_index:  # an out-of-vocabulary target gives a NaN log-prob
+                if self.n in bad:  # an out-of-vocabulary target gives a NaN log-prob
                     batch["targets_BxT"] = np.where(batch["loss_mask_BxT"] > 0, 10_000,
                                                     batch["targets_BxT"]).astype(np.int32)
                 return batch
@@ -139,8 +144,9 @@ def _nan_at(batch_index, real):
 def test_nonfinite_loss_stops_and_leaves_last_checkpoint_loadable(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "make_train_iterator", _nan_at(4, pipeline.make_train_iterator))
     monkeypatch.setattr(checkpoint.Checkpointer, "save", _plain_save(checkpoint.Checkpointer.save))
-    with pytest.raises(loop.NonFiniteError, match=r"train: step 4: non-finite loss"):
+    with pytest.raises(loop.NonFiniteError, match=r"train: step 4: non-finite loss") as err:
         runner.run(synthetic_config(steps=8, checkpoint_every=2), str(tmp_path))
+    assert "the newest checkpoint, step 2 in" in str(err.value), str(err.value)
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [2], steps
     import jax
@@ -149,6 +155,48 @@ def test_nonfinite_loss_stops_and_leaves_last_checkpoint_loadable(tmp_path, monk
     restored = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / "2" / "state")
     assert int(restored["step"]) == 2
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(restored["params"]))
+
+
+def test_nonfinite_first_step_says_there_is_no_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "make_train_iterator", _nan_at(1, pipeline.make_train_iterator))
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", _plain_save(checkpoint.Checkpointer.save))
+    with pytest.raises(loop.NonFiniteError, match=r"train: step 1: non-finite loss.*has no checkpoint yet"):
+        runner.run(synthetic_config(steps=4, checkpoint_every=2), str(tmp_path))
+    assert not any(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())
+
+
+def test_skip_mode_stops_after_max_skipped_steps_in_a_row(tmp_path, monkeypatch):
+    """Steps 2 and 4 skipped (counted, reported); from step 6 on every step is non-finite: the run stops
+    when the 3rd in a row exceeds train.max_skipped_steps=2, and no non-finite state reaches a checkpoint."""
+    monkeypatch.setattr(pipeline, "make_train_iterator", _nan_at({2, 4, *range(6, 20)}, pipeline.make_train_iterator))
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", _plain_save(checkpoint.Checkpointer.save))
+    config = synthetic_config(steps=12, checkpoint_every=1, on_nonfinite="skip", max_skipped_steps=2, log_every=1,
+                              keep_checkpoints=0)
+    with pytest.raises(loop.NonFiniteError, match=r"train: step 8: non-finite loss.*3 non-finite steps in a row, "
+                                                  r"more than train.max_skipped_steps=2"):
+        runner.run(config, str(tmp_path))
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("skipped_steps", 0.0) for r in rows if "loss" in r] == [0, 1, 1, 2, 2, 3, 4]  # steps 1..7
+    import orbax.checkpoint as ocp
+
+    import jax
+    for path in (tmp_path / "checkpoints").iterdir():
+        if path.name.isdigit():
+            params = ocp.StandardCheckpointer().restore(path / "state")["params"]
+            assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params)), path.name
+
+
+def test_finished_run_rerun_writes_nothing(tmp_path, capsys):
+    config = synthetic_config(steps=2, checkpoint_every=0)
+    config.eval.num_prompts = 0
+    first = runner.run(config, str(tmp_path))
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    again = runner.run(config, str(tmp_path))
+    assert again == json.loads(json.dumps(first))
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before  # nothing written, nothing new
+    changed = synthetic_config(steps=3, checkpoint_every=0)  # another config resumes and trains on
+    changed.eval.num_prompts = 0
+    assert runner.run(changed, str(tmp_path))["steps"] == 3
 
 
 def _plain_save(save):  # the data iterator of the corrupting wrapper is not a grain iterator
@@ -170,7 +218,9 @@ def test_nonfinite_loss_skipped_when_configured(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------
 # Exact resume after SIGKILL, and SIGTERM, with the real entrypoint in a subprocess.
 
-ARGS = ["--config=configs/synthetic.py:runlocal=1", "--config.sft.steps=0", "--config.train.steps=12",
+SFT_STEPS = 4  # an SFT stage first: a kill in preference training must keep every row of the finished SFT stage
+ARGS = ["--config=configs/synthetic.py:runlocal=1", f"--config.sft.steps={SFT_STEPS}", "--config.sft.batch_size=8",
+        "--config.train.steps=12",
         "--config.train.checkpoint_every=3", "--config.train.log_every=1", "--config.train.progress=False",
         "--config.train.export_final=False", "--config.train.keep_checkpoints=20", "--config.eval.num_prompts=0"]
 # keep_checkpoints=20: every checkpoint stays for the assertions below.
@@ -206,16 +256,26 @@ def _launch(workdir, signum=None, at_call=0):
                             stderr=subprocess.STDOUT, text=True)
 
 
+TIMING = ("tokens_per_s", "mfu", "sft/tokens_per_s", "sft/mfu")
+
+
+def _rows(workdir):
+    """Every row of metrics.jsonl, timing figures left out, as a multiset."""
+    rows = [json.loads(x) for x in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return collections.Counter(json.dumps({k: v for k, v in r.items() if k not in TIMING}, sort_keys=True)
+                               for r in rows)
+
+
 def _metrics(workdir):
     rows = [json.loads(x) for x in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-    drop = ("tokens_per_s", "mfu")
-    return {r["step"]: {k: v for k, v in r.items() if k not in drop} for r in rows if "loss" in r}
+    return {r["step"]: {k: v for k, v in r.items() if k not in TIMING} for r in rows if "loss" in r}
 
 
 def test_sigkill_then_resume_is_bitwise_identical_and_sigterm_exits_preempted(tmp_path):
     full, killed, termed = tmp_path / "full", tmp_path / "killed", tmp_path / "termed"
-    # SIGKILL during step 8 (checkpoint 6 may still be in flight); SIGTERM during step 5.
-    procs = [_launch(full), _launch(killed, signal.SIGKILL, 8), _launch(termed, signal.SIGTERM, 5)]
+    # SIGKILL during step 8 (checkpoint 6 may still be in flight); SIGTERM during step 5 (after the SFT steps).
+    procs = [_launch(full), _launch(killed, signal.SIGKILL, SFT_STEPS + 8),
+             _launch(termed, signal.SIGTERM, SFT_STEPS + 5)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert procs[0].returncode == 0, outs[0][-3000:]
     assert procs[1].returncode == -signal.SIGKILL, outs[1][-3000:]
@@ -228,6 +288,7 @@ def test_sigkill_then_resume_is_bitwise_identical_and_sigterm_exits_preempted(tm
         resumed = _launch(workdir)
         out = resumed.communicate(timeout=300)[0]
         assert resumed.returncode == 0, out[-3000:]
+        assert "stage 'train': resumed from step" in out, out[-3000:]  # at WARNING: the entrypoint shows it
     want = _metrics(full)
     assert sorted(want) == list(range(1, 13))
     for workdir in (killed, termed):
@@ -235,6 +296,10 @@ def test_sigkill_then_resume_is_bitwise_identical_and_sigterm_exits_preempted(tm
         assert sorted(got) == sorted(want), f"{workdir.name}: steps {sorted(got)}"
         for s in want:
             assert got[s] == want[s], f"{workdir.name}: step {s} differs after resume"
+        rows, want_rows = _rows(workdir), _rows(full)
+        assert rows == want_rows, (f"{workdir.name}: rows only after resume {list((rows - want_rows).elements())}; "
+                                   f"rows lost {list((want_rows - rows).elements())}")
+    assert any(json.loads(r).get("sft/loss") is not None for r in _rows(full))
     assert json.loads((killed / "report.json").read_text()) == json.loads((full / "report.json").read_text())
 
 
@@ -244,5 +309,5 @@ def test_dataset_with_every_row_dropped_is_an_error_not_a_hang(tmp_path, trl_fix
     config = hf_config(trl_fixture_dir)
     config.data.source = str(bad)
     config.data.eval_source = str(bad)
-    with pytest.raises(ValueError, match=r"all of the first 5 rows were dropped; reasons: .*chosen_equals_rejected"):
+    with pytest.raises(ValueError, match=r"bad.jsonl: dropped all 5 rows: chosen_equals_rejected 5 \(rows 0, 1, 2, 3, 4\)"):
         runner.run(config, str(tmp_path / "run"))

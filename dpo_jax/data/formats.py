@@ -23,10 +23,18 @@ common prefix P of chosen and rejected:
 - messages: the prompt is the longest common prefix of the two message lists (TRL's rule).
 
 Bad input: a row that lacks a column its format needs raises `FormatError`, naming the row, the
-columns found and the schemas accepted. A bad value (not a string, an empty or whitespace-only
-string, malformed messages, a non-bool label, chosen == rejected, no shared prompt) drops the row;
-the `DropCounter` counts drops by reason. With `strict=True` a bad value raises `RowError` naming
-the row index and the column.
+columns found and the schemas accepted (`datasets` gives every row of a file the same columns, so
+this means the column is absent from the whole file; a key absent from one line of a JSON Lines file
+reads as null). A bad value (null, not a string, an empty or whitespace-only string, malformed
+messages, a non-bool label, chosen == rejected, no shared prompt) drops the row; the `DropCounter`
+counts drops by reason. With `strict=True` a bad value raises `RowError` naming the row and the field.
+
+chosen == rejected is dropped (`chosen_equals_rejected`): such a pair carries no preference, and its
+DPO loss is the constant log 2 with no gradient. TRL keeps such rows; here they are dropped and counted.
+
+Drop reasons: this module owns every name a row can be dropped under (the `DropCounter` keys and the
+`dropped/<reason>` keys of the pipeline's report): per field, `<field>_<kind>` (`field_reason`), with
+the field one of prompt, chosen, rejected, completion; per row, the `DROP_*` constants.
 """
 
 from __future__ import annotations
@@ -44,11 +52,61 @@ Message = dict  # {"role": str, "content": str, ...}: a chat message, kept as gi
 Text = Union[str, tuple]  # a string, or a tuple of messages for conversational records
 
 
-class FormatError(ValueError):
+# ----------------------------------------------------------------------------- drop reasons
+
+# Kinds of bad field, reported as `<field>_<kind>` (see `field_reason`).
+NULL = "null"  # None: null in the file, or a key absent from one line of a JSON Lines file
+NOT_STRING = "not_string"
+NOT_MESSAGES = "not_messages"  # conversational: not a list of messages
+BAD_MESSAGE = "bad_message"  # conversational: a message that is not {"role": str, "content": str}
+EMPTY = "empty"  # an empty or whitespace-only string, no messages, or nothing left after the shared prompt
+IDS_EMPTY = "ids_empty"  # tokenized to no ids (after the shared prompt, for a completion)
+# Whole-row reasons.
+DROP_CHOSEN_EQUALS_REJECTED = "chosen_equals_rejected"  # no preference to learn (see the module doc)
+DROP_NO_SHARED_PROMPT = "no_shared_prompt"  # implicit prompt: chosen and rejected share no prefix
+DROP_LABEL_NOT_BOOL = "label_not_bool"  # unpaired: the label is not a bool (or 0 / 1)
+DROP_PROMPT_FILLS_MAX_LENGTH = "prompt_fills_max_length"  # keep_start: no room left for a completion
+DROP_COMPLETION_FILLS_MAX_LENGTH = "completion_fills_max_length"  # keep_end: a completion alone fills it
+DROP_IDS_EQUAL = "chosen_ids_equal_rejected_ids"  # identical once tokenized and truncated
+DROP_TOKENIZE = "tokenize"  # a tokenize step without a drop counter returned None
+DROP_TOO_LONG = "too_long"  # the example fits no batch of the layout
+
+
+def field_reason(field: str, kind: str) -> str:
+    """The drop reason of a bad `field` (prompt, chosen, rejected, completion) of this `kind`."""
+    return f"{field}_{kind}"
+
+
+class RowProblem(ValueError):
+    """A bad row. The message names, where known, the source (a file), the row (0-based), the field,
+    what is wrong with it and the drop reason: `pairs.jsonl row 4: field 'chosen' is empty (chosen_empty)`."""
+
+    def __init__(self, detail: str, field: str | None = None, reason: str | None = None,
+                 row: int | None = None, source: str | None = None):
+        self.detail, self.field, self.reason, self.row, self.source = detail, field, reason, row, source
+        super().__init__(self.message())
+
+    def message(self) -> str:
+        where = " ".join(x for x in (self.source, None if self.row is None else f"row {self.row}") if x)
+        what = f"field {self.field!r} {self.detail}" if self.field else self.detail
+        if self.reason:
+            what += f" ({self.reason})"
+        return f"{where}: {what}" if where else what
+
+    def at(self, source: str | None = None, row: int | None = None, field: str | None = None) -> "RowProblem":
+        """The same problem located in `source` at `row` (and named by column `field`), where given."""
+        return type(self)(self.detail, field or self.field, self.reason,
+                          self.row if row is None else row, source or self.source)
+
+    def __reduce__(self):  # picklable across worker processes
+        return type(self), (self.detail, self.field, self.reason, self.row, self.source)
+
+
+class FormatError(RowProblem):
     """A row does not fit the schema of its format (a missing column, not a mapping)."""
 
 
-class RowError(ValueError):
+class RowError(RowProblem):
     """A bad value in a row, raised instead of a drop when `strict=True`."""
 
 
@@ -187,7 +245,7 @@ def detect_format(row: Mapping[str, Any], config: FormatConfig = FormatConfig())
     conversational if chosen is a list, standard if there is a prompt column, else implicit_prompt.
     """
     if not isinstance(row, Mapping):
-        raise FormatError(f"a row must be a mapping of column -> value, got {type(row).__name__}")
+        raise FormatError(f"expected a mapping of column -> value, got {type(row).__name__}")
     keys = set(row.keys())
     if config.completion in keys and config.label in keys:
         return "unpaired"
@@ -200,25 +258,33 @@ def detect_format(row: Mapping[str, Any], config: FormatConfig = FormatConfig())
     )
 
 
+def _null(value: Any, role: str, column: str) -> None:
+    if value is None:
+        raise _Bad(field_reason(role, NULL), column, "is null")
+
+
 def _text(value: Any, role: str, column: str) -> str:
+    _null(value, role, column)
     if not isinstance(value, str):
-        raise _Bad(f"{role}_not_string", column, f"is {type(value).__name__}, expected a string")
+        raise _Bad(field_reason(role, NOT_STRING), column, f"is {type(value).__name__}, expected a string")
     if not value.strip():
-        raise _Bad(f"{role}_empty", column, "is empty")
+        raise _Bad(field_reason(role, EMPTY), column, "is empty")
     return value
 
 
 def _messages(value: Any, role: str, column: str) -> tuple:
+    _null(value, role, column)
     if not isinstance(value, (list, tuple)):
-        raise _Bad(f"{role}_not_messages", column, f"is {type(value).__name__}, expected a list of messages")
+        raise _Bad(field_reason(role, NOT_MESSAGES), column,
+                   f"is {type(value).__name__}, expected a list of messages")
     if not value:
-        raise _Bad(f"{role}_empty", column, "is an empty list of messages")
+        raise _Bad(field_reason(role, EMPTY), column, "is an empty list of messages")
     out = []
     for j, m in enumerate(value):
         ok = isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
         if not ok:
             raise _Bad(
-                f"{role}_bad_message",
+                field_reason(role, BAD_MESSAGE),
                 column,
                 f"message {j} is not {{'role': str, 'content': str}}: {m!r:.80}",
             )
@@ -235,7 +301,7 @@ def _label(value: Any, column: str) -> bool:
         return bool(value)
     if isinstance(value, (int, np.integer)) and value in (0, 1):
         return bool(value)
-    raise _Bad("label_not_bool", column, f"is {value!r:.40} ({type(value).__name__}), expected a bool")
+    raise _Bad(DROP_LABEL_NOT_BOOL, column, f"is {value!r:.40} ({type(value).__name__}), expected a bool")
 
 
 def split_implicit_text(chosen: str, rejected: str, assistant_marker: str | None) -> tuple[str, str, str]:
@@ -278,23 +344,26 @@ class RowNormalizer:
 
     def __call__(self, row: Mapping[str, Any], index: int | None = None) -> Record | None:
         cfg = self.config
-        where = f"row {index}" if index is not None else "row"
         if not isinstance(row, Mapping):
-            raise FormatError(f"{where}: expected a mapping of column -> value, got {type(row).__name__}")
+            raise FormatError(f"expected a mapping of column -> value, got {type(row).__name__}", row=index)
         if self.format is None:
-            self.format = detect_format(row, cfg)
+            try:
+                self.format = detect_format(row, cfg)
+            except FormatError as err:
+                raise err.at(row=index) from None
         missing = [c for c in cfg.required(self.format) if c not in row]
         if missing:
             raise FormatError(
-                f"{where}: missing column(s) {missing} for format {self.format!r}; columns found: "
-                f"{sorted(row.keys())}; accepted schemas: {cfg.schemas()}"
+                f"missing column(s) {missing} for format {self.format!r}; columns found: "
+                f"{sorted(row.keys())}; accepted schemas: {cfg.schemas()}",
+                row=index,
             )
         self.drops.seen += 1
         try:
             record = self._normalize(row)
         except _Bad as bad:
             if self.strict:
-                raise RowError(f"{where}: column {bad.column!r} {bad.detail} ({bad.reason})") from None
+                raise RowError(bad.detail, bad.column, bad.reason, index) from None
             self.drops.drop(bad.reason, index)
             return None
         self.drops.kept += 1
@@ -311,7 +380,7 @@ class RowNormalizer:
         chosen = _value(row[cfg.chosen], "chosen", cfg.chosen, conv)
         rejected = _value(row[cfg.rejected], "rejected", cfg.rejected, conv)
         if chosen == rejected:
-            raise _Bad("chosen_equals_rejected", cfg.chosen, f"equals column {cfg.rejected!r}")
+            raise _Bad(DROP_CHOSEN_EQUALS_REJECTED, cfg.chosen, f"equals field {cfg.rejected!r}")
         # A conversational row whose prompt column is plain text (UltraFeedback, Tulu 3: the text of the
         # first user turn) takes its prompt from the messages chosen and rejected share, as TRL does.
         if fmt == "standard" or (conv and cfg.prompt in row and is_messages(row[cfg.prompt])):
@@ -322,11 +391,11 @@ class RowNormalizer:
             prompt, chosen, rejected = split_implicit_text(chosen, rejected, cfg.assistant_marker)
         if not (prompt if conv else prompt.strip()):
             raise _Bad(
-                "no_shared_prompt", cfg.chosen, f"shares no prompt prefix with column {cfg.rejected!r}"
+                DROP_NO_SHARED_PROMPT, cfg.chosen, f"shares no prompt prefix with field {cfg.rejected!r}"
             )
         for text, role, column in ((chosen, "chosen", cfg.chosen), (rejected, "rejected", cfg.rejected)):
             if not (text if conv else text.strip()):
-                raise _Bad(f"{role}_empty", column, "is empty once the shared prompt is removed")
+                raise _Bad(field_reason(role, EMPTY), column, "is empty once the shared prompt is removed")
         return Pair(prompt, chosen, rejected, conv)
 
 

@@ -1,4 +1,4 @@
-"""Preference data pipeline: sources (HF ``datasets``), train/eval split, the grain iterator.
+"""Preference data pipeline: the grain iterator over the rows ``sources`` reads, the eval batches.
 
     rows -> seeded shuffle (a new permutation each epoch) -> shard by process -> repeat
          -> tokenize (a row -> example callable, optionally in threads / worker processes)
@@ -15,6 +15,11 @@ assembled global batch is the one a single process would have laid out (``layout
 dropped, step s of n processes trains on the same pairs as step s of one process.
 The train iterator is a ``grain.DatasetIterator``: ``get_state()``/``set_state()`` (JSON, what
 grain's orbax checkpoint handler stores) restore it exactly, mid-epoch or across epochs.
+
+No row is dropped silently: ``drop_report`` (one pass over every row, the pass ``tokenize_all`` and
+the eval batches run) counts the dropped rows by reason (``formats``'s names) with the first row
+numbers of each, and ``drop_summary`` says it in one line; a report that kept no row raises
+``sources.DataFileError``.
 """
 
 from __future__ import annotations
@@ -22,27 +27,19 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
-import os
 import threading
 from typing import Any, Callable, Mapping, Sequence
 
 import grain
 import numpy as np
 
-from dpo_jax.data import batching, layouts
+from dpo_jax.data import batching, formats, layouts, sources, tokenize
+from dpo_jax.data.formats import DROP_TOKENIZE, DROP_TOO_LONG
 
 Row = Mapping[str, Any]
 TokenizeFn = Callable[[Row], "dict | None"]
 
-FILE_BUILDERS = {
-    ".json": "json",
-    ".jsonl": "json",
-    ".parquet": "parquet",
-    ".csv": "csv",
-    ".arrow": "arrow",
-}
-DROP_TOKENIZE = "tokenize"  # the tokenize callable returned None
-DROP_TOO_LONG = "too_long"  # the example fits no batch of the layout
+ROWS_LISTED = 5  # row numbers a drop report lists per reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,90 +133,19 @@ def check_eval_split(eval_split, eval_fraction: float, eval_source=None, *, key:
         raise ValueError(f"{key}: set at most one of {', '.join(given)}")
 
 
-# ----------------------------------------------------------------------------- sources
-
-
-def load_rows(
-    path: str, *, split: str = "train", name: str | None = None, cache_dir: str | None = None
-):
-    """One split of a dataset as a ``datasets.Dataset``.
-
-    A local file is read by extension (json/jsonl/parquet/csv/arrow), a directory written by
-    ``save_to_disk`` with ``load_from_disk`` (a ``DatasetDict`` gives its ``split``), any other
-    local directory with ``load_dataset(path)``; only a path that does not exist locally is taken
-    as a hub id.
-    """
-    import datasets  # pylint: disable=g-import-not-at-top
-
-    if os.path.isfile(path):
-        ext = os.path.splitext(path)[1].lower()
-        if ext not in FILE_BUILDERS:
-            raise ValueError(f"data path {path!r}: unknown extension {ext!r}, expected {sorted(FILE_BUILDERS)}")
-        loaded = datasets.load_dataset(FILE_BUILDERS[ext], data_files=path, cache_dir=cache_dir)
-    elif os.path.isdir(path):
-        saved = any(
-            os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")
-        )
-        if saved:
-            loaded = datasets.load_from_disk(path)
-        else:
-            loaded = datasets.load_dataset(path, name, cache_dir=cache_dir)
-    else:
-        loaded = datasets.load_dataset(path, name, split=split, cache_dir=cache_dir)
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise ValueError(f"data path {path!r}: no split {split!r}, has {sorted(loaded)}")
-        loaded = loaded[split]
-    return loaded
-
-
-def split_fraction(rows, fraction: float, seed: int):
-    """(train, eval): a seeded random ``fraction`` of rows (at least one) goes to eval."""
-    n = len(rows)
-    num_eval = max(1, int(round(fraction * n)))
-    if num_eval >= n:
-        raise ValueError(f"eval_fraction={fraction} leaves no training rows out of {n}")
-    perm = np.random.default_rng(seed).permutation(n)
-    eval_idx, train_idx = np.sort(perm[:num_eval]), np.sort(perm[num_eval:])
-    if hasattr(rows, "select"):
-        return rows.select(train_idx), rows.select(eval_idx)
-    return [rows[i] for i in train_idx], [rows[i] for i in eval_idx]
-
-
-def load_splits(config: DataConfig):
-    """(train rows, eval rows or None) from ``config.path`` by named split or by fraction."""
-    config.validate()
-    if not config.path:
-        raise ValueError("DataConfig.path is empty: name a local file, a saved dataset or a hub id")
-    kw = dict(name=config.name, cache_dir=config.cache_dir)
-    train = load_rows(config.path, split=config.train_split, **kw)
-    if config.eval_split:
-        return train, load_rows(config.path, split=config.eval_split, **kw)
-    if config.eval_fraction:
-        return split_fraction(train, config.eval_fraction, config.split_seed)
-    return train, None
-
-
 # ----------------------------------------------------------------------------- tokenize step
 
 
 @dataclasses.dataclass(frozen=True)
 class _Prepare:
-    """row -> (example, None) or (None, drop reason). Picklable for worker processes."""
+    """row -> example, or None (the step dropped it, or it fits no batch). Picklable for worker processes."""
 
     tokenize_fn: TokenizeFn
     spec: layouts.LayoutSpec
 
-    def classify(self, row: Row) -> tuple[dict | None, str | None]:
-        example = self.tokenize_fn(row)
-        if example is None:
-            return None, DROP_TOKENIZE
-        if not self.spec.fits(example):
-            return None, DROP_TOO_LONG
-        return example, None
-
     def __call__(self, row: Row) -> dict | None:
-        return self.classify(row)[0]
+        example = self.tokenize_fn(row)
+        return example if example is not None and self.spec.fits(example) else None
 
 
 def _is_kept(example) -> bool:
@@ -320,66 +246,132 @@ def make_train_iterator(
 # ----------------------------------------------------------------------------- eval, report
 
 
-class _PerThreadCopies:
-    """Calls a private deep copy of ``step`` in each thread, so per-instance drop counters
-    (``step.drops``, e.g. ``tokenize.RowTokenizer``) count exactly; ``drops()`` merges them."""
+class _Classify:
+    """row number -> (example, None), (None, drop reason) or (None, the `formats.RowProblem` it
+    raised; a row that cannot be decoded, such as invalid UTF-8 in a file, is one too).
 
-    def __init__(self, step: TokenizeFn):
-        self._step, self._local, self._lock, self._copies = step, threading.local(), threading.Lock(), []
+    A step with a drop counter (``step.drops``, a ``formats.DropCounter`` such as
+    ``tokenize.RowTokenizer``'s, or a wrapper forwarding one) runs as a private deep copy per thread,
+    so its counts are exact and the caller's stay untouched; a dropped row's reason is the one its
+    copy's counter just counted. A step without one drops rows for ``DROP_TOKENIZE``.
+    """
 
-    def __call__(self, row: Row):
+    def __init__(self, rows: Sequence[Row], step: TokenizeFn, spec: layouts.LayoutSpec):
+        self._rows, self._step, self._spec, self._counted = rows, step, spec, hasattr(step, "drops")
+        self._local, self._lock, self._copies = threading.local(), threading.Lock(), []
+
+    def _thread_step(self) -> TokenizeFn:
+        if not self._counted:
+            return self._step
         step = getattr(self._local, "step", None)
         if step is None:
             step = self._local.step = copy.deepcopy(self._step)
+            self._local.counts = collections.Counter()
             with self._lock:
                 self._copies.append(step)
-        return step(row)
+        return step
 
-    def drops(self) -> dict[str, Any]:
-        dropped, events = collections.Counter(), collections.Counter()
+    def _reason(self) -> str:
+        if not self._counted:
+            return DROP_TOKENIZE
+        counts = collections.Counter(self._local.step.drops.as_dict()["dropped"])
+        new, self._local.counts = counts - self._local.counts, counts
+        return min(new) if new else DROP_TOKENIZE
+
+    def __call__(self, i: int):
+        step = self._thread_step()
+        try:
+            row = self._rows[i]
+        except UnicodeDecodeError as err:
+            return None, formats.RowProblem(f"cannot be decoded: {err}", row=i)
+        try:
+            example = step(row)
+        except formats.RowProblem as err:
+            return None, err.at(row=i)
+        if example is None:
+            return None, self._reason()
+        if not self._spec.fits(example):
+            return None, DROP_TOO_LONG
+        return example, None
+
+    def events(self) -> dict[str, int]:
+        """The counted steps' events (e.g. truncations), merged over threads."""
+        events = collections.Counter()
         for step in self._copies:
-            counts = step.drops.as_dict()
-            dropped.update(counts.get("dropped", {}))
-            events.update(counts.get("events", {}))
-        return {"dropped": dropped, "events": events}
+            events.update(step.drops.as_dict().get("events", {}))
+        return dict(sorted(events.items()))
+
+
+_DROP_DETAILS = {DROP_TOO_LONG: "the example fits no batch of the layout",
+                 DROP_TOKENIZE: "the tokenize step dropped the row"}
 
 
 def tokenize_all(
-    rows: Sequence[Row], tokenize_fn: TokenizeFn, config: DataConfig
+    rows: Sequence[Row], tokenize_fn: TokenizeFn, config: DataConfig, *, source: str | None = None,
+    strict: bool = False,
 ) -> tuple[list[dict], dict[str, Any]]:
-    """(kept examples in row order, report) after one pass over every row.
+    """(kept examples in row order, report) after one pass over every row (threads: ``num_threads``).
 
-    Drops are counted by reason: ``too_long`` (fits no batch of the layout), and the reasons of
-    the tokenize step's own ``drops`` counter when it has one (``formats.DropCounter``), else
-    ``tokenize``. The step's counted events (e.g. truncations) go to ``events``.
+    The report (flat, JSON-ready): ``source``; ``rows_read``; ``kept``; ``dropped`` (the total);
+    per reason ``dropped/<reason>`` (the count) and ``dropped_rows/<reason>`` (the first
+    ``ROWS_LISTED`` row numbers: 0-based positions in ``rows``); ``events/<name>`` (the step's
+    counted events, e.g. truncations); ``layout_tokens``. Reasons: the tokenize step's own (its
+    ``drops`` counter, ``formats``'s names), ``too_long`` (fits no batch of the layout), else
+    ``tokenize``. A ``formats.RowProblem`` the step raises (a missing column; any bad value of a
+    ``strict`` step) is raised naming ``source`` and the row; ``strict`` also raises at a drop the
+    step did not raise for (e.g. ``too_long``).
     """
-    counted = hasattr(tokenize_fn, "drops")
-    step = _PerThreadCopies(tokenize_fn) if counted else tokenize_fn
-    prepare = _Prepare(step, config.layout_spec())
-    ds = grain.MapDataset.source(rows).map(prepare.classify)
-    kept, dropped, tokens = [], collections.Counter(), 0
-    for example, reason in ds.to_iter_dataset(_read_options(config)):
+    spec = config.layout_spec()
+    classify = _Classify(rows, tokenize_fn, spec)
+    ds = grain.MapDataset.range(len(rows)).map(classify)
+    kept, counts, listed, tokens = [], collections.Counter(), collections.defaultdict(list), 0
+    for i, (example, reason) in enumerate(ds.to_iter_dataset(_read_options(config))):
+        if isinstance(reason, formats.RowProblem):
+            raise reason.at(source=source)
         if reason is not None:
-            dropped[reason] += 1
+            if strict:
+                raise formats.RowError(_DROP_DETAILS.get(reason, "the row was dropped"), None, reason, i, source)
+            counts[reason] += 1
+            if len(listed[reason]) < ROWS_LISTED:
+                listed[reason].append(i)
             continue
         kept.append(example)
-        tokens += sum(prepare.spec.segment_lengths(example))
-    events: dict[str, int] = {}
-    if counted:
-        counts = step.drops()
-        unexplained = dropped.pop(DROP_TOKENIZE, 0) - sum(counts["dropped"].values())
-        dropped.update(counts["dropped"])
-        if unexplained > 0:
-            dropped[DROP_TOKENIZE] = unexplained
-        events = dict(sorted(counts["events"].items()))
-    report = {
-        "rows_read": len(rows),
-        "kept": len(kept),
-        "dropped": dict(sorted(dropped.items())),
-        "events": events,
-        "layout_tokens": tokens,
-    }
+        tokens += sum(spec.segment_lengths(example))
+    report: dict[str, Any] = {"source": source, "rows_read": len(rows), "kept": len(kept),
+                              "dropped": sum(counts.values())}
+    for reason in sorted(counts):
+        report[f"dropped/{reason}"] = counts[reason]
+        report[f"dropped_rows/{reason}"] = listed[reason]
+    report.update({f"events/{name}": n for name, n in classify.events().items()})
+    report["layout_tokens"] = tokens
     return kept, report
+
+
+def drop_reasons(report: Mapping[str, Any]) -> dict[str, int]:
+    """reason -> rows dropped for it, from a report of ``tokenize_all`` / ``drop_report``."""
+    return {k.split("/", 1)[1]: v for k, v in report.items() if k.startswith("dropped/")}
+
+
+def drop_summary(report: Mapping[str, Any]) -> str:
+    """One line: ``pairs.jsonl: dropped 3 of 100 rows: chosen_empty 2 (rows 4, 17),
+    chosen_equals_rejected 1 (row 9)``, reasons by count; ``...`` when more rows than listed."""
+    head = f"{report['source']}: " if report.get("source") else ""
+    n, dropped = report["rows_read"], report["dropped"]
+    if not dropped:
+        return f"{head}kept all {n} rows" if n else f"{head}no rows"
+    parts = []
+    for reason, count in sorted(drop_reasons(report).items(), key=lambda kv: (-kv[1], kv[0])):
+        rows = report.get(f"dropped_rows/{reason}", [])
+        more = ", ..." if count > len(rows) else ""
+        parts.append(f"{reason} {count} ({'row' if count == 1 else 'rows'} {', '.join(map(str, rows))}{more})")
+    what = f"dropped all {n} rows" if dropped == n else f"dropped {dropped} of {n} rows"
+    return f"{head}{what}: {', '.join(parts)}"
+
+
+def check_kept(report: Mapping[str, Any]) -> None:
+    """Raises ``DataFileError`` (its ``drop_summary``) when a report kept no row."""
+    if report["kept"] == 0:
+        raise sources.DataFileError(f"{drop_summary(report)}; no rows left")
 
 
 def make_row_step(tokenizer: Any, config: DataConfig, format_config=None, strict: bool = False):
@@ -388,8 +380,6 @@ def make_row_step(tokenizer: Any, config: DataConfig, format_config=None, strict
     Sequences are truncated to ``config.max_length`` (``max_prompt_length``, ``truncation_mode``
     as in ``tokenize``), so every example fits the default buckets / packed rows.
     """
-    from dpo_jax.data import formats, tokenize  # pylint: disable=g-import-not-at-top
-
     return tokenize.RowTokenizer(
         tokenizer,
         format_config or formats.FormatConfig(),
@@ -400,9 +390,16 @@ def make_row_step(tokenizer: Any, config: DataConfig, format_config=None, strict
     )
 
 
-def data_report(rows: Sequence[Row], tokenize_fn: TokenizeFn, config: DataConfig) -> dict[str, Any]:
-    """Rows read, kept, dropped by reason, the step's events, laid-out tokens (one full pass)."""
-    return tokenize_all(rows, tokenize_fn, config)[1]
+def drop_report(
+    rows: Sequence[Row], tokenize_fn: TokenizeFn, config: DataConfig, source: str | None = None, *,
+    strict: bool = False,
+) -> dict[str, Any]:
+    """The report of ``tokenize_all`` (one full pass: rows read, kept, dropped by reason with the first
+    row numbers, events, laid-out tokens); raises ``DataFileError`` naming ``source`` and the reasons
+    when no row is kept, and at the first bad row when ``strict`` (see ``tokenize_all``)."""
+    report = tokenize_all(rows, tokenize_fn, config, source=source, strict=strict)[1]
+    check_kept(report)
+    return report
 
 
 def make_eval_batches(
@@ -413,8 +410,12 @@ def make_eval_batches(
     process_index: int | None = None,
     process_count: int | None = None,
     pair_offset: int | None = None,
+    source: str | None = None,
+    strict: bool = False,
 ) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
     """(this process's eval batches, report): no shuffle, every kept example exactly once.
+
+    The report is ``drop_report``'s (``source``, ``strict`` as there): no kept row raises.
 
     Kept example k goes to process k % process_count. Every process returns the same number of
     batches (filled up with batches of ``pair_mask_P`` = 0), so a multi-host eval loop never
@@ -425,7 +426,8 @@ def make_eval_batches(
     process_index, process_count = _process_info(process_index, process_count)
     spec = config.layout_spec()
     offset = process_index * spec.num_pairs if pair_offset is None else pair_offset
-    kept, report = tokenize_all(rows, tokenize_fn, config)
+    kept, report = tokenize_all(rows, tokenize_fn, config, source=source, strict=strict)
+    check_kept(report)
     groups = [list(layouts.pack_groups(kept[q::process_count], spec)) for q in range(process_count)]
     num_batches = max(len(g) for g in groups)
     batches = []

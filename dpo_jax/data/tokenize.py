@@ -29,7 +29,8 @@ Truncation (L = `max_length`, Lp = `max_prompt_length`; `truncation_mode` picks 
   completion's sequence keeps the same prompt as the longer's). Completions are never cut from the
   front: a pair whose longest completion alone fills L is dropped: `completion_fills_max_length`.
 Other drops: `prompt_ids_empty`, `<field>_ids_empty`, `chosen_ids_equal_rejected_ids` (nothing to
-prefer once tokenized and truncated). Counts live in `self.drops` (a `formats.DropCounter`).
+prefer once tokenized and truncated). Counts live in `self.drops` (a `formats.DropCounter`); the
+reason names are `formats`'s. With `strict=True` a drop raises `formats.RowError` naming the field.
 
 Output per pair: `{"prompt_ids", "chosen_ids", "rejected_ids"}`, per unpaired record
 `{"prompt_ids", "completion_ids", "label"}`: 1-D int32 arrays (label: a 0-d bool array).
@@ -44,7 +45,8 @@ from typing import Any
 
 import numpy as np
 
-from dpo_jax.data.formats import DropCounter, FormatConfig, Pair, Record, RowNormalizer, Unpaired
+from dpo_jax.data import formats
+from dpo_jax.data.formats import DropCounter, FormatConfig, Pair, Record, RowError, RowNormalizer, Unpaired
 
 TRUNCATION_MODES = ("keep_start", "keep_end")
 
@@ -54,11 +56,12 @@ class BoundaryWarning(UserWarning):
 
 
 class Dropped(Exception):
-    """Raised by `truncate_ids` when a pair cannot fit; `reason` is the drop counter's key."""
+    """A dropped pair (raised by `truncate_ids` and `PairTokenizer`'s checks): `reason` is the drop
+    counter's key, `field` the record field at fault and `detail` what is wrong with it (for `strict`)."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, field: str | None = None, detail: str = "was dropped"):
         super().__init__(reason)
-        self.reason = reason
+        self.reason, self.field, self.detail = reason, field, detail
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -77,22 +80,27 @@ def truncate_ids(
     max_length: int | None,
     max_prompt_length: int | None,
     truncation_mode: str,
+    names: Sequence[str] = ("chosen", "rejected"),
 ) -> tuple[list[int], list[list[int]]]:
-    """Apply the truncation rules of the module doc; raises `Dropped(reason)` when a pair can't fit."""
+    """Apply the truncation rules of the module doc; raises `Dropped(reason)` when a pair can't fit
+    (`names`: the fields of `completions`, for its message)."""
     keep_end = truncation_mode == "keep_end"
     if max_prompt_length is not None and len(prompt) > max_prompt_length:
         prompt = prompt[-max_prompt_length:] if keep_end else prompt[:max_prompt_length]
     if max_length is None:
         return prompt, completions
     if keep_end:
-        longest = max(len(c) for c in completions)
+        lengths = [len(c) for c in completions]
+        longest = max(lengths)
         if longest >= max_length:
-            raise Dropped("completion_fills_max_length")
+            raise Dropped(formats.DROP_COMPLETION_FILLS_MAX_LENGTH, names[lengths.index(longest)],
+                          f"has {longest} tokens, filling max_length={max_length} (keep_end never cuts a completion)")
         room = max_length - longest
         return (prompt[-room:] if len(prompt) > room else prompt), completions
     room = max_length - len(prompt)
     if room < 1:
-        raise Dropped("prompt_fills_max_length")
+        raise Dropped(formats.DROP_PROMPT_FILLS_MAX_LENGTH, "prompt",
+                      f"has {len(prompt)} tokens, filling max_length={max_length} with no room for a completion")
     return prompt, [c[:room] for c in completions]
 
 
@@ -101,6 +109,7 @@ class PairTokenizer:
 
     Handles `Pair` and `Unpaired` records. Pure given the tokenizer apart from `self.drops` and the
     warn-once flag; picklable (for grain `MapTransform`s; each worker process keeps its own counts).
+    `strict`: a drop raises `formats.RowError` (the field named by its record role) instead.
     """
 
     def __init__(
@@ -110,6 +119,7 @@ class PairTokenizer:
         max_prompt_length: int | None = None,
         truncation_mode: str = "keep_start",
         drops: DropCounter | None = None,
+        strict: bool = False,
     ):
         if truncation_mode not in TRUNCATION_MODES:
             raise ValueError(f"truncation_mode={truncation_mode!r}: expected one of {TRUNCATION_MODES}")
@@ -126,6 +136,7 @@ class PairTokenizer:
         self.max_prompt_length = max_prompt_length
         self.truncation_mode = truncation_mode
         self.drops = drops if drops is not None else DropCounter()
+        self.strict = strict
         self._warned = False
 
     def __call__(self, record: Record, index: int | None = None) -> dict[str, np.ndarray] | None:
@@ -143,6 +154,8 @@ class PairTokenizer:
                 record.prompt, completions, record.conversational, names
             )
         except Dropped as d:
+            if self.strict:
+                raise RowError(d.detail, d.field, d.reason, index) from None
             self.drops.drop(d.reason, index)
             return None
         self.drops.kept += 1
@@ -167,20 +180,22 @@ class PairTokenizer:
         d = min(prefix)
         prompt_ids, completion_ids = prompt_ids[:d], [j[d:] for j in joints]
         if not prompt_ids:
-            raise Dropped("prompt_ids_empty")
+            raise Dropped(formats.field_reason("prompt", formats.IDS_EMPTY), "prompt", "tokenizes to no ids")
         for name, ids in zip(names, completion_ids, strict=True):
             if not ids:
-                raise Dropped(f"{name}_ids_empty")
+                raise Dropped(formats.field_reason(name, formats.IDS_EMPTY), name,
+                              "tokenizes to no ids after the shared prompt")
         n_prompt, n_comp = len(prompt_ids), [len(c) for c in completion_ids]
         prompt_ids, completion_ids = truncate_ids(
-            prompt_ids, completion_ids, self.max_length, self.max_prompt_length, self.truncation_mode
+            prompt_ids, completion_ids, self.max_length, self.max_prompt_length, self.truncation_mode, names
         )
         if len(prompt_ids) < n_prompt:
             self.drops.event("prompt_truncated")
         if [len(c) for c in completion_ids] != n_comp:
             self.drops.event("completion_truncated")
         if len(completion_ids) == 2 and completion_ids[0] == completion_ids[1]:
-            raise Dropped("chosen_ids_equal_rejected_ids")
+            raise Dropped(formats.DROP_IDS_EQUAL, names[0],
+                          f"has the same ids as field {names[1]!r} once tokenized and truncated")
         return prompt_ids, completion_ids
 
     def _encode_text(self, prompt: str, completions) -> tuple[list[int], list[list[int]]]:
@@ -229,18 +244,26 @@ class RowTokenizer:
     """Raw row -> tokenized example | None: `formats.RowNormalizer`, then `PairTokenizer`.
 
     The pipeline's per-row callable. `drops` is the combined report: rows seen by the normalizer,
-    kept by the tokenizer, drops of both stages by reason, the tokenizer's events.
+    kept by the tokenizer, drops of both stages by reason, the tokenizer's events. `strict`: any drop
+    raises `formats.RowError` naming the row (when given) and the column at fault.
     """
 
     def __init__(
         self, tokenizer: Any, config: FormatConfig = FormatConfig(), strict: bool = False, **tokenize_kwargs
     ):
         self.normalize = RowNormalizer(config, strict=strict)
-        self.tokenize = PairTokenizer(tokenizer, **tokenize_kwargs)
+        self.tokenize = PairTokenizer(tokenizer, strict=strict, **tokenize_kwargs)
+        self.strict = strict
 
     def __call__(self, row, index: int | None = None) -> dict[str, np.ndarray] | None:
         record = self.normalize(row, index)
-        return None if record is None else self.tokenize(record, index)
+        if record is None:
+            return None
+        try:
+            return self.tokenize(record, index)
+        except RowError as err:  # name the column, not the record field
+            column = getattr(self.normalize.config, err.field, err.field) if err.field else None
+            raise err.at(field=column) from None
 
     @property
     def drops(self) -> DropCounter:

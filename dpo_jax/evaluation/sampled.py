@@ -111,7 +111,8 @@ class _TextReward:
 
 
 class CallableReward(_TextReward):
-    """`module:function`, called as fn(prompts: list[str], completions: list[str]) -> floats."""
+    """`module:function`, called as fn(prompts: list[str], completions: list[str]) -> floats. Importing
+    the module runs its code: name only modules you trust."""
 
     def __init__(self, spec: str, tok):
         super().__init__(tok)
@@ -133,7 +134,8 @@ class CallableReward(_TextReward):
 
 class ModelReward(_TextReward):
     """A Hugging Face sequence-classification reward model (one label) on CPU torch; it scores the
-    decoded prompt + completion text with its own tokenizer."""
+    decoded prompt + completion text with its own tokenizer. Weights load from safetensors only
+    (a pickled `pytorch_model.bin` could run code): a directory without them is an error."""
 
     def __init__(self, path: str, tok, batch_size: int = 64):
         # torch and transformers' PyTorch models are heavy and needed by this reward source only.
@@ -143,7 +145,8 @@ class ModelReward(_TextReward):
         super().__init__(tok)
         self.torch, self.batch_size = torch, batch_size
         self.rm_tok = transformers.AutoTokenizer.from_pretrained(path)
-        self.model = transformers.AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+        self.model = transformers.AutoModelForSequenceClassification.from_pretrained(  # never a pickle
+            path, dtype=torch.float32, use_safetensors=True).eval()
         if self.model.config.num_labels != 1:
             raise ValueError(f"reward model {path}: num_labels={self.model.config.num_labels}, "
                              "want 1 (a scalar reward)")

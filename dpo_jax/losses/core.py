@@ -163,6 +163,7 @@ class LossSpec:
     hparams: Mapping[str, HParam]
     paper: str
     uses_reference: bool = True
+    needs_pairs: bool = True  # False: a loss of the chosen completion alone (trains on unpaired rows)
     margin: Optional[Callable[[PairLogps, HParams], Array]] = None
     of_margin: Optional[Callable[[Array, HParams], Array]] = None
     d_of_margin: Optional[Callable[[Array, HParams], Array]] = None
@@ -229,6 +230,11 @@ class Objective:
     @property
     def uses_reference(self) -> bool:
         return any(s.uses_reference for s in self.specs)
+
+    @property
+    def paired_names(self) -> tuple[str, ...]:
+        """The losses of the objective that compare a pair's two completions (`LossSpec.needs_pairs`)."""
+        return tuple(n for n, s in zip(self.names, self.specs) if s.needs_pairs)
 
     def params(self, weights=None, ld_alpha: Optional[float] = None, **overrides) -> dict[str, np.ndarray]:
         known = set().union(*(s.hparams for s in self.specs))

@@ -177,7 +177,7 @@ def _token_nll(b: PairLogps) -> jax.Array:
 
 
 register(LossSpec("sft", lambda b, hp: _token_nll(b), {}, "Supervised NLL of the chosen completions (token mean)",
-                  uses_reference=False))
+                  uses_reference=False, needs_pairs=False))
 
 
 def _ipo(b, hp):

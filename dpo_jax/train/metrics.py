@@ -176,3 +176,13 @@ def fetch_members(tree: Any, members: int = 0) -> list[dict]:
 def fetch(tree: Optional[Any]) -> Optional[dict]:
     """Device -> host of a metrics dict (called one step late, so the device never waits)."""
     return None if tree is None else {k: float(v) for k, v in jax.device_get(tree).items()}
+
+
+def memory_figures(compiled) -> dict[str, int]:
+    """Bytes of a compiled function's `memory_analysis()`: temp, argument, output, alias, and the
+    peak = temp + argument + output - alias."""
+    m = compiled.memory_analysis()
+    out = {"temp": m.temp_size_in_bytes, "argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
+           "alias": m.alias_size_in_bytes}
+    out["peak"] = out["temp"] + out["argument"] + out["output"] - out["alias"]
+    return out

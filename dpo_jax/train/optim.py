@@ -8,6 +8,8 @@ then AdamW / RMSprop (as in the DPO paper) / SGD; gradient accumulation over k m
 
 from __future__ import annotations
 
+import math
+
 import optax
 
 OPTIMIZERS = ("adamw", "rmsprop", "sgd")
@@ -29,9 +31,16 @@ def check(cfg, key: str = "optim") -> None:
     the field as `key.field` (`config_check` passes 'config.optim')."""
     _choice(f"{key}.name", cfg.name, OPTIMIZERS)
     _choice(f"{key}.schedule", cfg.schedule, SCHEDULES)
-    _positive(f"{key}.lr", cfg.lr)
+    check_lr(cfg.lr, key=f"{key}.lr")
     _positive(f"{key}.grad_accum", cfg.grad_accum)
     _positive(f"{key}.warmup_steps", cfg.warmup_steps, zero_ok=True)
+
+
+def check_lr(lr, key: str = "optim.lr") -> None:
+    """A peak learning rate: finite and > 0 (a nan or inf one makes every update non-finite); the
+    message names `key` (`config_check` passes 'config.optim.lr' and 'config.sft.lr')."""
+    if lr is None or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"{key}={lr!r}; must be finite and > 0")
 
 
 def schedule(peak_lr: float, total_steps: int, warmup_steps: int = 0, kind: str = "constant",

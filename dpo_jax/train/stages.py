@@ -4,7 +4,6 @@ stage (its state, step and loop) to a trained model."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 from typing import Optional
@@ -13,31 +12,53 @@ import jax
 import numpy as np
 from flax import nnx
 
-from dpo_jax import build, losses, multihost, sharding
+from dpo_jax import build, config_check, losses, multihost, sharding
 from dpo_jax.data import formats, pipeline
+from dpo_jax.data import sources as data_sources
 from dpo_jax.models import hf, lora
 from dpo_jax.train import members, optim, reference_cache, step
 from dpo_jax.train import state as train_state
-from dpo_jax.train.loop import Stage, fit
+from dpo_jax.train.loop import Stage, fit, log_drops
 
 
 def make_stage(config, name: str, workdir: str, *, objective, hp, steps, optim_cfg, ref_mode, train_path,
                eval_path, tok, batch_size, unpaired_label: bool = False) -> Stage:
     data_cfg = build.data_config(config, train_path, pairs=batch_size)
-    train_rows, eval_rows = pipeline.load_splits(data_cfg)
+    train_rows, eval_rows = data_sources.load_splits(data_cfg)
     if eval_path:
-        eval_rows = pipeline.load_rows(eval_path)
+        eval_rows = data_sources.load_rows(eval_path)
     fmt = config.data.format
     if unpaired_label:  # SFT rows {"prompt", "completion"}: every completion is desirable
         train_rows = train_rows.map(lambda _: {"label": True})
         eval_rows = eval_rows.map(lambda _: {"label": True}) if eval_rows is not None else None
         fmt = "unpaired"
+    sources = {"train": _source(train_path, data_cfg, "train"),
+               "eval": eval_path or _source(train_path, data_cfg, "eval")}
+    for split, rows in (("train", train_rows), ("eval", eval_rows)):
+        if rows is not None:  # 'auto' is resolved from the first row, as the row normalizer resolves it
+            detected = fmt if fmt != "auto" else formats.detect_format(rows[0], formats.FormatConfig(format=fmt))
+            where = "config.data.format" if fmt != "auto" else f"{sources[split]}: detected format"
+            config_check.check_format_for_losses(detected, objective, where=where)
     tokenize_fn = pipeline.make_row_step(tok, data_cfg, formats.FormatConfig(format=fmt), strict=config.data.strict)
-    check_rows_survive(train_rows, tokenize_fn, f"{name}: config.data.source={train_path!r}")
+    report = pipeline.drop_report(train_rows, tokenize_fn, data_cfg, sources["train"], strict=config.data.strict)
+    log_drops(report)
     eval_cfg = build.data_config(config, train_path, pairs=config.data.eval_batch_size, eval_split=True)
     return Stage(name=name, workdir=workdir, objective=objective, hp=hp, steps=steps, optim_cfg=optim_cfg,
                  ref_mode=ref_mode, train_rows=train_rows, eval_rows=eval_rows, tokenize_fn=tokenize_fn,
-                 data_cfg=data_cfg, eval_data_cfg=eval_cfg)
+                 data_cfg=data_cfg, eval_data_cfg=eval_cfg, train_source=sources["train"],
+                 eval_source=sources["eval"], data_reports={"train": report})
+
+
+def _source(path: str, data_cfg: pipeline.DataConfig, split: str) -> str:
+    """How drop reports name a split: the file, and the part of it a split or held-out fraction takes
+    (row numbers then count within that part)."""
+    if split == "train" and data_cfg.eval_fraction:
+        return f"{path} (train part, {1 - data_cfg.eval_fraction:g} of split {data_cfg.train_split!r})"
+    if split == "eval" and data_cfg.eval_fraction:
+        return f"{path} (held-out {data_cfg.eval_fraction:g} of split {data_cfg.train_split!r})"
+    if split == "eval" and data_cfg.eval_split:
+        return f"{path} (split {data_cfg.eval_split!r})"
+    return path
 
 
 def precompute_reference(config, stage: Stage, reference, step_cfg: step.StepConfig, mesh, tokenizer_dir: str) -> Stage:
@@ -70,18 +91,6 @@ def precompute_reference(config, stage: Stage, reference, step_cfg: step.StepCon
                                eval_data_cfg=dataclasses.replace(stage.eval_data_cfg, **scalars))
 
 
-def check_rows_survive(rows, tokenize_fn, where: str, probe: int = 256) -> None:
-    """Fail fast (rather than let a repeating iterator search forever) when the first rows of a
-    dataset are all dropped by formatting or tokenization; the error lists the drop reasons."""
-    if len(rows) == 0:
-        raise ValueError(f"{where}: the dataset is empty")
-    step = copy.deepcopy(tokenize_fn)  # keep the real counters untouched
-    n = min(len(rows), probe)
-    if all(step(rows[i]) is None for i in range(n)):
-        drops = step.drops.as_dict() if hasattr(step, "drops") else {}
-        raise ValueError(f"{where}: all of the first {n} rows were dropped; reasons: {drops.get('dropped', drops)}")
-
-
 def run_stage(config, stage: Stage, model, reference, mesh, writer, preempt, peak_flops, tokenizer_dir="",
               writers=None):
     """Build the state and step of `stage`, train it, and return (trained model, state, final eval).
@@ -96,7 +105,7 @@ def run_stage(config, stage: Stage, model, reference, mesh, writer, preempt, pea
     if num_members:
         state, state_sh = members.stack_state(state, state_sh, num_members)
     step_cfg = step.StepConfig(graphdef=graphdef, objective=stage.objective, tx=tx, lr=lr, ref_mode=stage.ref_mode,
-                               grad_accum=stage.optim_cfg.grad_accum, capacity=config.logprobs.capacity or None,
+                               grad_accum=stage.optim_cfg.grad_accum,
                                chunk_size=config.logprobs.chunk_size, vocab_chunk_size=config.logprobs.vocab_chunk_size,
                                lora=lora_cfg, members=num_members)
     if stage.ref_mode == "precomputed":

@@ -48,7 +48,6 @@ class StepConfig:
     lr: Callable[[Any], Any]
     ref_mode: str = "frozen"
     grad_accum: int = 1
-    capacity: Optional[int] = None  # logits only at this many completion positions (None: all)
     chunk_size: int = logprobs.DEFAULT_CHUNK_SIZE
     vocab_chunk_size: int = logprobs.DEFAULT_VOCAB_CHUNK_SIZE
     naive_logits: bool = False  # plain [N, V] float32 logits instead of the chunked path (for comparison)
@@ -90,7 +89,7 @@ def model_logps(cfg: StepConfig, params, batch) -> logprobs.SequenceLogps:
                          segment_ids_BxT=batch["segment_ids_BxT"], branch_ids_BxT=batch["branch_ids_BxT"])
     w_DxV, b_V = model.unembedding()
     return logprobs.completion_logps(hidden_BxTxD, w_DxV, batch, batch["pair_mask_P"].shape[0], bias_V=b_V,
-                                     capacity=cfg.capacity, chunk_size=cfg.chunk_size,
+                                     chunk_size=cfg.chunk_size,
                                      vocab_chunk_size=cfg.vocab_chunk_size, naive=cfg.naive_logits)
 
 
@@ -142,12 +141,14 @@ def batch_metrics(cfg: StepConfig, pairs: losses.PairLogps, loss, terms, hp, bat
 
 
 def _member_update(cfg: StepConfig, params, opt_state, hp, *, count, base_params, ref, batch):
-    """Loss, gradient and optimizer update of one policy; the state is kept when not finite."""
+    """Loss, gradient and optimizer update of one policy. The update is committed only when what it
+    would commit is finite: the loss, the gradient norm, every updated parameter and every optimizer
+    state entry (a NaN learning rate or an overflowing parameter is caught as well as a NaN loss)."""
     (loss, (pairs, terms)), grads = jax.value_and_grad(_loss, has_aux=True)(params, cfg, ref, batch, hp, base_params)
     grad_norm = optax.global_norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = cfg.tx.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite((new_params, new_opt_state))
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
     metrics = batch_metrics(cfg, pairs, loss, terms, hp, batch)
     metrics.update({"grad_norm": grad_norm, "learning_rate": cfg.lr(count // cfg.grad_accum),
@@ -155,9 +156,16 @@ def _member_update(cfg: StepConfig, params, opt_state, hp, *, count, base_params
     return keep(new_params, params), keep(new_opt_state, opt_state), metrics
 
 
+def all_finite(tree) -> jax.Array:
+    """True iff every floating-point entry of `tree` is finite (integer leaves, e.g. counts, pass)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
+
+
 def train_step(cfg: StepConfig, state: TrainState, batch, hp) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer (micro-)step. A non-finite loss or gradient leaves params and optimizer state
-    unchanged and reports `nonfinite` = 1; the training loop decides whether to stop or go on.
+    """One optimizer (micro-)step. A step whose loss, gradient, updated parameters or optimizer state
+    are not finite leaves params and optimizer state unchanged and reports `nonfinite` = 1; the
+    training loop decides whether to stop or go on.
 
     Fused members (`cfg.members` = K > 0): params and optimizer state carry a leading axis K, every
     hyper-parameter in `hp` is an array [K, ...], and one policy update per member runs (`lax.map`)

@@ -115,7 +115,7 @@ def test_missing_column_error_lists_found_columns_and_schemas():
 
 BAD_ROWS = [
     {"prompt": "p ", "chosen": "a", "rejected": "b"},  # kept
-    {"prompt": "p ", "chosen": None, "rejected": "b"},  # chosen_not_string
+    {"prompt": "p ", "chosen": None, "rejected": "b"},  # chosen_null
     {"prompt": "p ", "chosen": "a", "rejected": 3},  # rejected_not_string
     {"prompt": "", "chosen": "a", "rejected": "b"},  # prompt_empty
     {"prompt": "p ", "chosen": "  \n", "rejected": "b"},  # chosen_empty
@@ -134,7 +134,7 @@ def test_drops_are_counted_by_reason():
     assert summary["dropped"] == {
         "chosen_empty": 1,
         "chosen_equals_rejected": 2,
-        "chosen_not_string": 1,
+        "chosen_null": 1,
         "prompt_empty": 1,
         "rejected_not_string": 1,
     }
@@ -175,18 +175,22 @@ def test_bad_messages_labels_and_implicit_rows_are_dropped():
 
 
 def test_strict_mode_names_row_and_field():
-    with pytest.raises(
-        RowError, match=r"row 1: column 'chosen' is NoneType, expected a string \(chosen_not_string\)"
-    ):
+    with pytest.raises(RowError) as err:
         normalize_rows(BAD_ROWS, strict=True)
+    assert str(err.value) == "row 1: field 'chosen' is null (chosen_null)"
+    assert (err.value.row, err.value.field, err.value.reason) == (1, "chosen", "chosen_null")
+    with pytest.raises(RowError, match=r"^row 1: field 'rejected' is int, expected a string \(rejected_not_string\)$"):
+        normalize_rows(BAD_ROWS[:1] + BAD_ROWS[2:], strict=True)
     cfg = FormatConfig(prompt="q", chosen="good", rejected="bad")
     rows = [
         {"q": "p ", "good": "a", "bad": "b"},
         {"q": "p ", "good": "a", "bad": "b"},
         {"q": " ", "good": "a", "bad": "b"},
     ]
-    with pytest.raises(RowError, match=r"row 2: column 'q' is empty"):
+    with pytest.raises(RowError, match=r"^row 2: field 'q' is empty \(prompt_empty\)$"):
         normalize_rows(rows, cfg, strict=True)
+    located = pickle.loads(pickle.dumps(RowError("is empty", "q", "prompt_empty", 2).at(source="pairs.jsonl")))
+    assert str(located) == "pairs.jsonl row 2: field 'q' is empty (prompt_empty)" and located.row == 2
 
 
 def test_drop_counter_merge_and_pickle():

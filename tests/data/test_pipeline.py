@@ -1,4 +1,4 @@
-"""Data pipeline: sources, splits, checkpointable grain iterator, process shards, buckets, eval."""
+"""Data pipeline: checkpointable grain iterator, process shards, buckets, eval, drop reports."""
 
 import json
 
@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dpo_jax.data import pipeline as P
+from dpo_jax.data import sources as S
 
 ID0 = 1000  # row i's prompt starts with token ID0 + i: the id a batch carries back
 
@@ -157,10 +158,17 @@ def test_too_long_examples_are_dropped_and_reported():
     ids = [i for b in _iterator(rows, config) for i in _batch_ids(b)]
     too_long = {4, 9, 14, 19}
     assert sorted(ids) == sorted(set(_kept_ids(20)) - too_long)
-    report = P.data_report(rows, tokenize, config)
+    report = P.drop_report(rows, tokenize, config, "rows.jsonl")
     assert report["rows_read"] == 20
-    assert report["dropped"] == {"tokenize": 3, "too_long": 4}
-    assert report["kept"] == 13
+    assert P.drop_reasons(report) == {"tokenize": 3, "too_long": 4}
+    assert report["dropped_rows/too_long"] == [4, 9, 14, 19] and report["dropped_rows/tokenize"] == [3, 10, 17]
+    assert report["kept"] == 13 and report["dropped"] == 7
+    assert P.drop_summary(report) == (
+        "rows.jsonl: dropped 7 of 20 rows: too_long 4 (rows 4, 9, 14, 19), tokenize 3 (rows 3, 10, 17)")
+    with pytest.raises(P.formats.RowError, match=r"^rows.jsonl row 3: the tokenize step dropped the row \(tokenize\)$"):
+        P.drop_report(rows, tokenize, config, "rows.jsonl", strict=True)
+    with pytest.raises(P.formats.RowError, match=r"^rows.jsonl row 4: the example fits no batch of the layout"):
+        P.drop_report(rows, keep_all, config, "rows.jsonl", strict=True)
 
 
 @pytest.mark.parametrize("layout", ["standard", "prefix", "packed"])
@@ -179,7 +187,8 @@ def test_eval_batches_cover_every_example_once(layout):
     assert counts[0] == counts[1], "every process runs the same number of eval batches"
     assert sorted(all_ids) == _kept_ids(23)
     assert {k: v for k, v in report.items() if k != "layout_tokens"} == {
-        "rows_read": 23, "kept": 20, "dropped": {"tokenize": 3}, "events": {}
+        "source": None, "rows_read": 23, "kept": 20, "dropped": 3, "dropped/tokenize": 3,
+        "dropped_rows/tokenize": [3, 10, 17],
     }
     single, _ = P.make_eval_batches(rows, tokenize, config, process_index=0, process_count=1)
     assert [i for b in single for i in _batch_ids(b)] == _kept_ids(23)
@@ -187,57 +196,6 @@ def test_eval_batches_cover_every_example_once(layout):
         assert len(single) == 5 and single[-1]["pair_mask_P"].tolist() == [1, 1, 1, 1]
         padded, _ = P.make_eval_batches(rows[:20], tokenize, config, process_index=0, process_count=1)
         assert padded[-1]["pair_mask_P"].tolist() == [1, 0, 0, 0]  # 17 kept rows = 4 * 4 + 1
-
-
-def _write_sources(tmp_path, rows):
-    import datasets
-
-    ds = datasets.Dataset.from_list(rows)
-    paths = {}
-    paths["jsonl"] = tmp_path / "pairs.jsonl"
-    paths["jsonl"].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    paths["parquet"] = tmp_path / "pairs.parquet"
-    ds.to_parquet(str(paths["parquet"]))
-    paths["saved"] = tmp_path / "saved"
-    ds.save_to_disk(str(paths["saved"]))
-    paths["saved_dict"] = tmp_path / "saved_dict"
-    datasets.DatasetDict({"train": ds.select(range(8)), "test": ds.select(range(8, 10))}).save_to_disk(
-        str(paths["saved_dict"])
-    )
-    return paths
-
-
-def test_sources_read_local_files_and_saved_datasets(tmp_path):
-    rows = _rows(10)
-    paths = _write_sources(tmp_path, rows)
-    cache = str(tmp_path / "cache")
-    for kind in ("jsonl", "parquet", "saved"):
-        loaded = P.load_rows(str(paths[kind]), cache_dir=cache)
-        assert len(loaded) == 10, kind
-        assert [dict(r) for r in loaded] == rows, kind
-    config = P.DataConfig(path=str(paths["saved_dict"]), eval_split="test", cache_dir=cache)
-    train, evaluation = P.load_splits(config)
-    assert [r["prompt"][0] - ID0 for r in train] == list(range(8))
-    assert [r["prompt"][0] - ID0 for r in evaluation] == [8, 9]
-    with pytest.raises(ValueError, match="no split 'validation'"):
-        P.load_rows(str(paths["saved_dict"]), split="validation")
-    bad = tmp_path / "pairs.txt"
-    bad.write_text("x")
-    with pytest.raises(ValueError, match="unknown extension '.txt'"):
-        P.load_rows(str(bad))
-    # The whole path: a jsonl file -> fraction split -> train iterator and eval batches.
-    config = _config(path=str(paths["jsonl"]), eval_fraction=0.2, split_seed=1, cache_dir=cache, num_epochs=1)
-    train, evaluation = P.load_splits(config)
-    assert len(train) == 8 and len(evaluation) == 2
-    train_ids = {r["prompt"][0] - ID0 for r in train}
-    eval_ids = {r["prompt"][0] - ID0 for r in evaluation}
-    assert not train_ids & eval_ids and train_ids | eval_ids == set(range(10))
-    again = P.load_splits(config)
-    assert {r["prompt"][0] - ID0 for r in again[1]} == eval_ids, "split is seeded"
-    ids = [i for b in _iterator(train, config) for i in _batch_ids(b)]
-    assert set(ids) <= train_ids and len(ids) == 4  # 8 rows, drops 3 -> 7 kept -> one full batch
-    batches, report = P.make_eval_batches(evaluation, tokenize, config, process_index=0, process_count=1)
-    assert report["rows_read"] == 2
 
 
 def test_config_errors_name_the_field():
@@ -250,13 +208,14 @@ def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="process_index=2"):
         P.make_train_iterator(_rows(4), tokenize, _config(), process_index=2, process_count=2)
     with pytest.raises(ValueError, match="DataConfig.path"):
-        P.load_splits(P.DataConfig())
+        S.load_splits(P.DataConfig())
 
 
 def test_report_counts_by_reason():
     rows = _rows(14)
-    report = P.data_report(rows, tokenize, _config())
-    assert report["dropped"] == {"tokenize": 2} and report["kept"] == 12
+    report = P.drop_report(rows, tokenize, _config())
+    assert P.drop_reasons(report) == {"tokenize": 2} and report["kept"] == 12
+    assert json.loads(json.dumps(report)) == report
     spec = _config().layout_spec()
     tokens = sum(sum(spec.segment_lengths(tokenize(r))) for r in rows if tokenize(r) is not None)
     assert report["layout_tokens"] == tokens
@@ -271,7 +230,7 @@ def test_row_step_from_formats_and_tokenize(trl_fixture_dir, tmp_path, num_threa
 
     tokenizer = AutoTokenizer.from_pretrained(trl_fixture_dir / "policy")
     config = _config(max_length=24, layout="prefix", num_epochs=1, drop_remainder=False, num_threads=num_threads)
-    rows = P.load_rows(str(trl_fixture_dir / "pairs.jsonl"), cache_dir=str(tmp_path))
+    rows = S.load_rows(str(trl_fixture_dir / "pairs.jsonl"), cache_dir=str(tmp_path))
     bad = [{"prompt": "w1 ", "chosen": "w2", "rejected": "w2"}]
     rows = bad + [dict(r) for r in rows]
     step = P.make_row_step(tokenizer, config)
@@ -280,7 +239,11 @@ def test_row_step_from_formats_and_tokenize(trl_fixture_dir, tmp_path, num_threa
     want = reference.drops.as_dict()
     kept, report = P.tokenize_all(rows, step, config)
     assert report["rows_read"] == 17 and report["kept"] == want["kept"] == len(kept)
-    assert report["dropped"] == want["dropped"] and "chosen_equals_rejected" in report["dropped"]
+    assert P.drop_reasons(report) == want["dropped"] and report["dropped_rows/chosen_equals_rejected"] == [0]
+    long_rows = [i for i, e in enumerate(expected) if e is None and i > 0]
+    assert report["dropped_rows/prompt_fills_max_length"] == long_rows[: P.ROWS_LISTED]
+    assert {k: v for k, v in report.items() if k.startswith("events/")} == {
+        f"events/{k}": v for k, v in want["events"].items()}
     assert step.drops.as_dict()["seen"] == 0, "the report pass leaves the caller's counters alone"
     kept_expected = [e for e in expected if e is not None]
     for got, ref in zip(kept, kept_expected):

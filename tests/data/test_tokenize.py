@@ -11,7 +11,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from dpo_jax.data.formats import DropCounter, Pair, Unpaired, normalize_rows
+from dpo_jax.data.formats import DropCounter, FormatConfig, Pair, RowError, Unpaired, normalize_rows
 from dpo_jax.data.tokenize import BoundaryWarning, Dropped, PairTokenizer, RowTokenizer, truncate_ids
 
 BOS, EOS, USER, ASSISTANT = 1, 2, 4, 5
@@ -126,6 +126,29 @@ def test_unfit_pairs_are_dropped_and_counted(fixture_tokenizer):
     }
     assert (drops.seen, drops.kept) == (5, 2)
     assert drops.events["completion_truncated"] == 2
+
+
+def test_strict_drops_raise_naming_the_row_and_field(fixture_tokenizer):
+    pair = Pair(w(1, 2, 3, 4) + " ", w(5, 6, 7), w(8))  # prompt: 4 ids; chosen: 3 ids + EOS
+    with pytest.raises(RowError) as err:
+        PairTokenizer(fixture_tokenizer, max_length=4, strict=True)(pair, index=3)
+    assert str(err.value) == ("row 3: field 'prompt' has 4 tokens, filling max_length=4 with no room for a "
+                              "completion (prompt_fills_max_length)")
+    with pytest.raises(RowError, match=r"^field 'chosen' has 4 tokens, filling max_length=4 \(keep_end never cuts"):
+        PairTokenizer(fixture_tokenizer, max_length=4, truncation_mode="keep_end", strict=True)(pair)
+    same = Pair(w(1) + " ", w(5, 6), w(5, 7))
+    with pytest.raises(RowError, match=r"^row 0: field 'chosen' has the same ids as field 'rejected' once tokenized"):
+        PairTokenizer(fixture_tokenizer, max_length=2, strict=True)(same, index=0)
+    drops = DropCounter()
+    assert PairTokenizer(fixture_tokenizer, max_length=2, drops=drops)(same, index=0) is None
+    assert dict(drops.dropped) == {"chosen_ids_equal_rejected_ids": 1}
+    # RowTokenizer names the configured column, not the record field.
+    row = {"question": w(1, 2, 3, 4) + " ", "good": w(5), "bad": w(6)}
+    step = RowTokenizer(fixture_tokenizer, FormatConfig(prompt="question", chosen="good", rejected="bad"),
+                        strict=True, max_length=4)
+    with pytest.raises(RowError, match=r"^row 7: field 'question' has 4 tokens"):
+        step(row, 7)
+    assert step.strict and pickle.loads(pickle.dumps(step)).tokenize.strict
 
 
 @hypothesis.given(

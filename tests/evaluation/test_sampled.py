@@ -247,3 +247,21 @@ def test_training_run_reports_sampled_and_exact_metrics(tmp_path):
     assert report["exact/kl"] == pytest.approx(sx.kl_to_ref(w, star, content), rel=1e-9)
     assert report["exact/reward"] == pytest.approx(sx.expected_reward(w, star, content), rel=1e-9)
 
+
+
+def test_reward_model_without_safetensors_is_refused(tmp_path, world_tokenizer):
+    """A pickled `pytorch_model.bin` could run code when loaded: only safetensors weights load."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    cfg = LlamaConfig(vocab_size=12, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, num_labels=1, pad_token_id=0, eos_token_id=EOS, bos_token_id=1)
+    model = LlamaForSequenceClassification(cfg)
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # the pickled weights format
+    assert not list(tmp_path.glob("*.safetensors"))
+    shutil.copytree(world_tokenizer[0], tmp_path, dirs_exist_ok=True)
+    with pytest.raises((OSError, ValueError), match="safetensors"):
+        ev.make_reward(str(tmp_path), tok=world_tokenizer[1])

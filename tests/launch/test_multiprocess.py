@@ -37,7 +37,7 @@ CPU_JOB = ["--nodes=1", "--ntasks=2", "--cpus-per-task=1", "--gpus-per-node=0", 
 def _env(**extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_", "TPU_"))}
     env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([str(REPO), str(HELPERS)]),
-               **extra)
+               PYTHON=sys.executable, **extra)  # PYTHON: the interpreter slurm.sbatch runs (this one)
     return env
 
 

@@ -1,9 +1,7 @@
-"""Checkpointer: bitwise round trips, sharded restore, grain iterator resume, pruning, atomicity,
-and the preemption flag."""
+"""Checkpointer: bitwise round trips, sharded restore, grain iterator resume, pruning, atomicity."""
 
 import os
 import shutil
-import signal
 
 import grain
 import jax
@@ -14,7 +12,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dpo_jax.train.checkpoint import Checkpointer, abstract_target, install_sigterm_handler
+from dpo_jax.train.checkpoint import Checkpointer, abstract_target
 from dpo_jax.train.step import TrainState
 
 
@@ -209,31 +207,3 @@ def test_incomplete_checkpoint_is_ignored(tmp_path):
         ckpt.wait()
         assert ckpt.latest_step() == 2
     assert not tmp.exists()  # leftovers are cleaned up when the directory is opened
-
-
-def test_sigterm_sets_flag_and_uninstall_restores():
-    before = signal.getsignal(signal.SIGTERM)
-    flag = install_sigterm_handler()
-    try:
-        assert not flag.requested
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert flag.requested and flag.signum == signal.SIGTERM
-    finally:
-        flag.uninstall()
-    assert signal.getsignal(signal.SIGTERM) is before
-
-    before_int = signal.getsignal(signal.SIGINT)
-    with install_sigterm_handler(sigint=True) as flag:
-        os.kill(os.getpid(), signal.SIGINT)
-        assert flag.requested and flag.signum == signal.SIGINT
-        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C really interrupts
-            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
-    assert signal.getsignal(signal.SIGINT) is before_int
-
-
-def test_one_process_stops_at_the_first_boundary_after_sigterm():
-    with install_sigterm_handler() as flag:
-        assert not flag.coordinated  # no jax.distributed: SIGTERM is ours
-        assert [flag.reached() for _ in range(3)] == [False] * 3
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert flag.reached() and flag.reached()

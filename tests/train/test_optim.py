@@ -133,8 +133,12 @@ def test_invalid_settings_name_the_key():
         optim.make_optimizer(optim_cfg(schedule="cosin"), 10)
     with pytest.raises(ValueError, match=r"optim\.schedule='exp'"):
         optim.schedule(1.0, 10, 0, "exp")
-    with pytest.raises(ValueError, match=r"optim\.lr"):
-        optim.make_optimizer(optim_cfg(lr=0.0), 10)
+    for bad in (0.0, -1e-3, float("nan"), float("inf"), None):
+        with pytest.raises(ValueError, match=rf"^optim\.lr={bad!r}; must be finite and > 0$"):
+            optim.make_optimizer(optim_cfg(lr=bad), 10)
+    with pytest.raises(ValueError, match=r"^config\.sft\.lr=nan; must be finite and > 0$"):
+        optim.check_lr(float("nan"), key="config.sft.lr")
+    optim.check_lr(1e-6)
     with pytest.raises(ValueError, match=r"optim\.grad_accum"):
         optim.make_optimizer(optim_cfg(grad_accum=0), 10)
     with pytest.raises(ValueError, match=r"optim\.warmup_steps"):

@@ -115,6 +115,38 @@ def test_nonfinite_step_is_not_applied():
         np.testing.assert_array_equal(a, np.asarray(b))
 
 
+@pytest.mark.parametrize("tx,finite_steps", [
+    (optax.sgd(float("nan")), 0),  # a NaN learning rate: the update is NaN at once
+    (optax.sgd(1e-30, momentum=1e38), 2),  # the momentum trace overflows at step 3; params barely move
+], ids=["nan_lr", "optimizer_state_overflow"])
+def test_nonfinite_update_is_not_applied(tx, finite_steps):
+    """Loss and gradient finite, the update not: the guard looks at what would be committed."""
+    mesh = one_device_mesh()
+    obj = losses.Objective(("sigmoid",))
+    policy = Decoder(CFG, rngs=nnx.Rngs(0))
+    state, state_sh, graphdef = train_state.init_state(policy, Decoder(CFG, rngs=nnx.Rngs(1)), tx, mesh, seed=0)
+    cfg = step.StepConfig(graphdef=graphdef, objective=obj, tx=tx, lr=lambda s: 0.0, chunk_size=64, vocab_chunk_size=32)
+    train_fn = loop.compiled_steps(cfg, state_sh, mesh, layouts.BATCH_KEYS)[0]
+    batch = sharding.global_batch(make_batches(steps=1)[0], mesh)
+    for _ in range(finite_steps):
+        state, m = train_fn(state, batch, obj.params())
+        assert float(m["nonfinite"]) == 0.0
+    before = jax.tree.map(np.asarray, (state.params, state.opt_state))
+    state, m = train_fn(state, batch, obj.params())
+    assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
+    assert float(m["nonfinite"]) == 1.0
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves((state.params, state.opt_state))):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    assert int(state.step) == finite_steps + 1
+
+
+def test_all_finite_looks_at_floating_leaves_only():
+    assert bool(step.all_finite({"a": jnp.ones(3), "count": jnp.int32(7)}))
+    assert not bool(step.all_finite({"a": jnp.array([1.0, jnp.inf]), "count": jnp.int32(7)}))
+    assert not bool(step.all_finite([jnp.zeros(2), (jnp.array(jnp.nan, jnp.bfloat16),)]))
+    assert bool(step.all_finite({}))
+
+
 @pytest.mark.parametrize("layout,scan", [("standard", True), ("prefix", True), ("standard", False)])
 def test_sharded_equals_unsharded(layout, scan):
     """Five steps on a data=2, fsdp=2, tensor=2 mesh of 8 CPU devices give the one-device losses

@@ -1,0 +1,157 @@
+r"""Our train step against TRL's DPOTrainer, same model and pairs, in one process.
+
+    python benchmarks/trl_compare.py --repeats 5 [bench flags] [--trl-steps N]
+
+Prints the bench's JSON line (`python -m dpo_jax.bench`) with two more keys: `trl` (TRL's step
+time, tokens/s and versions) and `speedup_vs_trl` (our tokens/s over TRL's).
+Needs the `bench` extra (`pip install -e '.[bench]'`: torch and TRL). The bench flags
+(`python -m dpo_jax.bench --help`) choose the model and pairs; TRL trains the same random model,
+exported in Hugging Face format, on the same pairs, in the same process. After every `--trl-steps`
+timed TRL steps (0 = `--steps`) one round of our step runs, so both see the same machine load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+from dpo_jax import host_memory
+
+if __name__ == "__main__":  # before the heavy imports: the process may be re-executed
+    host_memory.reexec_with_hugepages()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from flax import nnx  # noqa: E402
+
+from dpo_jax import bench  # noqa: E402
+from dpo_jax.models import hf, transformer  # noqa: E402
+
+
+def word_tokenizer(vocab_size: int, out_dir: str):
+    """Word level: '<pad>' 0, '<s>' 1, '</s>' 2, '<unk>' 3, 'w<i>' = id i ('w5 w9' -> [5, 9]), no BOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"])}
+    words.update({f"w{i}": i for i in range(4, vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                     unk_token="<unk>")
+    hf_tok.save_pretrained(out_dir)
+    return hf_tok
+
+
+def check(cfg: bench.BenchConfig) -> None:
+    """TRL runs here as float32 with a frozen reference; the benchmark must match."""
+    if cfg.ref_mode != "frozen" or cfg.dtype != "float32" or cfg.param_dtype != "float32":
+        raise ValueError("the TRL comparison needs --ref-mode frozen, --dtype float32 and --param-dtype float32")
+
+
+def tokens_per_pair(examples: list[dict]) -> float:
+    """Mean input tokens of a pair as TRL counts them: 2n + a + b."""
+    total = sum(2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples)
+    return total / len(examples)
+
+
+def trl_bench(cfg: bench.BenchConfig, timer: bench.StepTimer, steps_per_round: int) -> dict:
+    """TRL's DPOTrainer (float32 CPU, same batch size, frozen reference, no gradient checkpointing) on
+    the same random model exported with `hf.export_model`, and the same pairs. After every
+    `steps_per_round` timed TRL steps a trainer callback runs one round of our step. A TRL step is
+    timed from `on_step_begin` to `on_step_end`: forward, backward, gradient clipping and the AdamW
+    update (`between_steps_s`: the trainer's work between steps, next batch and logging, reported
+    apart, as our side's batch building is left out)."""
+    import datasets
+    import torch
+    import transformers
+    import trl
+
+    datasets.disable_progress_bars()
+    with tempfile.TemporaryDirectory(prefix="dpo_jax_trl_compare_") as tmp:
+        tok = word_tokenizer(cfg.vocab_size, os.path.join(tmp, "tokenizer"))
+        model = transformer.Decoder(timer.model_cfg, rngs=nnx.Rngs(cfg.seed))  # our policy's initial weights
+        hf.export_model(model, os.path.join(tmp, "model"), tokenizer_dir=os.path.join(tmp, "tokenizer"))
+        load = lambda: transformers.AutoModelForCausalLM.from_pretrained(  # noqa: E731
+            os.path.join(tmp, "model"), dtype=torch.float32)
+        examples = [e for g in timer.groups for e in g]
+        text = lambda ids: " ".join(f"w{int(i)}" for i in ids)  # noqa: E731
+        rows = [{"prompt": text(e["prompt_ids"]) + " ", "chosen": text(e["chosen_ids"][:-1]),
+                 "rejected": text(e["rejected_ids"][:-1])} for e in examples]  # TRL appends the EOS
+        warmup = max(cfg.warmup, 3)
+        args = trl.DPOConfig(output_dir=tmp, per_device_train_batch_size=cfg.pairs, beta=0.1,
+                             learning_rate=bench.LR, max_steps=warmup + steps_per_round * cfg.repeats,
+                             use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, max_length=None,
+                             report_to=[], save_strategy="no", logging_steps=10**9, disable_tqdm=True,
+                             dataloader_num_workers=0, seed=cfg.seed)
+        trainer = trl.DPOTrainer(model=load(), ref_model=load(), args=args, processing_class=tok,
+                                 train_dataset=datasets.Dataset.from_list(rows))
+        for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            if list(trainer.train_dataset[0][key]) != [int(i) for i in examples[0][key]]:
+                raise ValueError(f"TRL tokenized {key} of pair 0 differently from the benchmark")
+
+        class Interleave(transformers.TrainerCallback):
+            def __init__(self):
+                self.t0, self.end, self.times, self.between = 0.0, None, [], []
+
+            def on_step_begin(self, *_, **__):
+                self.t0 = time.perf_counter()
+                if self.end is not None:  # the trainer's own work between steps: next batch, logging
+                    self.between.append(self.t0 - self.end)
+
+            def on_step_end(self, *_, **__):
+                self.times.append(time.perf_counter() - self.t0)
+                timed = len(self.times) - warmup
+                if timed > 0 and timed % steps_per_round == 0:
+                    timer.round()
+                self.end = time.perf_counter()
+
+        cb = Interleave()
+        trainer.add_callback(cb)
+        with contextlib.redirect_stdout(sys.stderr):  # the trainer prints a summary; stdout is the JSON line
+            trainer.train()
+    timed = cb.times[warmup:]
+    rounds = [statistics.mean(timed[i:i + steps_per_round]) for i in range(0, len(timed), steps_per_round)]
+    step_s = statistics.median(rounds)
+    tokens_per_step = tokens_per_pair(examples) * cfg.pairs  # exact for fixed lengths, else the dataset's mean
+    between = statistics.median(cb.between[warmup:]) if len(cb.between) > warmup else 0.0
+    return {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "step_time_s": step_s,
+            "step_time_rounds_s": [round(r, 5) for r in rounds], "between_steps_s": between,
+            "tokens_per_s_with_between": tokens_per_step / (step_s + between), "tokens_per_step": tokens_per_step,
+            "tokens_per_s": tokens_per_step / step_s, "pairs_per_s": cfg.pairs / step_s,
+            "layout": "standard (TRL pads chosen and rejected rows; padding_free is disabled in TRL 1.16)"}
+
+
+def run(cfg: bench.BenchConfig, trl_steps: int = 0) -> dict:
+    """Compile and warm up our step, time TRL with our rounds in between, report both."""
+    check(cfg)
+    load = os.getloadavg()[0]
+    timer = bench.StepTimer(cfg)
+    timer.warmup()
+    trl_out = trl_bench(cfg, timer, trl_steps or cfg.steps)
+    out = bench.finish(timer, load)
+    out["trl"] = trl_out
+    out["speedup_vs_trl"] = out["tokens_per_s"] / trl_out["tokens_per_s"]
+    return out
+
+
+def main(argv=None) -> int:
+    ap = bench.arg_parser("python benchmarks/trl_compare.py", __doc__.splitlines()[0])
+    ap.add_argument("--trl-steps", type=int, default=0, help="timed TRL steps per round (0 = --steps)")
+    args = ap.parse_args(argv)
+    cfg = bench.config_from_args(ap, args)
+    try:
+        check(cfg)
+    except ValueError as e:
+        ap.error(str(e))
+    print(json.dumps(run(cfg, args.trl_steps)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
