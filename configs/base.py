@@ -33,6 +33,8 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
         param_dtype="float32",  # master weights
         remat="none",           # none | full | dots | dots_all
         scan_min_layers=9,      # scan the layer stack from this depth (shallower: unrolled, faster; 0 = always)
+        attention="auto",       # dense | blockwise (memory linear in the row length) | auto: blockwise from
+                                # models/attention.py AUTO_MIN_LENGTH tokens per row (docs/performance.md)
         tokenizer="",           # tokenizer dir; empty = model.path, or the synthetic world's tokenizer
         lora=dict(rank=0, alpha=16.0, targets=("attention", "mlp")),  # rank 0 = full fine-tuning
     )
@@ -108,7 +110,8 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
 
     # --- the synthetic Markov preference world (data.source = 'synthetic')
     c.synthetic = dict(vocab_size=8, prompt_len=4, completion_len=8, dirichlet_alpha=1.0, reward_scale=1.0,
-                       world_seed=0, n_sft=20000, n_pairs=20000, n_eval=512, label="bradley_terry")
+                       world_seed=0, n_sft=20000, n_pairs=20000, n_eval=512, label="bradley_terry",
+                       mask_logits=False)  # True: every model's softmax over the world's content tokens and EOS
 
     # --- evaluation (end of training and every train.eval_every steps)
     c.eval = dict(

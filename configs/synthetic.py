@@ -5,20 +5,22 @@ then writes report.json with the distance to the exact optimum. Sized to finish 
 in a few minutes:
   python -m dpo_jax.main --config=configs/synthetic.py --workdir=/tmp/dpo_synthetic
 Arguments (`configs/synthetic.py:key=value,...`, see `configs/common.py`): `beta` (1.0), `loss`
-(sigmoid), `steps` (600), `runlocal` (`runlocal=1`: a seconds-long smoke run).
+(sigmoid), `steps` (600), `mask` (`mask=1`: every model's softmax restricted to the world's content
+tokens and EOS, `synthetic.mask_logits`), `runlocal` (`runlocal=1`: a seconds-long smoke run).
 """
 
 from configs import base
 from configs.common import parse_args
 
 CONFIG = "configs/synthetic.py"
-ARGS = {"beta": 1.0, "loss": "sigmoid", "steps": 600, "runlocal": False}
+ARGS = {"beta": 1.0, "loss": "sigmoid", "steps": 600, "mask": False, "runlocal": False}
 
 
 def get_config(arg: str = ""):
     a = parse_args(arg, ARGS, CONFIG)
     c = base.get_config()
-    c.synthetic.update(vocab_size=8, prompt_len=4, completion_len=8, n_sft=20000, n_pairs=20000, n_eval=512)
+    c.synthetic.update(vocab_size=8, prompt_len=4, completion_len=8, n_sft=20000, n_pairs=20000, n_eval=512,
+                       mask_logits=a["mask"])
     # content tokens + <pad> <s> </s> <unk>: vocab 12; a 4-token prompt + 8 + EOS fits max_length 16
     c.model.arch.update(family="llama", hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4,
                         num_kv_heads=2, max_position_embeddings=64)

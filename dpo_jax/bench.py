@@ -54,20 +54,20 @@ from dpo_jax import build, config_check, sharding  # noqa: E402
 from dpo_jax.train import loop, metrics, optim, step  # noqa: E402
 from dpo_jax.train import state as train_state  # noqa: E402
 from dpo_jax.data import layouts  # noqa: E402
-from dpo_jax.models import transformer  # noqa: E402
+from dpo_jax.models import attention, transformer  # noqa: E402
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3  # special ids of the synthetic tokens (and of the TRL comparison's tokenizer)
 LR = 1e-6  # AdamW's constant learning rate
 # Keys of the JSON line of a timed run (docs/performance.md describes each).
 KEYS = ("step_time_s", "pairs_per_s", "tokens_per_s", "real_tokens_per_s", "padded_tokens_per_s",
         "model_flops_per_step", "model_flops_per_s", "flop_model", "peak_flops_per_s", "peak_source", "mfu",
-        "peak_memory_bytes", "memory_bytes", "batch_shape", "config", "env")
+        "peak_memory_bytes", "memory_bytes", "batch_shape", "attention", "config", "env")
 _BASE = base.get_config()
 _ARCH = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
          "tie_embeddings")
 # BenchConfig field -> the training config key it sets.
 TRAINING_KEYS = {**{f: f"model.arch.{f}" for f in _ARCH},
-                 **{f: f"model.{f}" for f in ("dtype", "param_dtype", "remat", "scan_min_layers")},
+                 **{f: f"model.{f}" for f in ("dtype", "param_dtype", "remat", "scan_min_layers", "attention")},
                  **{f: f"data.{f}" for f in ("layout", "logit_slots", "min_bucket", "pack_length",
                                               "prefix_min_saving")},
                  **{f: f"logprobs.{f}" for f in ("chunk_size", "vocab_chunk_size")},
@@ -93,6 +93,7 @@ class BenchConfig:
     param_dtype: str = "float32"
     remat: str = _BASE.model.remat
     scan_min_layers: int = _BASE.model.scan_min_layers  # stacks this deep are scanned (0: all), others unrolled
+    attention: str = _BASE.model.attention  # dense | blockwise | auto (model.attention)
     layout: str = _BASE.data.layout  # standard | prefix | packed
     logit_slots: bool = _BASE.data.logit_slots  # logits only at completion positions (--no-logit-slots: all)
     min_bucket: int = _BASE.data.min_bucket  # rows padded to powers of two from here up to data.max_length
@@ -117,7 +118,7 @@ class BenchConfig:
     def __post_init__(self):
         choices = {"layout": layouts.LAYOUTS, "ref_mode": ("frozen", "precomputed", "none"),
                    "family": transformer.FAMILIES, "dtype": config_check.DTYPES, "param_dtype": config_check.DTYPES,
-                   "remat": transformer.REMAT_POLICIES}
+                   "remat": transformer.REMAT_POLICIES, "attention": transformer.ATTENTIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{_flag(name)} must be one of {tuple(allowed)}; got {getattr(self, name)!r}")
@@ -306,6 +307,7 @@ class StepTimer:
                "max_length": self.config.data.max_length, "batch_shape": self.shape, "pairs_per_step": c["pairs"],
                "params": sum(math.prod(s) for s, _ in transformer.param_shapes(self.model_cfg).values()),
                "matmul_params": metrics.matmul_params(self.model_cfg),
+               "attention": attention.resolve(self.model_cfg.attention, self.shape[1]),
                "peak_memory_bytes": self.memory["peak"], "memory_bytes": self.memory,
                "compile_s": round(self.compile_s, 3)}
         if not self.rounds:

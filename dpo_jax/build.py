@@ -12,9 +12,11 @@ import os
 from typing import Optional
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from dpo_jax import logprobs, sharding
 from dpo_jax.data import pipeline, synthetic, synthetic_exact
 from dpo_jax.models import hf, hf_config
 from dpo_jax.models.transformer import Decoder, ModelConfig
@@ -105,19 +107,41 @@ def model_config(config, vocab_size: int) -> ModelConfig:
               num_kv_heads=a.num_kv_heads, head_dim=a.head_dim or None, tie_embeddings=a.tie_embeddings,
               max_position_embeddings=a.max_position_embeddings, rope_theta=a.rope_theta,
               dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat,
-              scan_min_layers=config.model.scan_min_layers)
+              scan_min_layers=config.model.scan_min_layers, attention=config.model.attention)
     kw.update(hf_config.FAMILY_TRAITS.get(a.family, {}))
     if a.family in hf_config.NO_GQA_FAMILIES:
         kw["num_kv_heads"] = a.num_heads
     return ModelConfig(**kw)
 
 
-def policy(config, tok, path: str = "") -> Decoder:
-    """The initial policy: a Hugging Face checkpoint (`path` or config.model.path) or a random init."""
-    path = path or config.model.path
+def logit_bias(config, vocab_size: int) -> Optional[np.ndarray]:
+    """config.synthetic.mask_logits: float32 [V], 0 at the world's content tokens and EOS and
+    `logprobs.MASKED_LOGIT` elsewhere (<pad>, <s>, <unk>), added to every model's logits in
+    training and evaluation; else None."""
+    if not (config.data.source == "synthetic" and config.synthetic.mask_logits):
+        return None
+    bias_V = np.full((vocab_size,), logprobs.MASKED_LOGIT, np.float32)
+    bias_V[synthetic.format_token_ids(config.synthetic.vocab_size)] = 0.0
+    return bias_V
+
+
+def _load_kw(config, mesh) -> dict:
+    """How a Hugging Face checkpoint is loaded: the run's dtypes, and, with a mesh, streamed slice by
+    slice straight into the parameters' shardings (`hf.load_model(mesh=...)`)."""
     kw = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+    if mesh is not None:
+        kw.update(mesh=mesh, rules=sharding.check_rules(config.mesh.rules))
+    return kw
+
+
+def policy(config, tok, path: str = "", mesh=None) -> Decoder:
+    """The initial policy: a Hugging Face checkpoint (`path` or config.model.path; with `mesh`, loaded
+    into its shardings) or a random init."""
+    path = path or config.model.path
+    kw = _load_kw(config, mesh)
     if path:
-        return hf.load_model(path, remat=config.model.remat, scan_min_layers=config.model.scan_min_layers, **kw)
+        return hf.load_model(path, remat=config.model.remat, scan_min_layers=config.model.scan_min_layers,
+                             attention=config.model.attention, **kw)
     vocab = len(tok)
     cfg = model_config(config, vocab)
     cfg = dataclasses.replace(cfg, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -125,20 +149,20 @@ def policy(config, tok, path: str = "") -> Decoder:
     return Decoder(cfg, rngs=nnx.Rngs(config.seed))
 
 
-def _reference_from_path(config) -> Decoder:
+def _reference_from_path(config, mesh=None) -> Decoder:
     """config.reference.path with the dtypes and layer stacking of config.model (no remat: no
     gradient flows through a reference)."""
-    return hf.load_model(config.reference.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                         scan_min_layers=config.model.scan_min_layers)
+    return hf.load_model(config.reference.path, scan_min_layers=config.model.scan_min_layers,
+                         attention=config.model.attention, **_load_kw(config, mesh))
 
 
-def reference(config, initial_policy: Decoder) -> Optional[Decoder]:
+def reference(config, initial_policy: Decoder, mesh=None) -> Optional[Decoder]:
     """The reference model (modes frozen, sync, precomputed): config.reference.path or a copy of the
     initial policy."""
     if config.reference.mode not in ("frozen", "sync", "precomputed"):
         return None
     if config.reference.path:
-        return _reference_from_path(config)
+        return _reference_from_path(config, mesh)
     graphdef, state = nnx.split(initial_policy)
     return nnx.merge(graphdef, jax.tree.map(lambda x: x.copy() if hasattr(x, "copy") else x, state))
 

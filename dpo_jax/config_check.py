@@ -97,6 +97,7 @@ def validate(config) -> None:
     _choice("model.dtype", config.model.dtype, DTYPES)
     _choice("model.param_dtype", config.model.param_dtype, DTYPES)
     _choice("model.remat", config.model.remat, REMAT_POLICIES)
+    _choice("model.attention", config.model.attention, transformer.ATTENTIONS)
     _positive("model.scan_min_layers", config.model.scan_min_layers, zero_ok=True)
     if not config.model.path:
         _choice("model.arch.family", config.model.arch.family, FAMILIES)
@@ -113,6 +114,9 @@ def validate(config) -> None:
                               key="config.data")
     if not config.data.source:
         raise ValueError("config.data.source is empty: 'synthetic', a local file, a saved dataset or a hub id")
+    if config.synthetic.mask_logits and config.data.source != "synthetic":
+        raise ValueError(f"config.synthetic.mask_logits=True masks to the synthetic world's tokens; "
+                         f"config.data.source={config.data.source!r} is not the synthetic world")
     if config.data.source != "synthetic" and not (config.model.path or config.model.tokenizer):
         raise ValueError("config.model.tokenizer (or config.model.path) is needed to tokenize "
                          f"config.data.source={config.data.source!r}")

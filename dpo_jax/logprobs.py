@@ -26,6 +26,7 @@ from dpo_jax.data import layouts
 
 DEFAULT_CHUNK_SIZE = 1024
 DEFAULT_VOCAB_CHUNK_SIZE = 8192
+MASKED_LOGIT = -1e9  # a logit bias that removes a token: exp underflows to 0, gradients stay finite
 
 LOGPROB_KEYS = ("targets_BxT", "loss_mask_BxT", "pair_ids_BxT", "branch_ids_BxT")  # what of a batch this reads
 

@@ -55,8 +55,9 @@ def main(argv):
 
 
 SUMMARY_KEYS = ("eval/loss", "eval/accuracy", "eval/rewards/margins", "sample/reward", "sample/reward_ref",
-                "sample/kl", "sample/win_rate", "exact/reward", "exact/kl", "frontier/reward_at_kl",
-                "frontier/regret")
+                "sample/kl", "sample/win_rate", "sample/malformed_frac", "optimum/reward", "optimum/kl",
+                "frontier/reward_at_kl", "frontier/regret", "frontier/regret_frac", "projected/reward", "projected/kl",
+                "projected/regret_frac")
 
 
 def summary(report: dict, workdir: str) -> str:

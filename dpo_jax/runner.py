@@ -104,10 +104,10 @@ def run_group(configs: Sequence, workdirs: Sequence[str]) -> list[dict]:
     peak = c0.train.peak_flops or metrics.device_peak_flops()
     preempt = preemption.install_sigterm_handler()
     try:
-        model = build.policy(c0, tok)
+        model = build.policy(c0, tok, mesh=mesh)
         if c0.sft.steps > 0:
             model = stages.sft_stage(c0, workdirs[0], files, tok, model, mesh, writers[0], preempt, peak)
-        reference = build.reference(c0, model)
+        reference = build.reference(c0, model, mesh=mesh)
         stage = stages.make_stage(c0, "train", workdirs[0], objective=config_check.objective(c0),
                                   hp=members.stack_hparams(hps) if fused else hps[0], steps=c0.train.steps,
                                   optim_cfg=c0.optim, ref_mode=c0.reference.mode, train_path=files.train,
@@ -134,7 +134,8 @@ def finish_run(config, workdir: str, trained, final_eval: dict, files, tok, stag
     for split, drops in stage.data_reports.items():  # rows read, kept, dropped by reason (first row numbers)
         report.update({f"data/{split}/{k}": v for k, v in drops.items() if k != "source"})
     if config.eval.num_prompts > 0:  # sampled reward, KL, win rate, frontier: every process samples its share
-        report.update(sampled.final_report(config, files, tok, trained, stage, reference=reference))
+        report.update(sampled.final_report(config, files, tok, trained, stage, reference=reference,
+                                           logit_bias_V=build.logit_bias(config, trained.cfg.vocab_size)))
     if multihost.is_main_process():
         if config.train.export_final:
             hf.export_model(trained, os.path.join(workdir, "final"), tokenizer_dir=files.tokenizer)

@@ -7,7 +7,7 @@ config.json or report.json. Table (OUT/results.csv and OUT/results.parquet), one
   run, status, workdir;
   the config keys that vary across runs (from each run's resolved config.json, else the manifest
   overrides), plus loss.name and loss.beta always;
-  report.json as is (eval/*, sample/*, exact/*, frontier/* ...);
+  report.json as is (eval/*, sample/*, optimum/*, frontier/*, projected/* ...);
   last/<metric>: the last logged value of every metric of metrics.jsonl (the preference stage;
   the shared SFT stage's sft/* metrics belong to whichever run trained it and are left out).
 Plots (OUT/plots/): reward_kl.png (sample/reward vs sample/kl, or --kl_key, of every run that has

@@ -216,6 +216,9 @@ REJECTED = {
     "max_length": (dict(data=dict(max_length=1)), ("config.data.max_length=1", ">= 2")),
     "max_prompt_length": (dict(data=dict(max_prompt_length=16)),
                           ("config.data.max_prompt_length=16", "config.data.max_length=16")),
+    "mask_logits_outside_synthetic": (dict(synthetic=dict(mask_logits=True),
+                                           data=dict(source="pairs.jsonl"), model=dict(tokenizer="tok")),
+                                      ("config.synthetic.mask_logits=True", "config.data.source='pairs.jsonl'")),
     "unpaired_with_paired_loss": (dict(data=dict(format="unpaired")),
                                   ("config.data.format='unpaired'", "config.loss.name='sigmoid'", "sft")),
 }

@@ -34,6 +34,23 @@ def hf_config(fixture, **loss):
     return c
 
 
+def test_evaluate_only_scores_every_row_without_an_eval_file(trl_fixture_dir, tmp_path):
+    """train.steps=0 and no eval= argument: configs/hf.py would hold out 5% for a training run; an
+    evaluation scores all 16 pairs and reproduces TRL's loss on all of them."""
+    from configs import hf as hf_config_file
+
+    ref = json.loads((REPO / "tests/fixtures/trl_parity/trl_reference.json").read_text())
+    sigmoid = next(c for c in ref["cases"] if c["case"] == {"loss_type": ["sigmoid"]})
+    c = hf_config_file.get_config(f"policy={trl_fixture_dir / 'policy'},reference={trl_fixture_dir / 'reference'},"
+                                  f"data={trl_fixture_dir / 'pairs.jsonl'},batch=16,steps=0")
+    assert c.data.eval_fraction == 0.05 and not c.data.eval_source
+    c.train.update(progress=False, export_final=False)
+    c.data.update(eval_batch_size=16)
+    report = runner.run(c, str(tmp_path))
+    assert report["eval/pairs"] == 16.0
+    np.testing.assert_allclose(report["eval/loss"], sigmoid["loss"], rtol=1e-5, err_msg=REGEN)
+
+
 def trl_case_overrides(case):
     """TRL DPOConfig loss setting -> config.loss overrides."""
     names = list(case["loss_type"])
@@ -61,6 +78,7 @@ def test_trl_parity_end_to_end(case, trl_fixture_dir, tmp_path):
     reproduces TRL's loss and metrics: checkpoint loading, tokenization, layout, log-probs, loss."""
     config = hf_config(trl_fixture_dir, **trl_case_overrides(case["case"]))
     report = runner.run(config, str(tmp_path))
+    assert report["eval/pairs"] == 16.0
     f_div = case["case"].get("f_divergence_type", "reverse_kl") != "reverse_kl"
     np.testing.assert_allclose(report["eval/loss"], case["loss"], rtol=1e-4 if f_div else 1e-5,
                                err_msg=f"{case['case']}: loss; {REGEN}")
@@ -78,6 +96,17 @@ def synthetic_config(**train_overrides):
     c.sft.steps = 0
     c.train.update(progress=False, **train_overrides)
     return c
+
+
+def test_masked_logits_never_sample_special_tokens(tmp_path):
+    """synthetic.mask_logits: trained and evaluated over content tokens and EOS only."""
+    from configs import synthetic
+
+    c = synthetic.get_config("runlocal=1,mask=1")
+    c.train.update(progress=False, export_final=False)
+    report = runner.run(c, str(tmp_path))
+    assert report["sample/malformed/special_token"] == 0.0
+    assert np.isfinite(report["eval/loss"]) and np.isfinite(report["sample/kl"])
 
 
 def test_evaluate_only_at_step_zero_gives_closed_form(tmp_path):

@@ -49,6 +49,11 @@ LABEL_CHOICES = ("bradley_terry", "argmax")
 WORLD_FILE = "world.json"
 
 
+def format_token_ids(world_vocab_size: int) -> np.ndarray:
+    """The model ids a well-formed completion uses: the world's content tokens and EOS."""
+    return np.append(np.arange(world_vocab_size) + TOKEN_OFFSET, EOS_ID).astype(np.int32)
+
+
 def _categorical(cdf_NxV: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Inverse-CDF draws, one per row; zero-probability entries are never drawn."""
     u_N = rng.random(cdf_NxV.shape[0]) * cdf_NxV[:, -1]

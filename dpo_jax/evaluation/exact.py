@@ -2,13 +2,17 @@
 exact KL and reward of a trained transformer by enumeration.
 
 All exact values average the start state x_k over the EVAL PROMPTS (its empirical law), so they
-are comparable with the sampled numbers of `sampled` on the same prompts:
-  exact/reward, exact/kl = E[r], KL(pi*_beta || pi_ref) of the exact optimum at the run's beta;
-  exact/reward_ref = E_{pi_ref}[r]; frontier/reward_at_kl = max{E[r]: KL <= sample/kl};
-  frontier/regret = frontier/reward_at_kl - sample/reward;
-  frontier/regret_frac = regret / (frontier/reward_at_kl - exact/reward_ref).
+are comparable with the sampled numbers of `sampled` on the same prompts. Figures of the problem
+(pi*_beta and the world's pi_ref, not of the trained policy):
+  optimum/reward, optimum/kl = E[r], KL(pi*_beta || pi_ref) of the exact optimum at the run's beta;
+  optimum/reward_ref = E_{pi_ref}[r], the reward of the world's reference (the frontier at KL 0).
+A policy's point (KL, E[r]) against the frontier F(kl) = max{E[r]: KL(pi || pi_ref) <= kl}
+(`frontier_point`; the sampled report names it frontier/* at sample/kl, projected/* at projected/kl):
+  reward_at_kl = F(KL);  regret = F(KL) - E[r];
+  regret_frac = regret / (F(KL) - optimum/reward_ref), the share of the reachable gain that is lost.
 `exact_model_report` computes the trained transformer's exact KL and E[r] over the whole tree of
-completions the sampler can draw (small worlds only), to validate the sampled estimates.
+completions the sampler can draw (exact_model/*, small worlds only), to validate the sampled
+estimates.
 """
 
 from __future__ import annotations
@@ -19,21 +23,41 @@ from dpo_jax.data import synthetic, synthetic_exact
 from dpo_jax.evaluation.policies import Policy, Prompts
 
 
-def synthetic_report(world: synthetic_exact.World, beta: float, last_tokens_B: np.ndarray, sampled_kl: float,
-                     sampled_reward: float) -> dict[str, float]:
-    """exact/* of pi*_beta and frontier/* at the sampled KL, with x_k weighted as in the eval prompts."""
-    prompts = np.asarray(last_tokens_B, np.int64)[:, None]
-    star, ref = synthetic_exact.optimal_policy(world, beta), synthetic_exact.reference_policy(world)
-    out = {"exact/reward": synthetic_exact.expected_reward(world, star, prompts),
-           "exact/kl": synthetic_exact.kl_to_ref(world, star, prompts),
-           "exact/reward_ref": synthetic_exact.expected_reward(world, ref, prompts)}
-    kl = min(max(sampled_kl, 0.0), 1e12) if not np.isnan(sampled_kl) else 0.0  # noise can make it < 0
-    at_kl = float(synthetic_exact.frontier_reward_at_kl(world, kl, prompts)[0])
-    gain = at_kl - out["exact/reward_ref"]
-    out.update({"frontier/reward_at_kl": at_kl, "frontier/regret": at_kl - sampled_reward,
-                "frontier/regret_frac": (at_kl - sampled_reward) / gain if gain > 0 else float("nan")})
-    return out
+def _start_states(last_tokens_B: np.ndarray) -> np.ndarray:
+    return np.asarray(last_tokens_B, np.int64)[:, None]
 
+
+def optimum_report(world: synthetic_exact.World, beta: float, last_tokens_B: np.ndarray) -> dict[str, float]:
+    """optimum/reward, optimum/kl of pi*_beta, with x_k weighted as in the eval prompts."""
+    prompts, star = _start_states(last_tokens_B), synthetic_exact.optimal_policy(world, beta)
+    return {"optimum/reward": synthetic_exact.expected_reward(world, star, prompts),
+            "optimum/kl": synthetic_exact.kl_to_ref(world, star, prompts)}
+
+
+def reference_reward(world: synthetic_exact.World, last_tokens_B: np.ndarray) -> float:
+    """optimum/reward_ref = E_{pi_ref}[r] of the world's reference, with x_k weighted as in the eval prompts."""
+    return synthetic_exact.expected_reward(world, synthetic_exact.reference_policy(world), _start_states(last_tokens_B))
+
+
+def frontier_point(world: synthetic_exact.World, last_tokens_B: np.ndarray, kl: float, reward: float,
+                   reward_ref: float) -> dict[str, float]:
+    """{reward_at_kl, regret, regret_frac} of a policy with KL(pi || pi_ref) = kl and E[r] = reward (see the
+    module doc); a negative kl (sampling noise) counts as 0, a nan kl as 0; regret_frac is nan without gain."""
+    kl = min(max(kl, 0.0), 1e12) if not np.isnan(kl) else 0.0
+    at_kl = float(synthetic_exact.frontier_reward_at_kl(world, kl, _start_states(last_tokens_B))[0])
+    gain = at_kl - reward_ref
+    return {"reward_at_kl": at_kl, "regret": at_kl - reward,
+            "regret_frac": (at_kl - reward) / gain if gain > 0 else float("nan")}
+
+
+def synthetic_report(world: synthetic_exact.World, beta, last_tokens_B: np.ndarray, sampled_kl: float,
+                     sampled_reward: float) -> dict[str, float]:
+    """optimum/* (optimum/reward and optimum/kl only with a beta) and frontier/* at the sampled KL."""
+    out = optimum_report(world, beta, last_tokens_B) if beta is not None else {}
+    out["optimum/reward_ref"] = reference_reward(world, last_tokens_B)
+    point = frontier_point(world, last_tokens_B, sampled_kl, sampled_reward, out["optimum/reward_ref"])
+    out.update({f"frontier/{k}": v for k, v in point.items()})
+    return out
 
 
 def exact_model_report(policy: Policy, reference: Policy, prompts: Prompts, world: synthetic_exact.World, *,

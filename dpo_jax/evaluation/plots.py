@@ -4,21 +4,34 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional, Sequence
 
+import numpy as np
+
+
+def _get(run: Mapping[str, Any], i: int, *keys, default=None) -> float:
+    for k in keys:
+        if run.get(k) is not None:
+            return float(run[k])
+    if default is None:
+        raise ValueError(f"runs[{i}] has none of the keys {keys} (keys present: {sorted(run)})")
+    return default
+
 
 def _point(run: Mapping[str, Any], i: int) -> tuple[str, float, float, float, float]:
     """(label, kl, reward, kl_stderr, reward_stderr) of a run given as {kl, reward, ...} or a report."""
-    def get(*keys, default=None):
-        for k in keys:
-            if run.get(k) is not None:
-                return float(run[k])
-        if default is None:
-            raise ValueError(f"runs[{i}] has none of the keys {keys} (keys present: {sorted(run)})")
-        return default
-
     label = str(run.get("label", f"run {i}"))
-    return (label, get("kl", "sample/kl"), get("reward", "sample/reward"),
-            get("kl_stderr", "sample/kl_stderr", default=0.0),
-            get("reward_stderr", "sample/reward_stderr", default=0.0))
+    return (label, _get(run, i, "kl", "sample/kl"), _get(run, i, "reward", "sample/reward"),
+            _get(run, i, "kl_stderr", "sample/kl_stderr", default=0.0),
+            _get(run, i, "reward_stderr", "sample/reward_stderr", default=0.0))
+
+
+def _projected_point(run: Mapping[str, Any], i: int) -> Optional[tuple[float, float, float, float]]:
+    """(kl, reward, kl_stderr, reward_stderr) of the run's projected policy (`format`: projected_kl,
+    projected_reward, ... or a report's projected/*), or None when the run has none."""
+    kl, reward = (_get(run, i, f"projected_{k}", f"projected/{k}", default=np.nan) for k in ("kl", "reward"))
+    if np.isnan(kl) or np.isnan(reward):
+        return None
+    return (kl, reward, _get(run, i, "projected_kl_stderr", "projected/kl_stderr", default=0.0),
+            _get(run, i, "projected_reward_stderr", "projected/reward_stderr", default=0.0))
 
 
 def plot_reward_kl(runs: Sequence[Mapping[str, Any]],
@@ -29,7 +42,10 @@ def plot_reward_kl(runs: Sequence[Mapping[str, Any]],
     the exact frontier curve (kl_F, reward_F) if given; writes a PNG to `path` and returns it.
 
     A run is a mapping with `label`, `kl`, `reward` (or a report's `sample/kl`, `sample/reward`) and
-    optional `kl_stderr`, `reward_stderr` (or `sample/kl_stderr`, `sample/reward_stderr`).
+    optional `kl_stderr`, `reward_stderr` (or `sample/kl_stderr`, `sample/reward_stderr`). A run with
+    `projected_kl`, `projected_reward` (or a report's `projected/kl`, `projected/reward`, with optional
+    standard errors likewise) also shows its projected (format-constrained) policy as a hollow marker
+    of the same colour, joined to the raw point by a dashed line.
     `reference_reward` draws the reference's reward as a horizontal line.
     """
     # matplotlib is heavy and needed by the plots only: imported when one is drawn.
@@ -41,6 +57,7 @@ def plot_reward_kl(runs: Sequence[Mapping[str, Any]],
     if not str(path).lower().endswith(".png"):
         raise ValueError(f"plot_reward_kl: path {path!r} must end with .png")
     points = [_point(r, i) for i, r in enumerate(runs)]
+    projected = [_projected_point(r, i) for i, r in enumerate(runs)]
     fig = Figure(figsize=(6.4, 4.6), dpi=120)
     ax = fig.add_subplot()
     if frontier is not None:
@@ -56,6 +73,11 @@ def plot_reward_kl(runs: Sequence[Mapping[str, Any]],
         ax.errorbar([kl], [reward], xerr=[kl_se], yerr=[reward_se], fmt="o", ms=5, capsize=3, color=f"C{j % 10}",
                     label=label)
         ax.annotate(label, (kl, reward), textcoords="offset points", xytext=(6, -10), fontsize=8)
+        if projected[j] is not None:
+            p_kl, p_reward, p_kl_se, p_reward_se = projected[j]
+            ax.plot([kl, p_kl], [reward, p_reward], "--", color=f"C{j % 10}", lw=0.8)
+            ax.errorbar([p_kl], [p_reward], xerr=[p_kl_se], yerr=[p_reward_se], fmt="o", ms=6, mfc="none",
+                        capsize=3, color=f"C{j % 10}", label=f"{label}, projected")
     ax.set_xlabel("KL(pi || pi_ref) [nats]")
     ax.set_ylabel("E[reward]")
     ax.set_title(title)

@@ -5,8 +5,9 @@ the distribution actually sampled; row i's draw depends only on the key, its glo
 `row_ids_N[i]` and its prompt, so any split of the rows into batches or processes gives the same
 completions), `logprob` (teacher-forced log pi(y|x) at temperature 1, summed over the completion
 incl. EOS) and, for the exact path (`exact.exact_model_report`),
-`next_logprobs`: `ModelPolicy` wraps a Decoder, `MarkovPolicy` a `synthetic_exact.TabularPolicy`
-(e.g. pi*_beta) in model token ids.
+`next_logprobs`: `ModelPolicy` wraps a Decoder (optionally with a per-step logit bias, e.g. the
+vocabulary mask it was trained with, so that it is sampled and scored as the biased distribution),
+`MarkovPolicy` a `synthetic_exact.TabularPolicy` (e.g. pi*_beta) in model token ids.
 """
 
 from __future__ import annotations
@@ -97,14 +98,43 @@ class ModelPolicy:
 
     Rows go through in chunks of `batch_size` (the last chunk padded), so one program is compiled
     per (batch_size, prompt length, max_new_tokens); each row samples with its global id (the
-    sampler's `row_ids_B`), so the chunking never changes a completion."""
+    sampler's `row_ids_B`), so the chunking never changes a completion.
 
-    def __init__(self, model, *, eos_id: Optional[int], pad_id: int = 0, batch_size: int = 512):
+    step_bias_NxV (optional, float32 [n, V], 0 allowed / -inf forbidden): added to the logits of
+    completion step t, row min(t, n - 1) (the last row repeats for every later step), in `sample`,
+    `logprob` and `next_logprobs` alike, so the policy IS softmax(logits_t + bias): a policy trained
+    with a vocabulary mask is sampled and scored as trained with its mask as one row [1, V], e.g.
+    `ModelPolicy(model, eos_id=2, step_bias_NxV=np.where(allowed_V, 0.0, -np.inf)[None])`.
+    `with_step_bias` adds another bias (e.g. `format.format_bias`, the projection on a format)."""
+
+    def __init__(self, model, *, eos_id: Optional[int], pad_id: int = 0, batch_size: int = 512,
+                 step_bias_NxV: Optional[np.ndarray] = None):
         if not isinstance(model, tuple):
             graphdef, state = nnx.split(model)
             model = (graphdef, nnx.to_pure_dict(state))
         self.model = model
         self.eos_id, self.pad_id, self.batch_size = eos_id, int(pad_id), int(batch_size)
+        if step_bias_NxV is not None:
+            step_bias_NxV = np.asarray(step_bias_NxV, np.float32)
+            if step_bias_NxV.ndim != 2 or step_bias_NxV.shape[0] < 1:
+                raise ValueError(f"ModelPolicy step_bias_NxV must be [n >= 1, V]; got shape {step_bias_NxV.shape}")
+        self.step_bias_NxV = step_bias_NxV
+
+    @functools.cached_property
+    def vocab_size(self) -> int:
+        return int(nnx.merge(*self.model).cfg.vocab_size)
+
+    def with_step_bias(self, extra_NxV: np.ndarray) -> "ModelPolicy":
+        """The same model with bias self.step_bias_NxV + extra_NxV per step (rows expanded as above)."""
+        extra_NxV = np.asarray(extra_NxV, np.float32)
+        if self.step_bias_NxV is not None:
+            n = max(len(extra_NxV), len(self.step_bias_NxV))
+            extra_NxV = _bias_rows(self.step_bias_NxV, n) + _bias_rows(extra_NxV, n)
+        return ModelPolicy(self.model, eos_id=self.eos_id, pad_id=self.pad_id, batch_size=self.batch_size,
+                           step_bias_NxV=extra_NxV)
+
+    def _bias(self, m: int) -> Optional[np.ndarray]:
+        return None if self.step_bias_NxV is None else _bias_rows(self.step_bias_NxV, m)
 
     def _chunks(self, n: int):
         size = max(1, min(self.batch_size, n))
@@ -121,7 +151,7 @@ class ModelPolicy:
         for _, keep, rows in self._chunks(n):
             s = sampler.sample(self.model, prompts.tokens_BxP[rows], prompts.lens_B[rows], key,
                                max_new_tokens=max_new_tokens, temperature=temperature, eos_id=self.eos_id,
-                               pad_id=self.pad_id, row_ids_B=ids_N[rows])
+                               pad_id=self.pad_id, row_ids_B=ids_N[rows], step_bias_NxV=self._bias(max_new_tokens))
             s = jax.device_get(s)
             tokens.append(s.tokens_BxN[:keep])
             mask.append(s.mask_BxN[:keep])
@@ -132,17 +162,23 @@ class ModelPolicy:
         out = [np.zeros((0,))]
         for _, keep, rows in self._chunks(tokens_NxM.shape[0]):
             lp = sampler.score(self.model, prompts.tokens_BxP[rows], prompts.lens_B[rows], tokens_NxM[rows],
-                               mask_NxM[rows])
+                               mask_NxM[rows], step_bias_NxV=self._bias(tokens_NxM.shape[1]))
             out.append(np.asarray(lp, np.float64)[:keep].sum(axis=1))
         return np.concatenate(out)
 
     def next_logprobs(self, prompts: Prompts, tokens_NxM: np.ndarray) -> np.ndarray:
         out = []
+        bias = self._bias(tokens_NxM.shape[1] + 1)
         for _, keep, rows in self._chunks(tokens_NxM.shape[0]):
             lp = _next_logprobs(self.model[1], prompts.tokens_BxP[rows], prompts.lens_B[rows], tokens_NxM[rows],
-                                graphdef=self.model[0])
+                                bias, graphdef=self.model[0])
             out.append(np.asarray(lp, np.float64)[:keep])
         return np.concatenate(out)
+
+
+def _bias_rows(step_bias_NxV: np.ndarray, m: int) -> np.ndarray:
+    """Rows min(t, n - 1) for steps t = 0..m-1: [m, V] float32."""
+    return np.asarray(step_bias_NxV, np.float32)[np.minimum(np.arange(m), len(step_bias_NxV) - 1)]
 
 
 def _row_ids(row_ids_N: Optional[np.ndarray], n: int) -> np.ndarray:
@@ -166,8 +202,9 @@ def row_uniforms(key, row_ids_N: np.ndarray, m: int) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _next_logprobs(params, prompts_BxP, lens_B, tokens_BxM, *, graphdef):
-    """log softmax of the logits after the prompt and after each of the M tokens: [B, M + 1, V] float32."""
+def _next_logprobs(params, prompts_BxP, lens_B, tokens_BxM, step_bias_NxV, *, graphdef):
+    """log softmax of the logits (+ step_bias_NxV [M + 1, V] if given) after the prompt and after each
+    of the M tokens: [B, M + 1, V] float32."""
     model = nnx.merge(graphdef, params)
     (b, p), m = prompts_BxP.shape, tokens_BxM.shape[1]
     pos_BxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
@@ -175,7 +212,10 @@ def _next_logprobs(params, prompts_BxP, lens_B, tokens_BxM, *, graphdef):
     seg = jnp.concatenate([(pos_BxP < lens_B[:, None]).astype(jnp.int32), jnp.ones((b, m), jnp.int32)], axis=1)
     hidden = model(jnp.concatenate([prompts_BxP, tokens_BxM], axis=1), positions_BxT=pos, segment_ids_BxT=seg)
     src = jnp.concatenate([lens_B[:, None] - 1, p + jnp.broadcast_to(jnp.arange(m), (b, m))], axis=1)
-    return jax.nn.log_softmax(model.logits(jnp.take_along_axis(hidden, src[..., None], axis=1)), axis=-1)
+    logits_BxNxV = model.logits(jnp.take_along_axis(hidden, src[..., None], axis=1))
+    if step_bias_NxV is not None:
+        logits_BxNxV = logits_BxNxV + step_bias_NxV[None]
+    return jax.nn.log_softmax(logits_BxNxV, axis=-1)
 
 
 class MarkovPolicy:

@@ -12,11 +12,19 @@ Sampled (N = prompts x samples_per_prompt completions y ~ pi(.|x), here at `temp
                    (the reference is sampled the same way, same prompts, same temperature).
   sample/win_rate = mean_ij [1(r(pi sample j of x_i) > r(ref sample j of x_i)) + 1/2 1(=)].
   sample/malformed_frac(_ref): see the reward sources.
-Synthetic world: the report adds the exact optimum and the frontier at sample/kl
-(`exact.synthetic_report`: exact/*, frontier/*). The frontier is measured against the
-world's pi_ref while sample/kl is against the run's reference model (the SFT model);
-sample/kl_world and sample/kl_ref_world estimate KL(pi || pi_ref) and KL(reference model || pi_ref)
-from the well-formed samples.
+  sample/malformed_kl_share = sum_{i malformed} d_i / sum_i d_i, d_i = log pi(y_i|x_i) - log pi_ref(y_i|x_i)
+                   (the share of sample/kl that malformed samples carry; left out when sum_i d_i = 0).
+Synthetic world (`format` defines the format, its breakdown and the projection):
+  optimum/*, frontier/*: the exact optimum (with a beta) and the frontier at sample/kl
+                   (`exact.synthetic_report`). The frontier is measured against the world's pi_ref
+                   while sample/kl is against the run's reference model (the SFT model).
+  sample/malformed/{past_length, early_eos, special_token}: the kind of each malformed sample (the
+                   first position that leaves the format decides); they sum to sample/malformed_frac.
+  sample/kl_world, sample/kl_ref_world: KL(q(.|wf) || world pi_ref) of the policy's and of the
+                   reference model's law conditioned on well-formed samples,
+                   = mean_{wf} [log q(y) - log pi_world(y)] - log(1 - malformed_frac).
+  projected/*: the policy masked to the format (`format.projected`), sampled the same way (its own
+                   stream) and measured against the world's pi_ref and the frontier.
 
 Sharded over processes (`Evaluator.shard`, `gather`): each samples and scores its block of the N
 rows, the per-row values are gathered, and every process reports what one process would.
@@ -38,7 +46,9 @@ import numpy as np
 
 from dpo_jax import multihost
 from dpo_jax.data import synthetic, synthetic_exact
-from dpo_jax.evaluation.exact import synthetic_report
+from dpo_jax.evaluation.exact import frontier_point, synthetic_report
+from dpo_jax.evaluation.format import (WELL_FORMED, breakdown, conditional_kl, kl_share, malformed_kinds,
+                                       projected)
 from dpo_jax.evaluation.policies import Completions, MarkovPolicy, ModelPolicy, Policy, Prompts, tokenize_prompts
 
 
@@ -68,19 +78,25 @@ def win_values(reward_BxS: np.ndarray, reward_ref_BxS: np.ndarray) -> np.ndarray
 class SyntheticReward:
     """The world's true reward of model-token completions.
 
-    Well-formed: exactly T content tokens then EOS. Otherwise the completion is malformed and
-    scored on its longest prefix of content tokens (at most T): r = sum_{t<=m} W[y_{t-1}, y_t] +
-    (T - m) min W, i.e. each missing step gets the worst one-step reward (so breaking the format
-    never beats completing it); content tokens past T count nothing.
+    Well-formed: exactly T content tokens then EOS. Otherwise the completion is malformed (of the kind
+    `kinds` names, see `format`) and scored on its longest prefix of content tokens (at most T):
+    r = sum_{t<=m} W[y_{t-1}, y_t] + (T - m) min W, i.e. each missing step gets the worst one-step
+    reward (so breaking the format never beats completing it); content tokens past T count nothing.
     """
 
     def __init__(self, world: synthetic_exact.World, *, token_offset: int = synthetic.TOKEN_OFFSET,
                  eos_id: int = synthetic.EOS_ID):
         self.world, self.offset, self.eos_id = world, token_offset, eos_id
+        self.format_kw = dict(completion_len=world.completion_len, vocab_size=world.vocab_size,
+                              token_offset=token_offset, eos_id=eos_id)
+
+    def kinds(self, completion_ids: Sequence[np.ndarray]) -> np.ndarray:
+        """`format.malformed_kind` of each completion: int [N], 0 = well-formed."""
+        return malformed_kinds(completion_ids, **self.format_kw)
 
     def __call__(self, prompt_ids: Sequence[np.ndarray], completion_ids: Sequence[np.ndarray]):
         w, n_t, v = self.world.reward_VxV, self.world.completion_len, self.world.vocab_size
-        rewards, malformed = np.zeros(len(completion_ids)), np.zeros(len(completion_ids), bool)
+        rewards = np.zeros(len(completion_ids))
         for i, (x, c) in enumerate(zip(prompt_ids, completion_ids)):
             prev = int(x[-1]) - self.offset
             if not 0 <= prev < v:
@@ -91,8 +107,7 @@ class SyntheticReward:
             m = min(m, n_t)
             path = np.concatenate([[prev], y[:m]])
             rewards[i] = w[path[:-1], path[1:]].sum() + (n_t - m) * w.min()
-            malformed[i] = not (len(c) == n_t + 1 and m == n_t and int(c[n_t]) == self.eos_id)
-        return rewards, malformed
+        return rewards, self.kinds(completion_ids) != WELL_FORMED
 
 
 class _TextReward:
@@ -188,18 +203,15 @@ def _identity(rows: np.ndarray) -> np.ndarray:
 
 
 def _judged(reward_fn, prompts: Prompts, comps: Completions) -> dict[str, np.ndarray]:
-    """Per-row reward (float64) and malformed flag (bool) of the rows' completions."""
+    """Per-row reward (float64) and malformed flag (bool) of the rows' completions; with a reward that
+    names them (`SyntheticReward.kinds`), the malformed kind (`format`) as malformed_kind."""
     n = prompts.lens_B.shape[0]
-    if n == 0:
-        return {"reward": np.zeros((0,)), "malformed": np.zeros((0,), bool)}
-    r, bad = reward_fn([prompts.ids(i) for i in range(n)], [comps.ids(i) for i in range(n)])
-    return {"reward": np.asarray(r, np.float64).reshape(n), "malformed": np.asarray(bad, bool).reshape(n)}
-
-
-def _world_kl(logps_N: np.ndarray, world_logps_N: np.ndarray, malformed_N: np.ndarray) -> float:
-    """mean over well-formed samples of log q(y) - log pi_ref(y) (the world's pi_ref), or nan."""
-    good = ~malformed_N
-    return float(np.mean((logps_N - world_logps_N)[good])) if good.any() else float("nan")
+    completions = [comps.ids(i) for i in range(n)]
+    r, bad = reward_fn([prompts.ids(i) for i in range(n)], completions) if n else (np.zeros((0,)), np.zeros((0,)))
+    out = {"reward": np.asarray(r, np.float64).reshape(n), "malformed": np.asarray(bad, bool).reshape(n)}
+    if hasattr(reward_fn, "kinds"):
+        out["malformed_kind"] = np.asarray(reward_fn.kinds(completions), np.float64).reshape(n)
+    return out
 
 
 @dataclasses.dataclass
@@ -207,8 +219,8 @@ class Evaluator:
     """Sampled evaluation of policies against one reference on fixed prompts (the reference's samples
     are drawn once and reused; keys are fixed, so repeated calls share their randomness).
 
-    `evaluator(policy)` -> the sample/* (and, with a world, exact/* and frontier/*) metrics; a
-    policy is a `Policy`, a Decoder or (graphdef, params). Call it every N steps or at the end.
+    `evaluator(policy)` -> the sample/* (and, with a world, optimum/*, frontier/* and projected/*)
+    metrics; a policy is a `Policy`, a Decoder or (graphdef, params). Call it every N steps or at the end.
 
     Sharded: the N = B x S prompt-major rows are split into `count` contiguous blocks
     (`multihost.process_share`); shard (index, count) samples and scores block `index` only
@@ -232,6 +244,7 @@ class Evaluator:
     batch_size: int = 512
     shard: tuple[int, int] = (0, 1)  # (index, count)
     gather: Callable[[np.ndarray], np.ndarray] = _identity  # local rows -> every shard's rows, in shard order
+    logit_bias_V: Optional[np.ndarray] = None  # the run's vocabulary bias (`build.logit_bias`): every model sampled with it
 
     def __post_init__(self):
         if self.samples_per_prompt < 1:
@@ -254,7 +267,8 @@ class Evaluator:
     def as_policy(self, p) -> Policy:
         if hasattr(p, "sample") and hasattr(p, "logprob"):
             return p
-        return ModelPolicy(p, eos_id=self.eos_id, pad_id=self.pad_id, batch_size=self.batch_size)
+        bias = None if self.logit_bias_V is None else np.asarray(self.logit_bias_V, np.float32)[None]
+        return ModelPolicy(p, eos_id=self.eos_id, pad_id=self.pad_id, batch_size=self.batch_size, step_bias_NxV=bias)
 
     def draw(self, policy: Policy, stream: int, rows: slice = slice(None)) -> Completions:
         """The completions of rows `rows` of the N (stream 0: the policy's, 1: the reference's)."""
@@ -276,7 +290,9 @@ class Evaluator:
 
     def local_rows(self, policy) -> dict[str, np.ndarray]:
         """This shard's per-row arrays of the policy's samples: logp (the sampled distribution's),
-        ref_logp, length; with a reward, reward and malformed; in the world, world_logp."""
+        ref_logp, length; with a reward, reward and malformed; in the world, malformed_kind, world_logp
+        and, for a policy that can be projected, proj_logp, proj_world_logp and proj_reward of the
+        projected policy's samples (stream 2)."""
         policy = self.as_policy(policy)
         rows, prompts = self._share()
         comps = self.draw(policy, 0, rows)
@@ -286,7 +302,16 @@ class Evaluator:
             out.update(_judged(self.reward, prompts, comps))
             if self._with_world():
                 out["world_logp"] = self._world_logps(prompts, comps)
+                out.update(self._projected_rows(policy, rows, prompts))
         return out
+
+    def _projected_rows(self, policy: Policy, rows: slice, prompts: Prompts) -> dict[str, np.ndarray]:
+        proj = projected(policy, **self.reward.format_kw)
+        if proj is None:
+            return {}
+        comps = self.draw(proj, 2, rows)
+        return {"proj_logp": comps.logps_N, "proj_world_logp": self._world_logps(prompts, comps),
+                "proj_reward": _judged(self.reward, prompts, comps)["reward"]}
 
     def local_reference_rows(self) -> dict[str, np.ndarray]:
         """This shard's per-row arrays of the reference's own samples: reward, malformed; in the world,
@@ -336,26 +361,43 @@ class Evaluator:
         out["sample/win_rate"], out["sample/win_rate_stderr"] = mean_stderr(win_values(r, r_ref))
         out.update({"sample/reward_ref": float(r_ref.mean()), "sample/malformed_frac": float(bad.mean()),
                     "sample/malformed_frac_ref": float(bad_ref.mean())})
+        out["sample/malformed_kl_share"] = kl_share(rows["logp"] - rows["ref_logp"], bad)
         if self._with_world():
-            last = self.prompts.tokens_BxP[np.arange(b), self.prompts.lens_B - 1].astype(np.int64) - self.token_offset
-            if self.beta is not None:
-                out.update(synthetic_report(self.world, self.beta, last, kl, out["sample/reward"]))
-            out["sample/kl_world"] = _world_kl(rows["logp"], rows["world_logp"], bad)
-            out["sample/kl_ref_world"] = _world_kl(ref["own_logp"], ref["world_logp"], bad_ref)
-        optional = ("sample/kl_world", "sample/kl_ref_world", "frontier/regret_frac")  # undefined -> left out
+            out.update(self._world_report(rows, ref, out))
+        optional = ("sample/kl_world", "sample/kl_ref_world", "sample/malformed_kl_share", "frontier/regret_frac",
+                    "projected/regret_frac")  # undefined -> left out
         return {k: v for k, v in out.items() if not (k in optional and np.isnan(v))}
+
+    def _world_report(self, rows: dict[str, np.ndarray], ref: dict[str, np.ndarray],
+                      sampled: dict[str, float]) -> dict[str, float]:
+        """optimum/*, frontier/*, the malformed breakdown, the world KLs and projected/* (module doc)."""
+        s, b = self.samples_per_prompt, self.prompts.lens_B.shape[0]
+        last = self.prompts.tokens_BxP[np.arange(b), self.prompts.lens_B - 1].astype(np.int64) - self.token_offset
+        out = synthetic_report(self.world, self.beta, last, sampled["sample/kl"], sampled["sample/reward"])
+        out.update(breakdown(rows["malformed_kind"]))
+        out["sample/kl_world"] = conditional_kl(rows["logp"], rows["world_logp"], rows["malformed"])
+        out["sample/kl_ref_world"] = conditional_kl(ref["own_logp"], ref["world_logp"], ref["malformed"])
+        if "proj_logp" in rows:
+            kl, kl_se = mean_stderr((rows["proj_logp"] - rows["proj_world_logp"]).reshape(b, s))
+            reward, reward_se = mean_stderr(rows["proj_reward"].reshape(b, s))
+            point = frontier_point(self.world, last, kl, reward, out["optimum/reward_ref"])
+            out.update({"projected/kl": kl, "projected/kl_stderr": kl_se, "projected/reward": reward,
+                        "projected/reward_stderr": reward_se, **{f"projected/{k}": v for k, v in point.items()}})
+        return out
 
 
 # ----------------------------------------------------------------------------------------- a run
 
 
 def make_evaluator(config, files, tok, rows, tokenize_fn: Callable, *, reference,
-                   shard: Optional[tuple[int, int]] = None, gather: Optional[Callable] = None) -> Evaluator:
+                   shard: Optional[tuple[int, int]] = None, gather: Optional[Callable] = None,
+                   logit_bias_V: Optional[np.ndarray] = None) -> Evaluator:
     """The Evaluator of a run against `reference` (a `Policy`, a Decoder or (graphdef, params): the run's
     reference model, `build.evaluation_reference`): the first config.eval.num_prompts prompts of `rows`
     (the eval split), the reward of config.eval.reward, the synthetic world of files.world_dir,
     beta = config.loss.beta; sharded over the processes (shard = (process index, process count),
-    gather = `multihost.allgather_rows`) unless told otherwise."""
+    gather = `multihost.allgather_rows`) unless told otherwise; `logit_bias_V`: the bias the run trained
+    its models with (`build.logit_bias`), so that they are sampled and scored as trained."""
     e = config.eval
     world = synthetic.load_world(files.world_dir) if getattr(files, "world_dir", None) else None
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -365,7 +407,7 @@ def make_evaluator(config, files, tok, rows, tokenize_fn: Callable, *, reference
                      samples_per_prompt=e.samples_per_prompt, max_new_tokens=e.max_new_tokens,
                      temperature=float(e.temperature), seed=config.seed, eos_id=tok.eos_token_id, pad_id=pad,
                      shard=shard or (jax.process_index(), jax.process_count()),
-                     gather=gather or multihost.allgather_rows)
+                     gather=gather or multihost.allgather_rows, logit_bias_V=logit_bias_V)
 
 
 def final_report(config, files, tok, policy, stage, *, reference, **shard_kw) -> dict[str, float]:

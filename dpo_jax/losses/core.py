@@ -211,7 +211,9 @@ class Objective:
     """L = sum_i w_i * mean_P(loss_i), with hyper-parameters shared by name across the terms.
 
     The weights are the traced array hp["loss_weights"]; `ld=True` applies LD-DPO's length
-    weighting (hp["ld_alpha"]) to the log-probs before every term and metric, as TRL's `ld_alpha`.
+    weighting (hp["ld_alpha"]) to the log-probs before every term, as TRL's `ld_alpha`. A loss with
+    its own `ld_alpha` (ld_dpo) applies it inside its margin instead, so the two never combine.
+    Either way the metrics see the weighted log-probs (`metric_pairs`).
     """
 
     names: tuple[str, ...]
@@ -222,6 +224,9 @@ class Objective:
             raise ValueError("loss.name: at least one loss is needed")
         for n in self.names:
             get(n)
+        if self.ld and self.own_ld:
+            raise ValueError(f"ld=True with {'+'.join(self.names)!r}: a loss with its own ld_alpha (ld_dpo) "
+                             "already applies LD-DPO's weighting; applying it again would use alpha^2")
 
     @property
     def specs(self) -> tuple[LossSpec, ...]:
@@ -232,11 +237,19 @@ class Objective:
         return any(s.uses_reference for s in self.specs)
 
     @property
+    def own_ld(self) -> bool:
+        """A term has its own `ld_alpha` hyper-parameter (ld_dpo) and weights its margin itself."""
+        return any("ld_alpha" in s.hparams for s in self.specs)
+
+    @property
     def paired_names(self) -> tuple[str, ...]:
         """The losses of the objective that compare a pair's two completions (`LossSpec.needs_pairs`)."""
         return tuple(n for n, s in zip(self.names, self.specs) if s.needs_pairs)
 
     def params(self, weights=None, ld_alpha: Optional[float] = None, **overrides) -> dict[str, np.ndarray]:
+        if ld_alpha is not None and self.own_ld:  # the loss's own hyper-parameter (ld_dpo)
+            overrides = {**overrides, "ld_alpha": ld_alpha}
+            ld_alpha = None
         known = set().union(*(s.hparams for s in self.specs))
         unknown = sorted(set(overrides) - known)
         if unknown:
@@ -258,8 +271,17 @@ class Objective:
         return hp
 
     def prepare(self, batch: PairLogps, hp: HParams) -> PairLogps:
+        """The log-probs every term sees: float32, LD-weighted when `ld`."""
         batch = batch.as_float32()
         return batch.length_desensitized(hp["ld_alpha"]) if self.ld else batch
+
+    def metric_pairs(self, batch: PairLogps, hp: HParams) -> PairLogps:
+        """The log-probs `reward_metrics` reports: LD-weighted, logp_shared + alpha (logp - logp_shared),
+        whenever LD-DPO's weighting is in effect (`ld`, or a loss with its own `ld_alpha`), as TRL
+        reports `logps/*` and `rewards/*` with `ld_alpha`; so `ld_dpo` and `sigmoid` with `ld_alpha`
+        report the same metrics. Otherwise the log-probs as given (float32)."""
+        batch = batch.as_float32()
+        return batch.length_desensitized(hp["ld_alpha"]) if self.ld or self.own_ld else batch
 
     def __call__(self, batch: PairLogps, hp: HParams) -> tuple[Array, dict[str, Array]]:
         """Returns (scalar loss, {"loss/<name>": mean term loss}); batch log-probs in any float dtype."""
@@ -274,7 +296,19 @@ class Objective:
 
 
 def reward_metrics(batch: PairLogps, beta: Array) -> dict[str, Array]:
-    """TRL's reward metrics (means over real pairs) plus the gradient-weight statistics."""
+    """TRL's reward metrics plus the gradient-weight statistics, each a mean over real pairs:
+
+      rewards/chosen, rewards/rejected   r_w = beta rho_w, r_l = beta rho_l
+      rewards/margins, rewards/accuracies   r_w - r_l, [r_w > r_l]
+      logps/chosen, logps/rejected       log pi(y_w|x), log pi(y_l|x)
+      grad_weight/mean                   w = sigmoid(r_l - r_w) (the DPO gradient weight)
+      grad_weight/saturated_frac         [w < 0.05]
+      logratio/mean                      (rho_w + rho_l) / 2, the mean log pi/pi_ref of the data's
+                                         completions. Not a KL: the completions come from the data,
+                                         not from pi, so it can be negative (E_pi[log pi/pi_ref] >= 0).
+
+    `batch` as the objective reports it (`Objective.metric_pairs`: LD-weighted under LD-DPO).
+    """
     batch = batch.as_float32()
     mask = batch.mask
     r_w = implicit_reward(batch.policy_chosen, batch.ref_chosen, beta)
@@ -290,7 +324,5 @@ def reward_metrics(batch: PairLogps, beta: Array) -> dict[str, Array]:
         "logps/rejected": mean(batch.policy_rejected),
         "grad_weight/mean": mean(weight),
         "grad_weight/saturated_frac": mean((weight < 0.05).astype(jnp.float32)),
-        # Mean log-ratio of the data completions under pi vs pi_ref (an implicit, data-based KL proxy).
-        "kl/implicit": mean(0.5 * (batch.chosen_logratio + batch.rejected_logratio)),
+        "logratio/mean": mean(0.5 * (batch.chosen_logratio + batch.rejected_logratio)),
     }
-

@@ -176,7 +176,10 @@ def _token_nll(b: PairLogps) -> jax.Array:
     return -b.policy_chosen / jnp.maximum(mean_len, 1.0)
 
 
-register(LossSpec("sft", lambda b, hp: _token_nll(b), {}, "Supervised NLL of the chosen completions (token mean)",
+register(LossSpec("sft", lambda b, hp: _token_nll(b), {}, "SFT NLL of the chosen completions, batch token mean "
+                  "(TRL's `sft`): -sum_P logp_w / sum_P |y_w|", uses_reference=False, needs_pairs=False))
+register(LossSpec("sft_sum", lambda b, hp: -b.policy_chosen, {}, "SFT NLL of the chosen completions, summed per "
+                  "sequence (L_pref + w L_SFT of RPO, Liu et al. 2024; NeMo-RL): -mean_P logp_w = sft * mean_P |y_w|",
                   uses_reference=False, needs_pairs=False))
 
 

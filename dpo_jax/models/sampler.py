@@ -13,12 +13,21 @@ so a row's completion depends only on (key, its global row id, the model, its pr
 the batch around it or on how rows are split into batches or processes (row_ids_B defaults to
 0..B-1).
 
-One compiled program per (graphdef, batch B, prompt length P, max_new_tokens): temperature,
-top-k, top-p, EOS and pad ids, the key, the row ids, the prompts and their lengths are traced, so
-changing them never recompiles. `prompt_buckets` right-pads P up to a bucket to bound the number
-of programs. `trace_count()` counts traces (tests guard against recompiles with it).
+One compiled program per (graphdef, batch B, prompt length P, max_new_tokens, with or without a
+step bias): temperature, top-k, top-p, EOS and pad ids, the key, the row ids, the prompts and their
+lengths are traced, so changing them never recompiles. `prompt_buckets` right-pads P up to a
+bucket to bound the number of programs. `trace_count()` counts traces (tests guard against
+recompiles with it).
 
-Log-probs (float32):
+Step bias (optional, `sample` and `score`): step_bias_NxV float32 [N, V] is added to the logits
+of completion step n (the prediction of completion token n) before the temperature and the
+filters: logits_n <- logits_n + step_bias_NxV[n]. 0 allows a token, -inf forbids it (every row must
+allow at least one), so the policy IS the biased distribution softmax(logits_n + bias_n): it is
+what `sample` draws from and what `logps_BxN`, `sample_logps_BxN` and `score` measure (e.g. a
+format mask that allows some tokens at each step, or a constant vocabulary mask repeated on every
+row). Its values are traced: changing them never recompiles.
+
+Log-probs (float32), with logits the biased logits when a step bias is given:
   logps_BxN[b, n]        = log softmax(logits)[y_n]          (the model at temperature 1, unfiltered)
   sample_logps_BxN[b, n] = log q(y_n), q = softmax(filter(logits / temperature)), the distribution
                            actually sampled from (0 for greedy, temperature 0).
@@ -179,6 +188,24 @@ def _check_knobs(temperature, top_k, top_p, max_new_tokens):
             raise ValueError(f"{name} must be {want}; got {value}")
 
 
+def _check_step_bias(step_bias_NxV, n: int, vocab: int):
+    """None, or the bias as float32 [n, vocab]: finite or -inf, each row allowing some token."""
+    if step_bias_NxV is None:
+        return None
+    if np.shape(step_bias_NxV) != (n, vocab):
+        raise ValueError(f"step_bias_NxV must have shape [N={n}, V={vocab}] (completion steps x vocabulary); "
+                         f"got {np.shape(step_bias_NxV)}")
+    bias = jnp.asarray(step_bias_NxV, jnp.float32)
+    if _is_concrete(bias):
+        host = np.asarray(bias)
+        if np.isnan(host).any() or (host == np.inf).any():
+            raise ValueError("step_bias_NxV must be finite or -inf (a forbidden token); got NaN or +inf")
+        dead = np.flatnonzero(np.isneginf(host).all(axis=1))
+        if dead.size:
+            raise ValueError(f"step_bias_NxV row {dead[0]} forbids every token (all -inf)")
+    return bias
+
+
 def _bucket(P: int, buckets: Sequence[int] | None) -> int:
     if not buckets:
         return P
@@ -192,8 +219,8 @@ def _bucket(P: int, buckets: Sequence[int] | None) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
-def _sample(params, prompts_BxP, prompt_lens_B, row_ids_B, key, temperature, top_k, top_p, eos_E, pad_id, *,
-            graphdef, max_new_tokens):
+def _sample(params, prompts_BxP, prompt_lens_B, row_ids_B, key, temperature, top_k, top_p, eos_E, pad_id,
+            step_bias_NxV, *, graphdef, max_new_tokens):
     _TRACES["sample"] += 1
     model = nnx.merge(graphdef, params)
     B, P = prompts_BxP.shape
@@ -209,6 +236,8 @@ def _sample(params, prompts_BxP, prompt_lens_B, row_ids_B, key, temperature, top
     logits_BxV = model.logits(last_Bx1xD)[:, 0]
 
     def record(c, t, logits_BxV):
+        if step_bias_NxV is not None:
+            logits_BxV = logits_BxV + jax.lax.dynamic_index_in_dim(step_bias_NxV, t, keepdims=False)[None]
         token_B, logp_B, slogp_B = choose_tokens(logits_BxV, jax.random.fold_in(key, t), temperature, top_k, top_p,
                                                    row_ids_B)
         live_B = ~c["done_B"]
@@ -242,7 +271,7 @@ def _sample(params, prompts_BxP, prompt_lens_B, row_ids_B, key, temperature, top
 
 def sample(model, prompts_BxP, prompt_lens_B, key, *, max_new_tokens: int, temperature=1.0, top_k=0, top_p=1.0,
            eos_id: int | Sequence[int] | None = None, pad_id: int = 0,
-           prompt_buckets: Sequence[int] | None = None, row_ids_B=None) -> Samples:
+           prompt_buckets: Sequence[int] | None = None, row_ids_B=None, step_bias_NxV=None) -> Samples:
     """Sample up to `max_new_tokens` tokens after each right-padded prompt (see the module doc).
 
     model: a Decoder or (graphdef, params). prompts_BxP: int, row b's prompt in [0, len_b);
@@ -251,7 +280,8 @@ def sample(model, prompts_BxP, prompt_lens_B, key, *, max_new_tokens: int, tempe
     sampling rows in any batches with their ids gives the same completions as sampling them at once.
     temperature 0 = greedy; top_k 0 = off; top_p 1 = off. eos_id: an id or ids that stop a row
     (None: the model config's eos_token_id; () never stops). prompt_buckets: pad P up to the
-    smallest bucket >= P so that prompt lengths share compiled programs.
+    smallest bucket >= P so that prompt lengths share compiled programs. step_bias_NxV: None or float32
+    [max_new_tokens, vocab_size], added to the logits of completion step n (see the module doc).
     """
     graphdef, params, cfg = _split_model(model)
     B, P = _check_prompts(prompts_BxP, prompt_lens_B)
@@ -265,20 +295,21 @@ def sample(model, prompts_BxP, prompt_lens_B, key, *, max_new_tokens: int, tempe
     row_ids_B = jnp.arange(B, dtype=jnp.int32) if row_ids_B is None else jnp.asarray(row_ids_B)
     if row_ids_B.shape != (B,) or not jnp.issubdtype(row_ids_B.dtype, jnp.integer):
         raise ValueError(f"row_ids_B must be integers of shape [B={B}]; got {row_ids_B.dtype} {row_ids_B.shape}")
+    step_bias_NxV = _check_step_bias(step_bias_NxV, int(max_new_tokens), cfg.vocab_size)
     prompts_BxP = jnp.asarray(prompts_BxP, jnp.int32)
     if P_bucket > P:
         prompts_BxP = jnp.pad(prompts_BxP, ((0, 0), (0, P_bucket - P)), constant_values=int(pad_id))
     return _sample(params, prompts_BxP, jnp.asarray(prompt_lens_B, jnp.int32), row_ids_B.astype(jnp.int32), key,
                    jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32),
                    jnp.asarray(top_p, jnp.float32), jnp.asarray(_eos_ids(eos_id, cfg)), jnp.int32(pad_id),
-                   graphdef=graphdef, max_new_tokens=int(max_new_tokens))
+                   step_bias_NxV, graphdef=graphdef, max_new_tokens=int(max_new_tokens))
 
 
 # ----------------------------------------------------------------------------- teacher-forced scoring
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _score(params, prompts_BxP, prompt_lens_B, completions_BxN, mask_BxN, *, graphdef):
+def _score(params, prompts_BxP, prompt_lens_B, completions_BxN, mask_BxN, step_bias_NxV, *, graphdef):
     _TRACES["score"] += 1
     model = nnx.merge(graphdef, params)
     (B, P), N = prompts_BxP.shape, completions_BxN.shape[1]
@@ -293,15 +324,21 @@ def _score(params, prompts_BxP, prompt_lens_B, completions_BxN, mask_BxN, *, gra
     # completion token n is predicted at prompt slot len - 1 (n = 0) or completion slot P + n - 1
     src_BxN = jnp.where(n_N == 0, lens_B[:, None] - 1, P + n_N - 1)
     hidden_BxNxD = jnp.take_along_axis(hidden_BxTxD, src_BxN[..., None], axis=1)
-    w_DxV, b_V = model.unembedding()
-    logps_BxN = logprobs.token_logps(hidden_BxNxD, w_DxV, completions_BxN, bias_V=b_V)
+    if step_bias_NxV is None:
+        w_DxV, b_V = model.unembedding()
+        logps_BxN = logprobs.token_logps(hidden_BxNxD, w_DxV, completions_BxN, bias_V=b_V)
+    else:
+        logps_BxNxV = jax.nn.log_softmax(model.logits(hidden_BxNxD) + step_bias_NxV[None], axis=-1)
+        logps_BxN = jnp.take_along_axis(logps_BxNxV, completions_BxN[..., None], axis=-1)[..., 0]
     return jnp.where(mask_BxN > 0, logps_BxN, 0.0)
 
 
-def score(model, prompts_BxP, prompt_lens_B, completions_BxN, mask_BxN):
+def score(model, prompts_BxP, prompt_lens_B, completions_BxN, mask_BxN, step_bias_NxV=None):
     """Teacher-forced log-probs [B, N] float32 of `completions_BxN` after each right-padded prompt
     under `model` (a Decoder or (graphdef, params)): log softmax(logits)[y_n] at position len + n,
-    0 where mask_BxN is 0. Same layout as `Samples`, e.g. `score(ref, p, l, s.tokens_BxN, s.mask_BxN)`."""
+    0 where mask_BxN is 0. Same layout as `Samples`, e.g. `score(ref, p, l, s.tokens_BxN, s.mask_BxN)`.
+    step_bias_NxV: None or float32 [N, vocab_size], added to the logits of step n as in `sample`
+    (a forbidden token scores -inf); the biased path materializes the [B, N, V] logits."""
     graphdef, params, cfg = _split_model(model)
     B, P = _check_prompts(prompts_BxP, prompt_lens_B)
     for name, x in (("completions_BxN", completions_BxN), ("mask_BxN", mask_BxN)):
@@ -313,5 +350,6 @@ def score(model, prompts_BxP, prompt_lens_B, completions_BxN, mask_BxN):
     if cfg.position == "learned" and P + np.shape(completions_BxN)[1] > cfg.max_position_embeddings:
         raise ValueError(f"prompt length {P} + completion length {np.shape(completions_BxN)[1]} exceeds "
                          f"max_position_embeddings={cfg.max_position_embeddings} of a learned-position model")
+    step_bias_NxV = _check_step_bias(step_bias_NxV, np.shape(completions_BxN)[1], cfg.vocab_size)
     return _score(params, jnp.asarray(prompts_BxP, jnp.int32), jnp.asarray(prompt_lens_B, jnp.int32),
-                  jnp.asarray(completions_BxN, jnp.int32), jnp.asarray(mask_BxN), graphdef=graphdef)
+                  jnp.asarray(completions_BxN, jnp.int32), jnp.asarray(mask_BxN), step_bias_NxV, graphdef=graphdef)

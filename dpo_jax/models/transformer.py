@@ -4,7 +4,9 @@ GPT-2 and GPT-NeoX/Pythia, configured by one frozen `ModelConfig`.
 Layer parameters are stacked on a leading `layers` axis and the blocks run under `jax.lax.scan`
 (or an unrolled loop), each block a pure function of its arrays (`_block`). Attention follows the
 rule of docs/design.md (`layers.attention_mask`) for the plain forward and for KV-cached decoding
-alike. The pure layer math (attention rule, RoPE, norms, attention, projections) is in `layers.py`.
+alike, dense (`layers.masked_attention`, a [T, S] score buffer per layer) or blockwise
+(`attention.blockwise_attention`, memory linear in T) as `ModelConfig.attention` says. The pure
+layer math (attention rule, RoPE, norms, attention, projections) is in `layers.py`.
 
 Every parameter carries logical axis names as NNX `out_sharding` metadata, created with
 `eager_sharding=False` (this file knows no mesh; `nnx.get_partition_spec(nnx.state(model))` gives
@@ -30,11 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dpo_jax.models import attention as _attention
+from dpo_jax.models.attention import ATTENTIONS
 from dpo_jax.models.layers import (activation as _act, apply_rope, attention_mask, dense as _dense, masked_attention,
                                    norm as _norm, rope_inv_freq)
 
 __all__ = ["ModelConfig", "RopeScaling", "Decoder", "init_cache", "num_params", "param_shapes", "layer_param_shapes",
-           "FAMILIES", "LOGICAL_AXES", "REMAT_POLICIES", "ROPE_TYPES", "ACTIVATIONS", "DTYPES"]
+           "FAMILIES", "LOGICAL_AXES", "REMAT_POLICIES", "ROPE_TYPES", "ACTIVATIONS", "DTYPES", "ATTENTIONS"]
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox")
 LOGICAL_AXES = ("layers", "vocab", "embed", "heads", "kv_heads", "kv", "mlp")
@@ -112,6 +116,7 @@ class ModelConfig:
     scan_layers: bool = True  # lax.scan over the layer stack (when at least scan_min_layers deep)
     scan_min_layers: int = 9  # shallower stacks run unrolled: on CPU the scan's residual stacking costs
     # ~12% of a 4-layer train step (docs/performance.md); deep stacks are scanned for a flat compile time
+    attention: str = "auto"  # dense | blockwise | auto (blockwise from attention.AUTO_MIN_LENGTH query rows)
 
     @property
     def scanned(self) -> bool:
@@ -130,7 +135,7 @@ class ModelConfig:
         if self.sliding_layers is not None:
             s("sliding_layers", tuple(bool(b) for b in self.sliding_layers))
         choices = dict(family=FAMILIES, norm=("rms", "layer"), activation=ACTIVATIONS,
-                       position=("rope", "learned"), remat=REMAT_POLICIES)
+                       position=("rope", "learned"), remat=REMAT_POLICIES, attention=ATTENTIONS)
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
                 raise ValueError(f"ModelConfig.{field} must be one of {allowed}; got {getattr(self, field)!r}")
@@ -164,8 +169,10 @@ class ModelConfig:
         return self.sliding_layers if self.sliding_layers is not None else (True,) * self.num_layers
 
 
-def _block(cfg: ModelConfig, x_BxTxD, p: dict, mask_Bx1xTxS, sin, cos, kv_cache=None, cache_index=None):
-    """One transformer block on arrays `p` (this layer's slice). Returns (x, (k, v) or None)."""
+def _block(cfg: ModelConfig, x_BxTxD, p: dict, attend, sin, cos, kv_cache=None, cache_index=None):
+    """One transformer block on arrays `p` (this layer's slice); `attend(q_BxTxHxE, k_BxSxKxE,
+    v_BxSxKxE) -> o_BxTxHxE` is this layer's attention (dense or blockwise, with its mask).
+    Returns (x, (k, v) or None)."""
     dt = x_BxTxD.dtype
     w = {k: v.astype(dt) for k, v in p.items()}
     bias = lambda name: w.get(name)  # noqa: E731
@@ -187,7 +194,7 @@ def _block(cfg: ModelConfig, x_BxTxD, p: dict, mask_Bx1xTxS, sin, cos, kv_cache=
             v = jax.lax.dynamic_update_slice_in_dim(v_all, v.astype(v_all.dtype), cache_index, axis=1)
             new_kv = (k, v)
             k, v = k.astype(dt), v.astype(dt)
-        o = masked_attention(q, k, v, mask_Bx1xTxS, cfg.head_dim ** -0.5)
+        o = attend(q, k, v)
         return add(_dense(o, w["wo"], in_axes=2), bias("bo")), new_kv
 
     def mlp(h):
@@ -207,7 +214,44 @@ def _block(cfg: ModelConfig, x_BxTxD, p: dict, mask_Bx1xTxS, sin, cos, kv_cache=
     return x + mlp(_norm(x, w["mlp_norm"], bias("mlp_norm_bias"), cfg.norm, cfg.norm_eps)), new_kv
 
 
-def _remat(fn, policy: str, prevent_cse: bool):
+def _layer_attention(cfg: ModelConfig, T: int, q_ids, k_ids):
+    """attend(slides, q_BxTxHxE, k_BxSxKxE, v_BxSxKxE) -> o_BxTxHxE: the attention `cfg.attention`
+    picks at T query rows (`attention.resolve`), under the rule of docs/design.md between the
+    queries' and the keys' (segment, position, branch) ids, the sliding window where the layer's
+    `slides` (a traced bool under the layer scan) says. Dense builds each [B, 1, T, S] mask once
+    for all layers; blockwise builds the mask of each block pair on the fly."""
+    scale = cfg.head_dim ** -0.5
+    kinds = set(cfg.layer_slides)
+    if _attention.resolve(cfg.attention, T) == "blockwise":
+        def blockwise(slides, q, k, v):
+            if kinds == {False}:
+                window = None
+            elif kinds == {True}:
+                window = cfg.sliding_window
+            else:
+                window = jnp.where(slides, cfg.sliding_window, _attention.NO_WINDOW)
+            return _attention.blockwise_attention(q, k, v, q_ids, k_ids, scale, sliding_window=window)
+
+        return blockwise
+    masks = {slides: attention_mask(*q_ids, *k_ids, sliding_window=cfg.sliding_window if slides else None)
+             for slides in kinds}
+
+    def dense(slides, q, k, v):
+        mask = jnp.where(slides, masks[True], masks[False]) if len(masks) == 2 else next(iter(masks.values()))
+        return masked_attention(q, k, v, mask, scale)
+
+    return dense
+
+
+def _remat(fn, policy: str, scanned: bool):
+    """One layer `fn(x, xs_l)` under jax.checkpoint with `policy`. In the layer scan, the loop runs
+    each layer's recomputation in its turn of the backward. Unrolled, XLA:CPU drops the
+    optimization barriers that keep a recomputation apart from the forward, merges the two, and
+    keeps every layer's activations: remat='full' held as much memory as 'none'
+    (docs/performance.md). So an unrolled layer's backward adds 0 * (one entry of the incoming
+    cotangent) to its residuals: exact when that entry is finite (else all of the layer's gradients
+    turn non-finite, where some already were), and the recomputation now depends on the cotangent,
+    so it can neither merge with the forward nor run before its turn."""
     if policy == "none":
         return fn
     policies = {
@@ -215,7 +259,25 @@ def _remat(fn, policy: str, prevent_cse: bool):
         "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
         "dots_all": jax.checkpoint_policies.checkpoint_dots,
     }
-    return jax.checkpoint(fn, policy=policies[policy], prevent_cse=prevent_cse)
+    checkpointed = jax.checkpoint(fn, policy=policies[policy], prevent_cse=not scanned)
+    if scanned:
+        return checkpointed
+
+    @jax.custom_vjp
+    def layer(x, xs_l):
+        return checkpointed(x, xs_l)
+
+    def layer_fwd(x, xs_l):
+        return jax.vjp(checkpointed, x, xs_l)  # (outputs, the backward closed over the policy's residuals)
+
+    def layer_bwd(backward, cotangents):
+        g = jax.tree.leaves(cotangents)[0]
+        zero = jnp.zeros((), jnp.float32) * g.reshape(-1)[0].astype(jnp.float32)  # 0, once the cotangent exists
+        tie = lambda r: r + zero.astype(r.dtype) if jnp.issubdtype(r.dtype, jnp.floating) else r  # noqa: E731
+        return jax.tree.map(tie, backward)(cotangents)
+
+    layer.defvjp(layer_fwd, layer_bwd)
+    return layer
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -377,10 +439,7 @@ class Decoder(nnx.Module):
             k_seg = put(cache["segment_ids_BxS"], segment_ids_BxT)
             k_pos = put(cache["positions_BxS"], positions_BxT)
             k_br = put(cache["branch_ids_BxS"], branch_ids_BxT)
-        masks = {False: None, True: None}
-        for slides in set(cfg.layer_slides):
-            masks[slides] = attention_mask(segment_ids_BxT, positions_BxT, branch_ids_BxT, k_seg, k_pos, k_br,
-                                           sliding_window=cfg.sliding_window if slides else None)
+        attend = _layer_attention(cfg, T, (segment_ids_BxT, positions_BxT, branch_ids_BxT), (k_seg, k_pos, k_br))
 
         params = self.layers.arrays()
         xs = {"p": params, "slides": jnp.asarray(cfg.layer_slides)}
@@ -388,14 +447,11 @@ class Decoder(nnx.Module):
             xs["kv"] = (cache["k_LxBxSxKxE"], cache["v_LxBxSxKxE"])
 
         def layer(x, xs_l):
-            if masks[True] is None or masks[False] is None:
-                mask = masks[True] if masks[False] is None else masks[False]
-            else:
-                mask = jnp.where(xs_l["slides"], masks[True], masks[False])
-            return _block(cfg, x, xs_l["p"], mask, sin, cos, xs_l.get("kv"), cache_index)
+            return _block(cfg, x, xs_l["p"], functools.partial(attend, xs_l["slides"]), sin, cos, xs_l.get("kv"),
+                          cache_index)
 
         if cache is None:
-            layer = _remat(layer, cfg.remat, prevent_cse=not cfg.scanned)
+            layer = _remat(layer, cfg.remat, cfg.scanned)
         if cfg.scanned:
             x, new_kv = jax.lax.scan(layer, x, xs)
         else:

@@ -65,17 +65,15 @@ def compiled_steps(step_cfg: step.StepConfig, state_sh, mesh, batch_keys):
 
 
 def evaluate_batches(eval_fn, state, batches, hp, mesh, members: int = 0) -> list[dict[str, float]]:
-    """Pair-weighted means of the eval metrics over every eval batch, one dict per member."""
+    """Pair-weighted means of the eval metrics over every eval batch, one dict per member, with
+    `pairs`: the number of pairs scored."""
     means = [metrics.Mean() for _ in range(max(members, 1))]
     for local in batches:
         for mean, m in zip(means, metrics.fetch_members(eval_fn(state, sharding.global_batch(local, mesh), hp),
                                                           members)):
             if m["pairs"] > 0:
                 mean.add(m, weight=m.pop("pairs"))
-    out = [mean.result() for mean in means]
-    for o in out:
-        o.pop("pairs", None)
-    return out
+    return [{**mean.result(), "pairs": float(mean.weight)} for mean in means]
 
 
 def fit(stage: Stage, state, state_sh, step_cfg: step.StepConfig, mesh, config, *, writers: list[metrics.Writer],

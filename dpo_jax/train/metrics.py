@@ -2,7 +2,7 @@
 
 Names follow TRL where it has them (`loss`, `rewards/chosen`, `rewards/rejected`,
 `rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`, `grad_norm`,
-`learning_rate`), plus `grad_weight/mean`, `grad_weight/saturated_frac`, `kl/implicit`,
+`learning_rate`), plus `grad_weight/mean`, `grad_weight/saturated_frac`, `logratio/mean`,
 `tokens_per_s`, `mfu`.
 
 FLOP model (per step): 6 N per trained token (forward + backward) + 2 N per reference token

@@ -24,9 +24,13 @@ from dpo_jax.train.loop import Stage, fit, log_drops
 def make_stage(config, name: str, workdir: str, *, objective, hp, steps, optim_cfg, ref_mode, train_path,
                eval_path, tok, batch_size, unpaired_label: bool = False) -> Stage:
     data_cfg = build.data_config(config, train_path, pairs=batch_size)
+    if steps == 0 and not eval_path and not config.data.eval_split:  # evaluate-only: every row, no hold-out
+        data_cfg = dataclasses.replace(data_cfg, eval_fraction=0.0)
     train_rows, eval_rows = data_sources.load_splits(data_cfg)
     if eval_path:
         eval_rows = data_sources.load_rows(eval_path)
+    elif steps == 0 and eval_rows is None:
+        eval_rows = train_rows
     fmt = config.data.format
     if unpaired_label:  # SFT rows {"prompt", "completion"}: every completion is desirable
         train_rows = train_rows.map(lambda _: {"label": True})
@@ -107,7 +111,8 @@ def run_stage(config, stage: Stage, model, reference, mesh, writer, preempt, pea
     step_cfg = step.StepConfig(graphdef=graphdef, objective=stage.objective, tx=tx, lr=lr, ref_mode=stage.ref_mode,
                                grad_accum=stage.optim_cfg.grad_accum,
                                chunk_size=config.logprobs.chunk_size, vocab_chunk_size=config.logprobs.vocab_chunk_size,
-                               lora=lora_cfg, members=num_members)
+                               lora=lora_cfg, members=num_members,
+                               logit_bias_V=build.logit_bias(config, model.cfg.vocab_size))
     if stage.ref_mode == "precomputed":
         stage = precompute_reference(config, stage, reference, dataclasses.replace(step_cfg, members=0), mesh,
                                      tokenizer_dir)

@@ -53,6 +53,7 @@ class StepConfig:
     naive_logits: bool = False  # plain [N, V] float32 logits instead of the chunked path (for comparison)
     lora: Optional[lora.LoraConfig] = None  # a LoRA policy: params are adapters over state.base_params
     members: int = 0  # K > 0: K fused policies (stacked params, hp arrays [K]) sharing batch and reference
+    logit_bias_V: Any = None  # float32 [V] added to every model's logits (policy and reference), e.g. a vocabulary mask
 
     def __post_init__(self):
         check_ref_mode(self.ref_mode, self.objective, has_lora=self.lora is not None)
@@ -88,6 +89,8 @@ def model_logps(cfg: StepConfig, params, batch) -> logprobs.SequenceLogps:
     hidden_BxTxD = model(batch["tokens_BxT"], positions_BxT=batch["positions_BxT"],
                          segment_ids_BxT=batch["segment_ids_BxT"], branch_ids_BxT=batch["branch_ids_BxT"])
     w_DxV, b_V = model.unembedding()
+    if cfg.logit_bias_V is not None:
+        b_V = cfg.logit_bias_V if b_V is None else b_V + cfg.logit_bias_V
     return logprobs.completion_logps(hidden_BxTxD, w_DxV, batch, batch["pair_mask_P"].shape[0], bias_V=b_V,
                                      chunk_size=cfg.chunk_size,
                                      vocab_chunk_size=cfg.vocab_chunk_size, naive=cfg.naive_logits)
@@ -132,8 +135,8 @@ def _loss(params, cfg: StepConfig, ref, batch, hp, base_params=None):
 
 
 def batch_metrics(cfg: StepConfig, pairs: losses.PairLogps, loss, terms, hp, batch) -> dict[str, jax.Array]:
-    prepared = cfg.objective.prepare(pairs, hp)
-    metrics = {"loss": loss, **terms, **losses.reward_metrics(prepared, hp["beta"])}
+    reported = cfg.objective.metric_pairs(pairs, hp)
+    metrics = {"loss": loss, **terms, **losses.reward_metrics(reported, hp["beta"])}
     metrics["pairs"] = jnp.sum(batch["pair_mask_P"].astype(jnp.float32))
     metrics["tokens/input"] = jnp.sum(batch["segment_ids_BxT"] > 0).astype(jnp.float32)
     metrics["tokens/completion"] = jnp.sum(batch["loss_mask_BxT"]).astype(jnp.float32)

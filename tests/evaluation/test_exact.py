@@ -25,11 +25,15 @@ def test_regret_of_the_exact_optimum_is_zero(beta):
     out = e(pol.MarkovPolicy(sx.optimal_policy(w, beta)))
     se = np.hypot(out["sample/reward_stderr"], beta * out["sample/kl_stderr"])
     within(out["frontier/regret"], 0.0, se)
-    within(out["sample/kl"], out["exact/kl"], out["sample/kl_stderr"])
-    within(out["sample/reward"], out["exact/reward"], out["sample/reward_stderr"])
+    within(out["sample/kl"], out["optimum/kl"], out["sample/kl_stderr"])
+    within(out["sample/reward"], out["optimum/reward"], out["sample/reward_stderr"])
     assert abs(out["frontier/regret_frac"]) < 0.02
+    # on the format by construction: its projection is itself, measured against the world's pi_ref
+    within(out["projected/kl"], out["optimum/kl"], out["projected/kl_stderr"])
+    within(out["projected/regret"], 0.0, np.hypot(out["projected/reward_stderr"], beta * out["projected/kl_stderr"]))
+    assert out["sample/malformed_frac"] == 0.0 and out["sample/malformed/past_length"] == 0.0
     # the reference itself sits at the frontier's origin, and a worse policy has positive regret
-    np.testing.assert_allclose(out["exact/reward_ref"], sx.expected_reward(w, sx.reference_policy(w), content))
+    np.testing.assert_allclose(out["optimum/reward_ref"], sx.expected_reward(w, sx.reference_policy(w), content))
     worse = e(pol.MarkovPolicy(random_tabular(w, 0)))
     assert worse["frontier/regret"] > 0.5
 

@@ -1,5 +1,5 @@
 """Sampled evaluation: the KL estimator against exact answers, win rate, the reward sources, and the
-report of a training run (exact/* and frontier/* included)."""
+report of a training run (optimum/* and frontier/* included)."""
 
 import concurrent.futures
 import json
@@ -131,7 +131,7 @@ def test_sharded_evaluation_equals_one_process(kind, count):
                             samples_per_prompt=2, batch_size=3, seed=7, **kw)
 
     one = make()(policy)
-    assert {"sample/kl", "sample/reward", "sample/win_rate", "exact/kl", "frontier/regret"} <= set(one)
+    assert {"sample/kl", "sample/reward", "sample/win_rate", "optimum/kl", "frontier/regret"} <= set(one)
     assert one["sample/reward"] != one["sample/reward_ref"]
     for reports in sharded(make, policy, count):
         for i, got in enumerate(reports):
@@ -233,7 +233,7 @@ def test_training_run_reports_sampled_and_exact_metrics(tmp_path):
     c.eval.update(num_prompts=8, samples_per_prompt=2)
     report = runner.run(c, str(tmp_path))
     keys = ("eval/accuracy", "eval/loss", "sample/reward", "sample/reward_ref", "sample/kl", "sample/kl_stderr",
-            "sample/win_rate", "exact/reward", "exact/kl", "frontier/reward_at_kl", "frontier/regret")
+            "sample/win_rate", "optimum/reward", "optimum/kl", "frontier/reward_at_kl", "frontier/regret")
     on_disk = json.loads((tmp_path / "report.json").read_text())
     last = metrics.read_jsonl(str(tmp_path / "metrics.jsonl"))[-1]
     for k in keys:
@@ -244,8 +244,8 @@ def test_training_run_reports_sampled_and_exact_metrics(tmp_path):
     rows = metrics.read_jsonl(str(tmp_path / "data" / "eval_pairs.jsonl"))[:8]
     content = np.stack([syn.text_to_tokens(r["prompt"]) for r in rows])
     star = sx.optimal_policy(w, c.loss.beta)
-    assert report["exact/kl"] == pytest.approx(sx.kl_to_ref(w, star, content), rel=1e-9)
-    assert report["exact/reward"] == pytest.approx(sx.expected_reward(w, star, content), rel=1e-9)
+    assert report["optimum/kl"] == pytest.approx(sx.kl_to_ref(w, star, content), rel=1e-9)
+    assert report["optimum/reward"] == pytest.approx(sx.expected_reward(w, star, content), rel=1e-9)
 
 
 

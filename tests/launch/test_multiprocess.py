@@ -5,7 +5,7 @@ preempted status; SIGKILL of one ends the other; every interrupted run resumes (
 on 1) to the uninterrupted run's values.
 
 Tolerance: relative 1e-5, absolute 2e-6. The absolute part is for values that are differences of
-float32 sums of ~20 log-probs (rewards/*, kl/implicit): the batch is split over devices differently
+float32 sums of ~20 log-probs (rewards/*, logratio/mean): the batch is split over devices differently
 (4 rows per device vs 8), the sums are rounded in another order, and their float32 unit in the last
 place (2e-6 at 20) stays in the difference. Timings (tokens_per_s, mfu) are not compared.
 """

@@ -109,13 +109,52 @@ def test_filler_pairs_do_not_change_the_loss(name):
     np.testing.assert_allclose(loss_of(name, both), loss_of(name, b), rtol=1e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("name", ["simpo", "orpo", "cpo", "sft"])
+@pytest.mark.parametrize("name", ["simpo", "orpo", "cpo", "sft", "sft_sum"])
 def test_reference_free_losses_ignore_the_reference(name):
     rng = np.random.default_rng(6)
     b = make_batch(rng)
     other = b._replace(ref_chosen=b.ref_chosen - 7.0, ref_rejected=b.ref_rejected + 3.0)
     assert not L.LOSSES[name].uses_reference
     np.testing.assert_allclose(loss_of(name, other), loss_of(name, b), rtol=1e-6)
+
+
+def test_sft_and_sft_sum_closed_form():
+    """Chosen log-probs -6, -10 over 3 and 5 tokens, plus a filler pair: sft_sum = (6 + 10) / 2 = 8 nats
+    per sequence, sft = (6 + 10) / (3 + 5) = 2 nats per token."""
+    b = L.PairLogps(*(jnp.array(v) for v in ([-6.0, -10.0, -50.0], [-1.0, -2.0, -3.0], [-4.0, -4.0, -4.0],
+                                             [-5.0, -5.0, -5.0], [3.0, 5.0, 40.0], [2.0, 2.0, 2.0])),
+                    pair_mask=jnp.array([1.0, 1.0, 0.0]))
+    np.testing.assert_allclose(loss_of("sft_sum", b), 8.0, rtol=1e-6)
+    np.testing.assert_allclose(loss_of("sft", b), 2.0, rtol=1e-6)
+    obj = L.Objective(("sigmoid", "sft_sum"))
+    _, terms = obj(b, obj.params(weights=[1.0, 0.5]))
+    np.testing.assert_allclose(terms["loss/sft_sum"], 8.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("equal_lengths", [True, False])
+def test_sft_sum_is_sft_times_mean_length(equal_lengths):
+    b = make_batch(np.random.default_rng(12), p=6)
+    if equal_lengths:
+        b = b._replace(chosen_len=jnp.full_like(b.chosen_len, 7.0))
+    mean_len = float(jnp.mean(b.chosen_len))
+    np.testing.assert_allclose(loss_of("sft_sum", b), loss_of("sft", b) * mean_len, rtol=1e-5)
+
+
+def test_ld_dpo_and_ld_alpha_report_the_same_loss_and_metrics():
+    """ld_dpo and sigmoid with the ld_alpha modifier are one loss; both report the LD-weighted log-probs."""
+    b = make_batch(np.random.default_rng(13))
+    ld_dpo, modifier = L.Objective(("ld_dpo",)), L.Objective(("sigmoid",), ld=True)
+    hp_a, hp_b = ld_dpo.params(beta=0.1, ld_alpha=0.3), modifier.params(beta=0.1, ld_alpha=0.3)
+    np.testing.assert_allclose(ld_dpo(b, hp_a)[0], modifier(b, hp_b)[0], rtol=1e-6)
+    m_a = L.reward_metrics(ld_dpo.metric_pairs(b, hp_a), 0.1)
+    m_b = L.reward_metrics(modifier.metric_pairs(b, hp_b), 0.1)
+    assert m_a.keys() == m_b.keys()
+    for key in m_a:
+        np.testing.assert_allclose(m_a[key], m_b[key], rtol=1e-6, err_msg=key)
+    weighted = b.length_desensitized(0.3).policy_chosen
+    np.testing.assert_allclose(m_a["logps/chosen"], jnp.mean(weighted), rtol=1e-6)
+    with pytest.raises(ValueError, match="applying it again"):
+        L.Objective(("ld_dpo",), ld=True)
 
 
 def test_kto_closed_form():
@@ -235,9 +274,27 @@ def test_trl_parity_every_case(trl_fixture_dir):
         f_div = case["case"].get("f_divergence_type", "reverse_kl") != "reverse_kl"
         np.testing.assert_allclose(loss, case["loss"], rtol=1e-4 if f_div else 1e-5,
                                    err_msg=f"{case['case']}: loss; {REGEN}")
-        metrics = L.reward_metrics(obj.prepare(batch, hp), ref["beta"])  # TRL reports rewards with beta even for sft
-        for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                    "logps/chosen", "logps/rejected"):
-            # atol: the rewards are beta times differences of float32 log-probs near -120 (ulp 7.6e-6).
-            np.testing.assert_allclose(metrics[key], case["metrics"][key], rtol=1e-5, atol=2e-6,
-                                       err_msg=f"{case['case']}: {key}; {REGEN}")
+        _assert_trl_metrics(obj, hp, batch, ref["beta"], case)
+
+
+TRL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+               "logps/rejected")
+
+
+def _assert_trl_metrics(obj, hp, batch, beta, case):
+    metrics = L.reward_metrics(obj.metric_pairs(batch, hp), beta)  # TRL reports rewards with beta even for sft
+    for key in TRL_METRICS:
+        # atol: the rewards are beta times differences of float32 log-probs near -120 (ulp 7.6e-6).
+        np.testing.assert_allclose(metrics[key], case["metrics"][key], rtol=1e-5, atol=2e-6,
+                                   err_msg=f"{case['case']}: {key}; {REGEN}")
+
+
+def test_ld_dpo_reports_trl_ld_alpha_metrics(trl_fixture_dir):
+    """TRL with ld_alpha reports the LD-weighted log-probs (logps/chosen -91.90 here, not the full -102.55);
+    the registered ld_dpo reports the same as the sigmoid + ld_alpha spelling."""
+    ref, batch = _fixture_batch(trl_fixture_dir)
+    case = next(c for c in ref["cases"] if "ld_alpha" in c["case"])
+    obj = L.Objective(("ld_dpo",))
+    hp = obj.params(beta=ref["beta"], ld_alpha=case["case"]["ld_alpha"])
+    np.testing.assert_allclose(jax.jit(obj)(batch, hp)[0], case["loss"], rtol=1e-5, err_msg=f"ld_dpo loss; {REGEN}")
+    _assert_trl_metrics(obj, hp, batch, ref["beta"], case)

@@ -11,9 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from dpo_jax.models import hf
+from dpo_jax import sharding
+from dpo_jax.models import hf, hf_stream
+from dpo_jax.models.hf_config import FAMILY_TRAITS
 from dpo_jax.models.transformer import Decoder, ModelConfig
 
 TINY = ModelConfig(family="llama", vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
@@ -126,6 +129,184 @@ def test_bfloat16_export_and_load(tiny_dir, tmp_path, trl_fixture_dir):
     assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
     assert load_file(out / "model.safetensors")["model.embed_tokens.weight"].dtype.name == "bfloat16"
     assert _same_params(hf.load_model(out, dtype="bfloat16", param_dtype="bfloat16"), model)
+
+
+# ----------------------------------------------------------------------------- streamed (sharded) loading
+
+
+FAMILY_CFGS = {
+    "llama": TINY,
+    "qwen2_bias": ModelConfig(family="qwen2", vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2,
+                              num_heads=4, num_kv_heads=2, init_std=0.3, tie_embeddings=True, **FAMILY_TRAITS["qwen2"]),
+    "gpt2": ModelConfig(family="gpt2", vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4,
+                        num_kv_heads=4, max_position_embeddings=32, init_std=0.3, **FAMILY_TRAITS["gpt2"]),
+    "gpt_neox": ModelConfig(family="gpt_neox", vocab_size=64, hidden_size=32, intermediate_size=32, num_layers=2,
+                            num_heads=4, num_kv_heads=4, init_std=0.3, **FAMILY_TRAITS["gpt_neox"]),
+}
+MESHES = {"fsdp8": {"data": 1, "fsdp": 8, "tensor": 1}, "fsdp4_tensor2": {"data": 1, "fsdp": 4, "tensor": 2},
+          "data2_fsdp2_tensor2": {"data": 2, "fsdp": 2, "tensor": 2}}
+
+
+def _random_slice(rng, n):
+    start = int(rng.integers(0, n))
+    return slice(start, int(rng.integers(start + 1, n + 1)))
+
+
+class _Recorder:
+    """A tensor that records the elements read through `[index]`."""
+
+    def __init__(self, array, log):
+        self.array, self.log = array, log
+
+    def __getitem__(self, index):
+        block = self.array[index]
+        self.log.append(block.size)
+        return block
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CFGS))
+def test_views_read_exactly_the_block_of_every_parameter(family):
+    """Each rule's view of a random HF tensor: to_ours / to_hf invert each other, and the block at
+    any index is read from the HF tensor without reading one element more than the block."""
+    rng = np.random.default_rng(0)
+    for rule in hf.rules(FAMILY_CFGS[family]):
+        w = rng.standard_normal(rule.shape).astype(np.float32)
+        ours = rule.to_ours(w)
+        np.testing.assert_array_equal(rule.to_hf(*ours), w, err_msg=rule.hf)
+        for view, whole in zip(rule.views(), ours):
+            assert whole.shape == view.shape
+            for _ in range(6):
+                index = tuple(_random_slice(rng, n) for n in view.shape)
+                log = []
+                block = view.read(_Recorder(w, log), index)
+                np.testing.assert_array_equal(block, whole[index], err_msg=f"{rule.hf} {index}")
+                assert sum(log) == block.size, (rule.hf, index, log)
+
+
+def _params(model):
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+@pytest.mark.parametrize("family,mesh_name", [(f, "fsdp4_tensor2") for f in sorted(FAMILY_CFGS)]
+                         + [("llama", "fsdp8"), ("gpt_neox", "data2_fsdp2_tensor2")])
+def test_streamed_load_is_sharded_and_equals_the_host_loader(family, mesh_name, tmp_path):
+    out = hf.export_model(Decoder(FAMILY_CFGS[family], rngs=nnx.Rngs(1)), tmp_path / "ckpt", max_shard_bytes=4_000)
+    mesh = sharding.make_mesh(MESHES[mesh_name])
+    host = hf.load_model(out)
+    streamed = hf.load_model(out, mesh=mesh)
+    assert streamed.cfg == host.cfg
+    graphdef, state = nnx.split(host)
+    want_sh = sharding.param_shardings(nnx.to_pure_dict(state), graphdef, mesh)
+    got, want = _params(streamed), _params(host)
+    flat_got = jax.tree_util.tree_flatten_with_path(got)[0]
+    assert [p for p, _ in flat_got] == [p for p, _ in jax.tree_util.tree_flatten_with_path(want)[0]]
+    for (path, a), b, sh in zip(flat_got, jax.tree.leaves(want), jax.tree.leaves(want_sh)):
+        key = jax.tree_util.keystr(path)
+        assert isinstance(a, jax.Array) and a.sharding == sh, (key, a.sharding, sh)
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b)), key
+    sharded = [a for a in jax.tree.leaves(got) if not a.sharding.is_fully_replicated]
+    assert len(sharded) >= 5
+
+
+def test_streamed_load_of_bfloat16_checkpoint_into_float32_and_bfloat16(tiny_dir, tmp_path):
+    bf16 = hf.export_model(hf.load_model(tiny_dir, param_dtype="bfloat16"), tmp_path / "bf16")
+    mesh = sharding.make_mesh(MESHES["fsdp4_tensor2"])
+    for param_dtype in ("float32", "bfloat16"):
+        host = hf.load_model(bf16, param_dtype=param_dtype)
+        streamed = hf.load_model(bf16, param_dtype=param_dtype, mesh=mesh)
+        for a, b in zip(jax.tree.leaves(_params(streamed)), jax.tree.leaves(_params(host))):
+            assert a.dtype == b.dtype == jnp.dtype(param_dtype)
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+class _RecordingSafeOpen:
+    """safe_open that records the index of every slice read and refuses whole-tensor reads."""
+
+    def __init__(self, reads):
+        self.reads = reads
+
+    def __call__(self, path, framework):
+        real = safe_open(path, framework=framework)
+        reads = self.reads
+
+        class Handle:
+            def __enter__(self):
+                self.f = real.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return real.__exit__(*exc)
+
+            def get_slice(self, name):
+                sl = self.f.get_slice(name)
+
+                class Slice:
+                    def __getitem__(self, index):
+                        block = sl[index]
+                        reads.append((name, index, tuple(sl.get_shape()), block.size))
+                        return block
+
+                return Slice()
+
+            def get_tensor(self, name):
+                raise AssertionError(f"whole tensor {name} read")
+
+        return Handle()
+
+
+def test_streamed_loader_reads_each_devices_slice_only(tiny_dir, monkeypatch):
+    """fsdp=8: every parameter of the tiny Llama has an `embed` axis of 16, split in 8, so each
+    device's request is 1/8 of its HF tensor, the 8 requests of a tensor are disjoint, and no
+    whole tensor is read."""
+    reads = []
+    monkeypatch.setattr(hf_stream, "safe_open", _RecordingSafeOpen(reads))
+    model = hf.load_model(tiny_dir, mesh=sharding.make_mesh(MESHES["fsdp8"]))
+    monkeypatch.undo()
+    by_tensor = {}
+    for name, index, shape, size in reads:
+        assert size * 8 == int(np.prod(shape)), (name, index, shape)
+        by_tensor.setdefault(name, []).append(tuple((s.start, s.stop) for s in index))
+    expected = {n for r in hf.rules(TINY) for _, n in hf._expand(r, TINY.num_layers)}
+    assert set(by_tensor) == expected
+    assert all(len(set(v)) == len(v) == 8 for v in by_tensor.values())
+    assert _same_params(model, hf.load_model(tiny_dir))
+
+
+def test_sharded_export_loads_in_transformers_and_in_both_loaders(tiny_dir, tmp_path):
+    model = hf.load_model(tiny_dir, mesh=sharding.make_mesh(MESHES["fsdp4_tensor2"]))
+    out = hf.export_model(model, tmp_path / "sharded", max_shard_bytes=2_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(out.glob("model-*-of-*.safetensors"))
+    assert len(files) >= 4 and sorted(set(index["weight_map"].values())) == [f.name for f in files]
+    assert not (out / "model.safetensors").exists()
+    assert index["metadata"]["total_size"] == sum(t.nbytes for f in files for t in load_file(f).values())
+    for f in files:
+        tensors = load_file(f)
+        assert len(tensors) == 1 or sum(t.nbytes for t in tensors.values()) <= 2_000
+    host = hf.load_model(tiny_dir)
+    assert _same_params(hf.load_model(out), host)
+    assert _same_params(hf.load_model(out, mesh=sharding.make_mesh(MESHES["fsdp8"])), host)
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pt = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    tokens = np.arange(5)[None] % TINY.vocab_size
+    with torch.no_grad():
+        ref = pt(torch.tensor(tokens), output_hidden_states=True).hidden_states[-1].numpy()
+    np.testing.assert_allclose(_hidden(host), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_safetensors_header_is_what_safetensors_writes(tmp_path):
+    """The streaming writer's files read back with safetensors, bfloat16 included."""
+    rng = np.random.default_rng(0)
+    tensors = {"a": rng.standard_normal((3, 5)).astype(np.float32),
+               "b.weight": rng.standard_normal((7,)).astype(jnp.bfloat16), "c": np.arange(4, dtype=np.int64)}
+    entries = [hf_stream.Entry(k, v.shape, v.dtype, lambda v=v: v) for k, v in tensors.items()]
+    hf_stream.write_safetensors(tmp_path / "x.safetensors", entries, metadata={"format": "pt"})
+    back = load_file(tmp_path / "x.safetensors")
+    assert sorted(back) == sorted(tensors)
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and np.array_equal(back[k], v)
 
 
 # ----------------------------------------------------------------------------- CLI

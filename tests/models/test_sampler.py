@@ -1,6 +1,6 @@
 """Sampler: greedy = argmax of a full forward, log-probs = teacher forcing, EOS, ragged prompts,
 top-k / top-p, the nucleus filter against a NumPy reference, per-row randomness (any split of the
-rows with their global ids samples the same), and one compile per shape bucket.
+rows with their global ids samples the same), the per-step logit bias, and one compile per shape bucket.
 
 Every reference value is recomputed here from a plain (cache-free) forward of prompt + completion."""
 
@@ -214,6 +214,63 @@ def test_compiles_once_per_shape_bucket():
     for i in range(3):
         sampler.score(model, toks, lens, toks[:, :3] + i, jnp.ones((4, 3)))
     assert sampler.trace_count("score") == n_score + 1
+
+
+def test_step_bias_forbids_tokens_and_renormalizes():
+    """A per-step bias (-inf forbids, finite shifts): forbidden tokens are never drawn, and logps,
+    sample_logps and score are the log-probs of softmax(logits + bias_n) (then filtered); greedy takes
+    the argmax of the biased logits; new bias values of one shape compile nothing new."""
+    model = tiny_model(seed=4)
+    toks, lens = prompts(seed=4)
+    toks, lens = jnp.tile(toks, (16, 1)), jnp.tile(lens, 16)
+    rng = np.random.default_rng(0)
+    allowed_NxV = rng.random((N, 61)) < 0.3
+    allowed_NxV[:, 7] = True
+    bias_NxV = np.where(allowed_NxV, rng.normal(size=(N, 61)), -np.inf).astype(np.float32)
+    s = sampler.sample(model, toks, lens, jax.random.key(1), max_new_tokens=N, temperature=1.0, step_bias_NxV=bias_NxV)
+    tokens = np.asarray(s.tokens_BxN)
+    assert allowed_NxV[np.arange(N)[None, :], tokens].all(), "a forbidden token was drawn"
+    assert len(set(tokens.ravel())) > N
+    biased = full_logps(model, toks, lens, tokens) + bias_NxV[None]
+    biased = biased - np.log(np.exp(biased).sum(-1, keepdims=True))  # renormalized over the allowed tokens
+    np.testing.assert_allclose(s.logps_BxN, picked(biased, tokens), atol=2e-5, rtol=0)
+    np.testing.assert_allclose(s.sample_logps_BxN, s.logps_BxN, atol=1e-6)
+    scored = sampler.score(model, toks, lens, s.tokens_BxN, s.mask_BxN, step_bias_NxV=bias_NxV)
+    np.testing.assert_allclose(scored, s.logps_BxN, atol=2e-5, rtol=0)
+    other = tokens.copy()
+    other[:, 0] = np.flatnonzero(~allowed_NxV[0])[0]
+    forbidden = sampler.score(model, toks, lens, other, s.mask_BxN, step_bias_NxV=bias_NxV)
+    assert np.isneginf(np.asarray(forbidden)[:, 0]).all()
+    filtered = sampler.sample(model, toks, lens, jax.random.key(2), max_new_tokens=N, temperature=0.7, top_k=5,
+                              step_bias_NxV=bias_NxV)
+    ref = full_logps(model, toks, lens, filtered.tokens_BxN) + bias_NxV[None]
+    q = np.stack([np_filtered_logprobs(r, 0.7, 5, 1.0) for r in ref])
+    np.testing.assert_allclose(filtered.sample_logps_BxN, picked(q, filtered.tokens_BxN), atol=2e-5, rtol=0)
+    greedy = sampler.sample(model, toks, lens, jax.random.key(0), max_new_tokens=N, temperature=0.0,
+                            step_bias_NxV=bias_NxV)
+    np.testing.assert_array_equal(greedy.tokens_BxN, np.argmax(full_logps(model, toks, lens, greedy.tokens_BxN)
+                                                               + bias_NxV[None], axis=-1))
+    n_sample, n_score = sampler.trace_count("sample"), sampler.trace_count("score")
+    for i in range(2):
+        shifted = bias_NxV + np.float32(i)
+        sampler.sample(model, toks, lens, jax.random.key(i), max_new_tokens=N, temperature=1.0, step_bias_NxV=shifted)
+        sampler.score(model, toks, lens, s.tokens_BxN, s.mask_BxN, step_bias_NxV=shifted)
+    assert (sampler.trace_count("sample"), sampler.trace_count("score")) == (n_sample, n_score)
+
+
+@pytest.mark.parametrize("bias,match", [
+    (np.zeros((N - 1, 61)), "step_bias_NxV must have shape"),
+    (np.zeros((N, 60)), "step_bias_NxV must have shape"),
+    (np.where(np.arange(N)[:, None] == 2, -np.inf, np.zeros((N, 61))), "step_bias_NxV row 2 forbids every token"),
+    (np.full((N, 61), np.nan), "step_bias_NxV must be finite or -inf"),
+])
+def test_bad_step_bias_names_the_field(bias, match):
+    model = tiny_model()
+    toks, lens = prompts()
+    with pytest.raises(ValueError, match=match):
+        sampler.sample(model, toks, lens, jax.random.key(0), max_new_tokens=N, step_bias_NxV=bias)
+    with pytest.raises(ValueError, match=match):
+        sampler.score(model, toks, lens, toks[:, :N], jnp.ones((4, N)), step_bias_NxV=bias)
 
 
 @pytest.mark.parametrize("kw,match", [

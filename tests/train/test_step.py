@@ -61,7 +61,7 @@ def test_step_zero_policy_equals_reference_closed_form():
     batch = sharding.global_batch(make_batches(steps=1)[0], mesh)
     _, m = train_fn(state, batch, obj.params(beta=0.3))
     np.testing.assert_allclose(m["loss"], math.log(2.0), rtol=1e-6)
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "kl/implicit"):
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logratio/mean"):
         assert float(m[key]) == 0.0, key
     np.testing.assert_allclose(m["grad_weight/mean"], 0.5)
     assert float(m["rewards/accuracies"]) == 0.0  # ties are not counted as correct (as TRL)
@@ -138,6 +138,35 @@ def test_nonfinite_update_is_not_applied(tx, finite_steps):
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves((state.params, state.opt_state))):
         np.testing.assert_array_equal(a, np.asarray(b))
     assert int(state.step) == finite_steps + 1
+
+
+def test_logit_bias_masks_tokens_in_every_log_prob():
+    """`StepConfig.logit_bias_V`: log-probs are those of softmax(logits + bias), for the policy and the
+    reference alike; masked ids get no mass and the allowed ones are renormalized."""
+    from dpo_jax import logprobs
+
+    mesh = one_device_mesh()
+    batch = make_batches(steps=1)[0]
+    model = Decoder(CFG, rngs=nnx.Rngs(0))
+    tx = optax.sgd(1e-3)
+    state, _, graphdef = train_state.init_state(model, Decoder(CFG, rngs=nnx.Rngs(0)), tx, mesh, seed=0)
+    bias_V = np.zeros(CFG.vocab_size, np.float32)
+    bias_V[[0, 1, 3]] = logprobs.MASKED_LOGIT
+    cfg = step.StepConfig(graphdef=graphdef, objective=losses.Objective(("sigmoid",)), tx=tx, lr=lambda s: 1e-3,
+                          chunk_size=64, vocab_chunk_size=32, logit_bias_V=bias_V)
+    got = step.model_logps(cfg, state.params, batch)
+    logits_BxTxV = np.asarray(model.logits(model(batch["tokens_BxT"], positions_BxT=batch["positions_BxT"],
+                                                  segment_ids_BxT=batch["segment_ids_BxT"],
+                                                  branch_ids_BxT=batch["branch_ids_BxT"])), np.float64) + bias_V
+    logz_BxT = np.log(np.exp(logits_BxTxV - logits_BxTxV.max(-1, keepdims=True)).sum(-1)) + logits_BxTxV.max(-1)
+    tok_BxT = np.take_along_axis(logits_BxTxV, np.asarray(batch["targets_BxT"])[..., None], -1)[..., 0] - logz_BxT
+    mask, pairs, branch = (np.asarray(batch[k]) for k in ("loss_mask_BxT", "pair_ids_BxT", "branch_ids_BxT"))
+    want = np.zeros(8)
+    for b, t in zip(*np.nonzero((mask > 0) & (branch == 1))):
+        want[pairs[b, t]] += tok_BxT[b, t]
+    np.testing.assert_allclose(np.asarray(got.chosen), want, rtol=2e-5)
+    plain = step.model_logps(dataclasses.replace(cfg, logit_bias_V=None), state.params, batch)
+    assert np.all(np.asarray(got.chosen) > np.asarray(plain.chosen))  # mass of the masked ids went to the rest
 
 
 def test_all_finite_looks_at_floating_leaves_only():

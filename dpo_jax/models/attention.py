@@ -1,0 +1,218 @@
+"""Blockwise (flash-style) attention: the math of `layers.masked_attention` without a [T, S] buffer.
+
+Queries are cut into blocks of `block_q` rows and keys / values into blocks of `block_k` columns.
+For each query block the key blocks are visited in turn with an online softmax: with running max
+m, normalizer l and unnormalized output acc per query row,
+
+    s_ij = q_i . k_j (q pre-scaled)        over the block, -inf where the rule hides j from i
+    m'   = max(m, max_j s_ij)
+    l'   = exp(m - m') l + sum_j exp(s_ij - m')
+    acc' = exp(m - m') acc + sum_j exp(s_ij - m') v_j
+
+and at the end o_i = acc_i / l_i, lse_i = m_i + log l_i. The mask of each (query block, key
+block) is built on the fly from the positions, segment and branch ids of both sides by the rule of
+docs/design.md (`layers.attention_mask`, the dense path's rule: the same function), so the
+standard, prefix-shared and packed layouts, sliding windows and the KV cache all work unchanged.
+A block pair that the rule hides entirely is skipped (`lax.cond`): causal rows do about half the
+work of the dense path. The loops over blocks are `lax.while_loop`s (see `_loop`).
+
+The backward (`jax.custom_vjp`) recomputes each block's scores from the saved (o, lse):
+
+    p_ij = exp(s_ij - lse_i),  D_i = do_i . o_i,  ds_ij = p_ij (do_i . v_j - D_i)
+    dq_i = sum_j ds_ij k_j,    dk_j = sum_i ds_ij q_i,   dv_j = sum_i p_ij do_i
+
+so a layer holds O(T * block) scores at a time, never O(T * S). Grouped-query attention keeps the
+K key/value heads as they are (queries laid out [B, K, G, T, E], H = K G): K/V are never
+repeated. Scores, softmax statistics and every accumulator are float32 whatever the input dtype;
+the matmul operands keep the input dtype (bf16 operands, f32 accumulation).
+
+A query row that sees no key (padding, segment 0) gets the mean of all S values, as the dense
+path's softmax over uniformly masked scores gives (never NaN); such rows send no gradient to q or k.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from dpo_jax.models.layers import attention_mask
+
+ATTENTIONS = ("dense", "blockwise", "auto")  # ModelConfig.attention / config.model.attention
+BLOCK = 256  # default query and key block (rows / columns of one block's scores; docs/performance.md)
+# 'auto' runs blockwise for query rows at least this long, dense below (docs/performance.md:
+# measured on the 2-core CPU train step; blockwise is the only choice whose memory is linear in T).
+AUTO_MIN_LENGTH = 512
+NO_WINDOW = jnp.iinfo(jnp.int32).max  # a sliding window that hides nothing
+
+
+def resolve(kind: str, length: int) -> str:
+    """'dense' or 'blockwise' for `kind` in ATTENTIONS at `length` query rows ('auto': blockwise
+    iff length >= AUTO_MIN_LENGTH)."""
+    if kind not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}; got {kind!r}")
+    if kind == "auto":
+        return "blockwise" if length >= AUTO_MIN_LENGTH else "dense"
+    return kind
+
+
+def _blocks(x_BxTx_, n: int, size: int, fill=0):
+    """[B, T, ...] -> [n, B, size, ...], T padded with `fill` up to n * size."""
+    B, T = x_BxTx_.shape[:2]
+    pad = [(0, 0), (0, n * size - T)] + [(0, 0)] * (x_BxTx_.ndim - 2)
+    x = jnp.pad(x_BxTx_, pad, constant_values=fill)
+    return jnp.moveaxis(x.reshape(B, n, size, *x_BxTx_.shape[2:]), 1, 0)
+
+
+def _visible(q_ids, k_ids, window):
+    """Bx(bq)x(bk) bool: the rule of `layers.attention_mask` on one block pair."""
+    return attention_mask(*q_ids, *k_ids, sliding_window=window)[:, 0]
+
+
+def _scores(q_BxKxGxQxE, k_BxKxCxE):
+    return jnp.einsum("bkgqe,bkce->bkgqc", q_BxKxGxQxE, k_BxKxCxE, preferred_element_type=jnp.float32)
+
+
+def _loop(n: int, body, init):
+    """carry = body(i, carry) for i = 0 .. n-1, as a `lax.while_loop`. Not a scan: under a
+    differentiated layer scan, JAX hoists the loop-invariant part of a scan body out of the loop
+    (here the block masks, which depend only on the ids) and stacks it over the iterations, which
+    would rebuild [T, S] buffers; a while loop is one opaque unit to that transformation."""
+    return jax.lax.while_loop(lambda c: c[0] < n, lambda c: (c[0] + 1, body(c[0], c[1])), (jnp.int32(0), init))[1]
+
+
+def _at(i, *xs):
+    """The i-th block of each [N, ...] array (a dynamic index)."""
+    return tuple(jax.lax.dynamic_index_in_dim(x, i, keepdims=False) for x in xs)
+
+
+def _flash_forward(q_NqxBxKxGxQxE, k_NkxBxKxCxE, v_NkxBxKxCxE, q_ids, k_ids, window):
+    """Online softmax over the key blocks, for every query block. Returns (o_NqxBxKxGxQxE float32,
+    lse_NqxBxKxGxQ float32; -inf and o = 0 on rows that see no key)."""
+    Nq, B, K, G, Q, E = q_NqxBxKxGxQxE.shape
+    Nk = k_NkxBxKxCxE.shape[0]
+    dt = v_NkxBxKxCxE.dtype
+
+    def query_block(i, out):
+        (q_BxKxGxQxE, *qi) = _at(i, q_NqxBxKxGxQxE, *q_ids)
+
+        def key_step(j, carry):
+            (k_BxKxCxE, v_BxKxCxE, *ki) = _at(j, k_NkxBxKxCxE, v_NkxBxKxCxE, *k_ids)
+            mask_BxQxC = _visible(qi, ki, window)
+
+            def update(carry):
+                m_BxKxGxQ, l_BxKxGxQ, acc_BxKxGxQxE = carry
+                s = jnp.where(mask_BxQxC[:, None, None], _scores(q_BxKxGxQxE, k_BxKxCxE), -jnp.inf)
+                m_new = jnp.maximum(m_BxKxGxQ, jnp.max(s, axis=-1))
+                m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no key seen yet: nothing to shift
+                p = jnp.exp(s - m_safe[..., None])
+                alpha = jnp.exp(m_BxKxGxQ - m_safe)
+                pv = jnp.einsum("bkgqc,bkce->bkgqe", p.astype(dt), v_BxKxCxE, preferred_element_type=jnp.float32)
+                return m_new, alpha * l_BxKxGxQ + jnp.sum(p, axis=-1), alpha[..., None] * acc_BxKxGxQxE + pv
+
+            return jax.lax.cond(jnp.any(mask_BxQxC), update, lambda c: c, carry)
+
+        init = (jnp.full((B, K, G, Q), -jnp.inf, jnp.float32), jnp.zeros((B, K, G, Q), jnp.float32),
+                jnp.zeros((B, K, G, Q, E), jnp.float32))
+        m, l, acc = _loop(Nk, key_step, init)
+        seen = l > 0
+        l_safe = jnp.where(seen, l, 1.0)
+        o_all, lse_all = out
+        return (jax.lax.dynamic_update_index_in_dim(o_all, acc / l_safe[..., None], i, 0),
+                jax.lax.dynamic_update_index_in_dim(lse_all, jnp.where(seen, m + jnp.log(l_safe), -jnp.inf), i, 0))
+
+    return _loop(Nq, query_block, (jnp.zeros((Nq, B, K, G, Q, E), jnp.float32),
+                                   jnp.zeros((Nq, B, K, G, Q), jnp.float32)))
+
+
+@jax.custom_vjp
+def _flash(q_NqxBxKxGxQxE, k_NkxBxKxCxE, v_NkxBxKxCxE, q_ids, k_ids, window):
+    return _flash_forward(q_NqxBxKxGxQxE, k_NkxBxKxCxE, v_NkxBxKxCxE, q_ids, k_ids, window)
+
+
+def _flash_fwd(q, k, v, q_ids, k_ids, window):
+    o, lse = _flash_forward(q, k, v, q_ids, k_ids, window)
+    return (o, lse), (q, k, v, q_ids, k_ids, window, o, lse)
+
+
+def _flash_bwd(res, cotangents):
+    """Recompute each block pair's probabilities from lse; dk, dv accumulate over the query blocks
+    (float32 [Nk, B, K, C, E] buffers), dq over the key blocks."""
+    q_NqxBxKxGxQxE, k_NkxBxKxCxE, v_NkxBxKxCxE, q_ids, k_ids, window, o, lse = res
+    do_NqxBxKxGxQxE = cotangents[0].astype(jnp.float32)  # lse's cotangent: unused (no gradient flows through it)
+    dt = q_NqxBxKxGxQxE.dtype
+    D_NqxBxKxGxQ = jnp.sum(do_NqxBxKxGxQxE * o, axis=-1)
+    lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    do_in = do_NqxBxKxGxQxE.astype(dt)
+    Nq, Nk = q_NqxBxKxGxQxE.shape[0], k_NkxBxKxCxE.shape[0]
+
+    def query_block(i, grads):
+        q_BxKxGxQxE, do_BxKxGxQxE, lse_BxKxGxQ, D_BxKxGxQ, *qi = _at(i, q_NqxBxKxGxQxE, do_in, lse_safe,
+                                                                    D_NqxBxKxGxQ, *q_ids)
+
+        def key_step(j, carry):
+            dq_BxKxGxQxE, dk_NkxBxKxCxE, dv_NkxBxKxCxE = carry
+            (k_BxKxCxE, v_BxKxCxE, *ki) = _at(j, k_NkxBxKxCxE, v_NkxBxKxCxE, *k_ids)
+            mask_BxQxC = _visible(qi, ki, window)
+
+            def block_grads(_):
+                m = mask_BxQxC[:, None, None]
+                p = jnp.where(m, jnp.exp(_scores(q_BxKxGxQxE, k_BxKxCxE) - lse_BxKxGxQ[..., None]), 0.0)
+                dv = jnp.einsum("bkgqc,bkgqe->bkce", p.astype(dt), do_BxKxGxQxE, preferred_element_type=jnp.float32)
+                dp = jnp.einsum("bkgqe,bkce->bkgqc", do_BxKxGxQxE, v_BxKxCxE, preferred_element_type=jnp.float32)
+                ds = (p * (dp - D_BxKxGxQ[..., None])).astype(dt)
+                dq = jnp.einsum("bkgqc,bkce->bkgqe", ds, k_BxKxCxE, preferred_element_type=jnp.float32)
+                dk = jnp.einsum("bkgqc,bkgqe->bkce", ds, q_BxKxGxQxE, preferred_element_type=jnp.float32)
+                return dq, dk, dv
+
+            def nothing(_):
+                return jnp.zeros_like(dq_BxKxGxQxE), jnp.zeros_like(dk_NkxBxKxCxE[0]), jnp.zeros_like(dv_NkxBxKxCxE[0])
+
+            dq, dk, dv = jax.lax.cond(jnp.any(mask_BxQxC), block_grads, nothing, None)
+            add = lambda acc, d: jax.lax.dynamic_update_index_in_dim(  # noqa: E731
+                acc, jax.lax.dynamic_index_in_dim(acc, j, keepdims=False) + d, j, 0)
+            return dq_BxKxGxQxE + dq, add(dk_NkxBxKxCxE, dk), add(dv_NkxBxKxCxE, dv)
+
+        dq_NqxBxKxGxQxE, dk, dv = grads
+        dq, dk, dv = _loop(Nk, key_step, (jnp.zeros(q_BxKxGxQxE.shape, jnp.float32), dk, dv))
+        return jax.lax.dynamic_update_index_in_dim(dq_NqxBxKxGxQxE, dq, i, 0), dk, dv
+
+    zeros_kv = jnp.zeros(k_NkxBxKxCxE.shape, jnp.float32)
+    dq, dk, dv = _loop(Nq, query_block, (jnp.zeros(q_NqxBxKxGxQxE.shape, jnp.float32), zeros_kv, zeros_kv))
+    return (dq.astype(dt), dk.astype(k_NkxBxKxCxE.dtype), dv.astype(v_NkxBxKxCxE.dtype), None, None, None)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def blockwise_attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, q_ids, k_ids, scale: float, *, sliding_window=None,
+                        block_q: int | None = None, block_k: int | None = None):
+    """`layers.masked_attention(q, k, v, attention_mask(*q_ids, *k_ids, sliding_window), scale)`
+    computed block by block: o_i = sum_j softmax_j(scale q_i . k_j | rule) v_j.
+
+    q_ids = (segment_ids_BxT, positions_BxT, branch_ids_BxT) of the queries, k_ids the same [B, S]
+    of the keys (the KV cache's when decoding). `sliding_window`: None, an int, or a traced int32
+    scalar (per layer under a scan; `NO_WINDOW` hides nothing). Blocks of `block_q` query rows and
+    `block_k` keys (default `BLOCK`, at most T / S); T and S need not divide by them (padded here,
+    the padding masked). Returns o_BxTxHxE in q's dtype; memory O((T + S) H E + H block^2)."""
+    B, T, H, E = q_BxTxHxE.shape
+    S, K = k_BxSxKxE.shape[1], k_BxSxKxE.shape[2]
+    G = H // K
+    bq, bk = min(block_q or BLOCK, T), min(block_k or BLOCK, S)
+    nq, nk = math.ceil(T / bq), math.ceil(S / bk)
+    dt = q_BxTxHxE.dtype
+    q = (q_BxTxHxE * jnp.asarray(scale, dt)).reshape(B, T, K, G, E)
+    q_NqxBxKxGxQxE = _blocks(q, nq, bq).transpose(0, 1, 3, 4, 2, 5)
+    k_NkxBxKxCxE = _blocks(k_BxSxKxE, nk, bk).transpose(0, 1, 3, 2, 4)
+    v_NkxBxKxCxE = _blocks(v_BxSxKxE, nk, bk).transpose(0, 1, 3, 2, 4)
+    q_ids = tuple(_blocks(x.astype(jnp.int32), nq, bq) for x in q_ids)  # padded queries: segment 0, see nothing
+    k_ids = tuple(_blocks(x.astype(jnp.int32), nk, bk) for x in k_ids)  # padded keys: segment 0, never seen
+    window = jnp.asarray(NO_WINDOW if sliding_window is None else sliding_window, jnp.int32)
+
+    o, lse = _flash(q_NqxBxKxGxQxE, k_NkxBxKxCxE, v_NkxBxKxCxE, q_ids, k_ids, window)
+    o_BxTxKxGxE = o.transpose(1, 0, 4, 2, 3, 5).reshape(B, nq * bq, K, G, E)[:, :T]
+    seen_BxTxKxG = jnp.isfinite(lse.transpose(1, 0, 4, 2, 3).reshape(B, nq * bq, K, G)[:, :T])
+    mean_v_Bx1xKx1xE = jnp.mean(v_BxSxKxE.astype(jnp.float32), axis=1)[:, None, :, None, :]
+    o_BxTxKxGxE = jnp.where(seen_BxTxKxG[..., None], o_BxTxKxGxE, mean_v_Bx1xKx1xE)
+    return o_BxTxKxGxE.reshape(B, T, H, E).astype(dt)
