@@ -128,6 +128,14 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
         initialization_timeout_s=300,  # how long the processes wait for each other at start-up
     )
 
+    # --- experiment tracking, besides workdir/metrics.jsonl and TensorBoard (dpo_jax/train/trackers.py)
+    # wandb: Weights & Biases (pip install 'dpo_jax[tracking]'); one W&B run per workdir, named after
+    # it, with this config; its id is kept in workdir/wandb_run_id so a resumed run continues it.
+    # mode: online | offline (written under workdir/wandb/, `wandb sync` later) | disabled.
+    # tags: a tuple of strings, e.g. --config.logging.wandb.tags="('sweep1',)"; entity '' = the default.
+    c.logging = dict(wandb=dict(enabled=False, project="dpo_jax", entity="", mode="online",
+                                tags=placeholder(tuple)))
+
     # --- device mesh and partitioning rules (logical axis -> mesh axes)
     # rules: logical axis -> mesh axes (a name, a tuple of names, or None: replicated), e.g.
     # --config.mesh.rules="(('embed', 'fsdp'), ('mlp', 'tensor'), ...)"; a dimension is sharded only if

@@ -100,7 +100,8 @@ def run_group(configs: Sequence, workdirs: Sequence[str]) -> list[dict]:
         write_run_info(c, w)
     files = build.data_files(c0, workdirs[0])
     tok = build.tokenizer(files.tokenizer)
-    writers = [metrics.Writer(w, enabled=multihost.is_main_process()) for w in workdirs]
+    writers = [metrics.Writer(w, enabled=multihost.is_main_process(), wandb=c.logging.wandb, run_config=c)
+               for c, w in zip(configs, workdirs)]
     peak = c0.train.peak_flops or metrics.device_peak_flops()
     preempt = preemption.install_sigterm_handler()
     try:

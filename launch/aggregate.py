@@ -10,7 +10,14 @@ config.json or report.json. Table (OUT/results.csv and OUT/results.parquet), one
   report.json as is (eval/*, sample/*, optimum/*, frontier/*, projected/* ...);
   last/<metric>: the last logged value of every metric of metrics.jsonl (the preference stage;
   the shared SFT stage's sft/* metrics belong to whichever run trained it and are left out).
-Plots (OUT/plots/): reward_kl.png (sample/reward vs sample/kl, or --kl_key, of every run that has
+Seeds (OUT/results_mean.csv and .parquet), one row per member (the runs whose names differ only in
+their `seed=S` part, as `launch.sweep --seeds=N` names them): member (that name without `seed=`),
+the swept keys equal within every member, n_seeds (runs), n_finished, runs (their names); for every numeric metric X of the table,
+X = its mean over the runs that have it and X_stderr = std(ddof=1) / sqrt(n) over those n runs
+(NaN when n = 1). A report's own X_stderr (one run's sampling error) is not averaged: the spread
+over seeds includes it.
+Plots (OUT/plots/), of the members' means with standard-error bars when some member has several
+seeds, else of the runs: reward_kl.png (sample/reward vs sample/kl, or --kl_key, of every run that has
 them, over the exact reward-KL frontier of the synthetic world when the runs are on it, on the same
 eval prompts as the reports), accuracy_vs_beta.png and margins_vs_beta.png (eval/accuracy and
 eval/rewards/margins against loss.beta, one line per loss; margins are beta-scaled implicit
@@ -119,16 +126,63 @@ def load_table(root: str) -> tuple[pd.DataFrame, list[str]]:
     return pd.DataFrame(rows), swept
 
 
-def write_table(df: pd.DataFrame, out: str) -> dict[str, str]:
-    """out/results.csv and out/results.parquet (the latter needs pyarrow or fastparquet)."""
-    os.makedirs(out, exist_ok=True)
-    paths = {"csv": os.path.join(out, "results.csv")}
-    df.to_csv(paths["csv"], index=False)
+SEED = "seed"
+_INFO = ("run", "status", "workdir")
+
+
+def member_name(run: str) -> str:
+    """'loss.name=ipo,loss.beta=0.5,seed=1' -> 'loss.name=ipo,loss.beta=0.5'."""
+    return ",".join(p for p in str(run).split(",") if not p.startswith(f"{SEED}=")) or "run"
+
+
+def mean_table(df: pd.DataFrame, swept: Sequence[str]) -> tuple[pd.DataFrame, list[str]]:
+    """(table, swept keys but seed): one row per member, the mean and standard error over its seeds
+    of every numeric metric (see the module docstring)."""
+    keys = [k for k in swept if k != SEED]
+    cfg_cols = [k for k in dict.fromkeys([*keys, *ALWAYS]) if k in df]
+    num = {c: pd.to_numeric(df[c], errors="coerce") for c in df.columns
+           if c not in (*_INFO, *cfg_cols, SEED)}
+    metrics = [c for c, v in num.items() if v.notna().any()]
+    metrics = [c for c in metrics if not (c.endswith("_stderr") and c[:-len("_stderr")] in metrics)]
+    groups: dict[str, list] = {}
+    for i, run in zip(df.index, df["run"]):
+        groups.setdefault(member_name(run), []).append(i)
+    same = lambda k: all(df.loc[idx, k].astype(str).nunique() == 1 for idx in groups.values())  # noqa: E731
+    keys = [k for k in keys if same(k)]  # not those that follow the seed (e.g. sft.model_dir)
+    cfg_cols = [k for k in cfg_cols if k in keys or k in ALWAYS]
+    rows = []
+    for member, idx in groups.items():
+        sub = df.loc[idx]
+        first = sub.iloc[0]
+        row = {"member": member, **{k: first[k] for k in cfg_cols},
+               "n_seeds": len(sub), "n_finished": int((sub["status"] == "finished").sum()),
+               "runs": json.dumps(list(sub["run"]))}
+        for c in metrics:
+            v = num[c][idx].dropna().to_numpy(float)
+            row[c] = v.mean() if len(v) else np.nan
+            row[f"{c}_stderr"] = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows), keys
+
+
+def _write(df: pd.DataFrame, out: str, stem: str, paths: dict[str, str], key: str):
+    paths[key] = os.path.join(out, f"{stem}.csv")
+    df.to_csv(paths[key], index=False)
     try:
-        df.to_parquet(os.path.join(out, "results.parquet"), index=False)
-        paths["parquet"] = os.path.join(out, "results.parquet")
+        df.to_parquet(os.path.join(out, f"{stem}.parquet"), index=False)
+        paths[key.replace("csv", "parquet")] = os.path.join(out, f"{stem}.parquet")
     except ImportError as e:
-        print(f"aggregate: no results.parquet: {e}", file=sys.stderr)
+        print(f"aggregate: no {stem}.parquet: {e}", file=sys.stderr)
+
+
+def write_table(df: pd.DataFrame, out: str, means: Optional[pd.DataFrame] = None) -> dict[str, str]:
+    """out/results.csv and out/results.parquet (the latter needs pyarrow or fastparquet), and
+    out/results_mean.csv and .parquet of `means` if given."""
+    os.makedirs(out, exist_ok=True)
+    paths: dict[str, str] = {}
+    _write(df, out, "results", paths, "csv")
+    if means is not None:
+        _write(means, out, "results_mean", paths, "mean_csv")
     return paths
 
 
@@ -149,7 +203,7 @@ def run_label(row: pd.Series, keys: Sequence[str]) -> str:
     """'ipo beta=0.5' (loss.name bare, other keys by their last component)."""
     parts = [str(row[k]) if k == "loss.name" else f"{k.rsplit('.', 1)[-1]}={row[k]}"
              for k in keys if k in row and pd.notna(row[k])]
-    return " ".join(parts) or str(row["run"])
+    return " ".join(parts) or str(row.get("run", row.get("member")))
 
 
 def exact_frontier(workdir: str, kl_max: float = 0.0) -> Optional[tuple[np.ndarray, np.ndarray, float]]:
@@ -184,9 +238,10 @@ def _num(df: pd.DataFrame, key: str) -> pd.Series:
 
 
 def plot_vs_beta(df: pd.DataFrame, swept: Sequence[str], metric: str, path: str, ylabel: str) -> Optional[str]:
-    """metric against loss.beta, one line per loss.name (and value of the other swept keys); None
-    when no run has both."""
+    """metric against loss.beta, one line per loss.name (and value of the other swept keys), with
+    error bars of the column `metric`_stderr where the table has it; None when no run has both."""
     beta, y = _num(df, "loss.beta"), _num(df, metric)
+    err = _num(df, f"{metric}_stderr")
     ok = beta.notna() & y.notna()
     if not ok.any():
         return None
@@ -202,7 +257,12 @@ def plot_vs_beta(df: pd.DataFrame, swept: Sequence[str], metric: str, path: str,
     for i, line in enumerate(dict.fromkeys(lines[ok])):
         sel = ok & (lines == line)
         order = np.argsort(beta[sel].to_numpy())
-        ax.plot(beta[sel].to_numpy()[order], y[sel].to_numpy()[order], "o-", color=f"C{i % 10}", label=line)
+        x, yy = beta[sel].to_numpy()[order], y[sel].to_numpy()[order]
+        if err.notna().any():
+            ax.errorbar(x, yy, yerr=err[sel].fillna(0.0).to_numpy()[order], fmt="o-", capsize=3,
+                        color=f"C{i % 10}", label=line)
+        else:
+            ax.plot(x, yy, "o-", color=f"C{i % 10}", label=line)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("loss.beta")
     ax.set_ylabel(ylabel)
@@ -213,8 +273,11 @@ def plot_vs_beta(df: pd.DataFrame, swept: Sequence[str], metric: str, path: str,
     return path
 
 
-def plot_reward_kl(df: pd.DataFrame, swept: Sequence[str], path: str, kl_key: str = "sample/kl") -> Optional[str]:
-    """sample/reward vs `kl_key` of every run that has them, over the exact frontier if synthetic.
+def plot_reward_kl(df: pd.DataFrame, swept: Sequence[str], path: str, kl_key: str = "sample/kl",
+                   workdir: Optional[str] = None) -> Optional[str]:
+    """sample/reward vs `kl_key` of every run (or member) that has them, with the table's `_stderr`
+    columns as error bars, over the exact frontier of the world in `workdir` (default: the first
+    such row's) if synthetic.
     sample/kl is against the run's reference model (the SFT model), the frontier against the world's
     pi_ref; kl_key='sample/kl_world' plots the KL to the world's pi_ref (well-formed samples only)."""
     from dpo_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
@@ -229,7 +292,7 @@ def plot_reward_kl(df: pd.DataFrame, swept: Sequence[str], path: str, kl_key: st
         points.append({"label": run_label(row, keys), "kl": kl.iloc[i], "reward": reward.iloc[i],
                        "kl_stderr": _num(df, f"{kl_key}_stderr").fillna(0.0).iloc[i],
                        "reward_stderr": _num(df, "sample/reward_stderr").fillna(0.0).iloc[i]})
-    exact = exact_frontier(df[ok].iloc[0]["workdir"], kl_max=float(kl[ok].max()))
+    exact = exact_frontier(workdir or df[ok].iloc[0]["workdir"], kl_max=float(kl[ok].max()))
     frontier = (exact[0], exact[1]) if exact else None
     ref = exact[2] if exact else None
     return plots.plot_reward_kl(points, frontier, path=path, reference_reward=ref,
@@ -244,13 +307,20 @@ def aggregate(root: str, out: Optional[str] = None, kl_key: str = "sample/kl") -
 
 
 def write_all(df: pd.DataFrame, swept: Sequence[str], out: str, kl_key: str = "sample/kl") -> dict[str, str]:
-    paths = write_table(df, out)
+    """The tables and plots of the run table `df` (load_table) in `out`; returns {what: path}."""
+    means, mean_keys = mean_table(df, swept)
+    paths = write_table(df, out, means)
     plot_dir = os.path.join(out, "plots")
     os.makedirs(plot_dir, exist_ok=True)
-    made = {"reward_kl": plot_reward_kl(df, swept, os.path.join(plot_dir, "reward_kl.png"), kl_key),
-            "accuracy_vs_beta": plot_vs_beta(df, swept, "eval/accuracy", os.path.join(plot_dir, "accuracy_vs_beta.png"),
+    seeded = bool((means["n_seeds"] > 1).any())
+    pdf, pswept = (means, mean_keys) if seeded else (df, swept)
+    finished = df.loc[df["status"] == "finished", "workdir"]
+    workdir = finished.iloc[0] if seeded and len(finished) else None
+    made = {"reward_kl": plot_reward_kl(pdf, pswept, os.path.join(plot_dir, "reward_kl.png"), kl_key, workdir),
+            "accuracy_vs_beta": plot_vs_beta(pdf, pswept, "eval/accuracy",
+                                             os.path.join(plot_dir, "accuracy_vs_beta.png"),
                                              "eval/accuracy (preference accuracy)"),
-            "margins_vs_beta": plot_vs_beta(df, swept, "eval/rewards/margins",
+            "margins_vs_beta": plot_vs_beta(pdf, pswept, "eval/rewards/margins",
                                             os.path.join(plot_dir, "margins_vs_beta.png"),
                                             "eval/rewards/margins (beta-scaled)")}
     for what, p in made.items():
@@ -275,8 +345,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     paths = write_all(df, swept, a.out or a.root, a.kl_key)
     cols = [c for c in ["run", "status", *swept, "eval/accuracy", "eval/rewards/margins", "sample/kl",
                         "sample/reward", "frontier/regret"] if c in df]
+    means, mean_keys = mean_table(df, swept)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(df[cols].to_string(index=False))
+        if (means["n_seeds"] > 1).any():
+            stats = [c for c in cols if c not in ("run", "status", *swept)]
+            mcols = ["member", *mean_keys, "n_seeds", *(c + s for c in stats for s in ("", "_stderr"))]
+            print(means[[c for c in mcols if c in means]].to_string(index=False))
     for what, path in paths.items():
         print(f"{what}: {path}")
     return 0

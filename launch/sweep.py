@@ -1,11 +1,13 @@
 """Sweeps: a config's `get_sweep(arg)` expanded into named runs, run here or printed for pods/clusters.
 
   python -m launch.sweep --config=configs/synthetic.py[:arg] --root=DIR [--parallel N] [--dry_run]
-      [--set key=value ...] [--only NAME ...] [--print_pod | --print_slurm]
+      [--set key=value ...] [--only NAME ...] [--seeds N] [--print_pod | --print_slurm]
 
 Declaring and expanding a sweep (`product`, `zip`, `expand`, run names, shared SFT models, the
 launch order) is `sweep_plan.py`. DIR/manifest.json records the runs, their overrides, commands and
 status.
+--seeds=N repeats every member with config `seed` = base + 0 .. N-1 (workdirs `NAME,seed=S`, each seed
+its own SFT model); `launch.aggregate` reports per-seed rows and their means with standard errors.
 
 Running (`run_local`): N processes at a time (default: 1 on an accelerator host, else min(2, CPU
 cores)); a run with DIR/NAME/report.json is finished and skipped; an interrupted run (checkpoints,
@@ -205,6 +207,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--only", action="append", default=[], metavar="NAME", help="run only these members")
     p.add_argument("--compile_cache", default="", metavar="DIR",
                    help="JAX compilation cache shared by the local runs (default ROOT/jax_cache; 'none': off)")
+    p.add_argument("--seeds", type=int, default=1, metavar="N", help="run every member with N seeds "
+                   "(config seed = the member's seed + 0 .. N-1; each seed trains its own SFT model)")
     p.add_argument("--fused", action="store_true", help="train the members that differ only in loss "
                    "hyper-parameters as one program each group (launch/fused_sweep.py)")
     out = p.add_mutually_exclusive_group()
@@ -213,7 +217,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a = p.parse_args(argv)
     try:
         cache = None if a.compile_cache == "none" else a.compile_cache
-        runs = expand(a.config, a.root, extra=parse_sets(a.set), compile_cache=cache)
+        runs = expand(a.config, a.root, extra=parse_sets(a.set), compile_cache=cache, seeds=a.seeds)
     except ValueError as e:
         p.error(str(e))
     listed = runs
@@ -238,7 +242,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     parallel = a.parallel if a.parallel is not None else default_parallel()
     print(f"sweep: {len(runs)} runs, {parallel} at a time, in {a.root}")
-    meta = {"config": a.config, "root": a.root, "parallel": parallel, "extra": parse_sets(a.set),
+    meta = {"config": a.config, "root": a.root, "parallel": parallel, "extra": parse_sets(a.set), "seeds": a.seeds,
             "sweep_keys": varying_keys([r.overrides for r in listed]), "cwd": os.getcwd()}
     previous = signal.signal(signal.SIGTERM, _interrupt)
     t0 = time.time()

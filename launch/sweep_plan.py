@@ -35,7 +35,7 @@ MAIN = ("-m", "dpo_jax.main")
 # Keys that do not change the SFT stage: members differing only in these share one SFT model.
 # A prefix ending with '.' covers its whole section.
 SFT_NEUTRAL = ("loss.", "reference.", "eval.", "model.lora.", "train.steps", "train.log_every", "train.eval_every",
-               "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "train.export_final",
+               "logging.", "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "train.export_final",
                "train.peak_flops", "train.on_nonfinite", "train.max_skipped_steps", "data.batch_size",
                "data.eval_batch_size", "optim.lr", "optim.warmup_steps", "optim.schedule", "optim.end_lr_frac", "optim.grad_accum")
 # Keys that change the SFT stage (model, data, the optimizer's update rule, the SFT section, ...):
@@ -217,12 +217,14 @@ def compile_cache_env(cache_dir: str) -> dict:
 
 
 def expand(config_spec: str, root: str, *, extra: Optional[dict] = None, entry: Optional[Sequence[str]] = None,
-           validate: bool = True, compile_cache: Optional[str] = "") -> list[Run]:
+           validate: bool = True, compile_cache: Optional[str] = "", seeds: int = 1) -> list[Run]:
     """The runs of the sweep declared by `get_sweep(arg)` in the config file of `config_spec`.
 
     `extra` overrides apply to every member (after the sweep's own); `entry` is the command prefix
     (default: this interpreter, `-m dpo_jax.main`); `compile_cache` the shared compilation cache
-    (default root/jax_cache; None: none). Every member's config is built and validated
+    (default root/jax_cache; None: none). `seeds` > 1 repeats every member with `seed` = its base
+    seed (the member's, else the config's) + 0 .. seeds-1, named `...,seed=S`; `seed` changes the
+    SFT stage, so each seed trains its own SFT model. Every member's config is built and validated
     (`dpo_jax.config_check.validate`) before anything runs."""
     path, arg = split_config_spec(config_spec)
     module = load_config_module(path)
@@ -236,12 +238,16 @@ def expand(config_spec: str, root: str, *, extra: Optional[dict] = None, entry: 
             if not isinstance(k, str) or not _KEY.match(k):
                 raise ValueError(f"{path}: get_sweep member {i}: {k!r} is not a dotted config key")
     members = [{**m, **(extra or {})} for m in members]
+    base = module.get_config(arg)
+    if seeds < 1:
+        raise ValueError(f"--seeds={seeds}; must be >= 1")
+    if seeds > 1:
+        members = [{**m, "seed": int(m.get("seed", base.seed)) + i} for m in members for i in range(seeds)]
     keys = varying_keys(members)
     names = [member_name(m, keys) for m in members]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ValueError(f"{path}: get_sweep({arg!r}) has identical members: {dup}")
-    base = module.get_config(arg)
     configs = [apply_overrides(base, m, where=f"sweep member {n!r}: ") for m, n in builtins.zip(members, names)]
     if validate:
         from dpo_jax import config_check  # pylint: disable=g-import-not-at-top

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -100,16 +100,26 @@ class Mean:
 
 
 class Writer:
-    """Appends one JSON object per logged step to workdir/metrics.jsonl and mirrors it to TensorBoard."""
+    """Appends one JSON object per logged step to workdir/metrics.jsonl and mirrors it to TensorBoard
+    and to the experiment trackers (`train/trackers.py`: `trackers`, plus W&B when the `wandb`
+    section of config.logging is enabled; `run_config` is the config recorded with the W&B run).
+    Only an enabled writer (process 0) creates trackers. W&B cannot delete points: `drop_rows` and
+    `truncate_after` rewrite metrics.jsonl only, and a resumed run logs its re-run steps again."""
 
-    def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool = True):
+    def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool = True,
+                 trackers: Sequence[Any] = (), wandb: Optional[Mapping[str, Any]] = None, run_config: Any = None):
         self.enabled = enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
+        self.trackers: list = []
         if enabled and tensorboard:
             from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        if enabled:
+            from dpo_jax.train import trackers as trackers_lib  # pylint: disable=g-import-not-at-top
+
+            self.trackers = list(trackers) + trackers_lib.make_trackers(workdir, wandb, run_config)
 
     def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> None:
         if not self.enabled:
@@ -121,6 +131,8 @@ class Writer:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, step)
+        for tracker in self.trackers:
+            tracker.log(int(step), {k: _scalar(v) for k, v in metrics.items()}, prefix)
 
     def drop_rows(self, drop: Callable[[dict], bool]) -> None:
         """Rewrite the file without the rows `drop` selects (a resumed stage rewrites its rows past
@@ -139,6 +151,9 @@ class Writer:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
 
 def _row(line: str) -> Optional[dict]:

@@ -8,6 +8,7 @@ import pathlib
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.axes import Axes
 
 from dpo_jax.evaluation import plots
 from dpo_jax.data import synthetic, synthetic_exact
@@ -26,11 +27,11 @@ def read_json(path):
         return json.load(f)
 
 
-def fake_run(root, name, loss, beta, *, report=True, world_dir=None, steps=100):
+def fake_run(root, name, loss, beta, *, report=True, world_dir=None, steps=100, seed=0, report_extra=None):
     """A run directory as dpo_jax.main leaves it (config.json, metrics.jsonl, report.json, data/)."""
     workdir = os.path.join(root, name)
     os.makedirs(workdir)
-    config = {"seed": 0, "loss": {"name": loss, "beta": beta, "weights": None},
+    config = {"seed": seed, "loss": {"name": loss, "beta": beta, "weights": None},
               "train": {"steps": steps, "log_every": 50}, "eval": {"num_prompts": 6},
               "model": {"lora": {"targets": ["attention", "mlp"]}}}
     write_json(os.path.join(workdir, "config.json"), config)
@@ -44,7 +45,7 @@ def fake_run(root, name, loss, beta, *, report=True, world_dir=None, steps=100):
     if report:
         rep = {"loss": loss, "steps": steps, "eval/accuracy": 0.6 + 0.05 * beta, "eval/rewards/margins": beta,
                "sample/kl": 4.0 / beta, "sample/reward": 3.0 + beta, "sample/kl_stderr": 0.1,
-               "sample/kl_world": 2.0 / beta}
+               "sample/kl_world": 2.0 / beta, **(report_extra or {})}
         write_json(os.path.join(workdir, "report.json"), rep)
     else:
         os.makedirs(os.path.join(workdir, "checkpoints"))
@@ -143,3 +144,62 @@ def test_without_manifest_and_without_synthetic_world(tmp_path, capsys):
     assert "train.steps" in out and "results.csv" in out
     with pytest.raises(ValueError, match="no runs"):
         aggregate.load_table(os.path.join(root, "not_a_run"))
+
+
+def test_seeds_give_means_standard_errors_and_error_bars(tmp_path, world_dir, monkeypatch):
+    root = str(tmp_path)
+    acc = {(0.5, 0): 0.6, (0.5, 1): 0.7, (0.5, 2): 0.9, (1.0, 0): 0.8}  # beta 1.0: one seed
+    kl = {(0.5, 0): 7.0, (0.5, 1): 8.0, (0.5, 2): 12.0, (1.0, 0): 4.0}
+    runs = []
+    for (beta, seed), a in acc.items():
+        name = f"loss.beta={beta},seed={seed}"
+        workdir = fake_run(root, name, "sigmoid", beta, seed=seed, world_dir=world_dir,
+                           report_extra={"eval/accuracy": a, "sample/kl": kl[beta, seed]})
+        config = read_json(os.path.join(workdir, "config.json"))  # each seed its own SFT model
+        write_json(os.path.join(workdir, "config.json"), {**config, "sft": {"model_dir": f"/s/sft_model.seed={seed}"}})
+        runs.append({"name": name, "workdir": workdir, "overrides": {"loss.beta": beta, "seed": seed},
+                     "status": "finished"})
+    write_json(os.path.join(root, "manifest.json"), {"config": "configs/synthetic.py", "runs": runs})
+    bars, seen = [], {}
+    plots_errorbar = Axes.errorbar
+
+    def spy_errorbar(self, x, y, *args, **kw):
+        bars.append((list(np.ravel(x)), list(np.ravel(y)), kw.get("yerr")))
+        return plots_errorbar(self, x, y, *args, **kw)
+    monkeypatch.setattr(Axes, "errorbar", spy_errorbar)
+    plots_plot = plots.plot_reward_kl
+
+    def spy_plot(points, frontier=None, **kw):
+        seen.update(points=points, frontier=frontier)
+        return plots_plot(points, frontier, **kw)
+    monkeypatch.setattr(plots, "plot_reward_kl", spy_plot)
+    paths = aggregate.aggregate(root)
+
+    df = pd.read_csv(paths["csv"])  # one row per seed
+    assert list(df["run"]) == [r["name"] for r in runs] and list(df["seed"]) == [0, 1, 2, 0]
+    means = pd.read_csv(paths["mean_csv"])
+    assert paths["mean_csv"] == os.path.join(root, "results_mean.csv") and os.path.exists(paths["mean_parquet"])
+    assert list(means["member"]) == ["loss.beta=0.5", "loss.beta=1.0"] and "seed" not in means
+    assert "sft.model_dir" in df and "sft.model_dir" not in means  # follows the seed
+    assert list(means["loss.beta"]) == [0.5, 1.0] and list(means["n_seeds"]) == [3, 1]
+    assert list(means["n_finished"]) == [3, 1]
+    assert json.loads(means["runs"][0]) == [r["name"] for r in runs[:3]]
+    v = np.array([0.6, 0.7, 0.9])
+    assert means["eval/accuracy"][0] == pytest.approx(v.mean())
+    assert means["eval/accuracy_stderr"][0] == pytest.approx(v.std(ddof=1) / np.sqrt(3))
+    assert means["eval/accuracy"][1] == pytest.approx(0.8) and np.isnan(means["eval/accuracy_stderr"][1])
+    # the spread over seeds, not the mean of the runs' own sampling errors (0.1)
+    assert means["sample/kl_stderr"][0] == pytest.approx(np.std([7.0, 8.0, 12.0], ddof=1) / np.sqrt(3))
+    assert means["last/loss"][0] == pytest.approx(0.45) and means["last/loss_stderr"][0] == pytest.approx(0.0)
+    for what in ("reward_kl", "accuracy_vs_beta", "margins_vs_beta"):
+        with open(paths[what], "rb") as f:
+            assert f.read(8) == PNG, what
+    # every plot shows the members' means with standard-error bars
+    acc_bar = next(b for b in bars if b[0] == [0.5, 1.0] and b[1] == pytest.approx([v.mean(), 0.8]))
+    np.testing.assert_allclose(acc_bar[2], [v.std(ddof=1) / np.sqrt(3), 0.0])
+    margins_bar = next(b for b in bars if b[0] == [0.5, 1.0] and b[1] == pytest.approx([0.5, 1.0]))
+    np.testing.assert_allclose(margins_bar[2], [0.0, 0.0])  # equal over seeds
+    assert [p["kl"] for p in seen["points"]] == pytest.approx([9.0, 4.0])
+    assert [p["kl_stderr"] for p in seen["points"]] == pytest.approx([np.std([7.0, 8.0, 12.0], ddof=1) / np.sqrt(3), 0])
+    assert seen["frontier"] is not None
+    assert any(b[0] == pytest.approx([9.0]) for b in bars)  # the reward-KL points are error bars too

@@ -216,6 +216,17 @@ def test_dry_run_prints_the_exact_commands_in_launch_order(tmp_path, fake, capsy
     assert not os.path.exists(os.path.join(root, "manifest.json"))  # a dry run writes nothing
 
 
+def test_dry_run_with_seeds(tmp_path, capsys):
+    cfg = write_config(tmp_path, 'sweep_plan.product(("loss.beta", [0.5, 1.0]))')
+    root = str(tmp_path / "sweep")
+    assert sweep.main([f"--config={cfg}", f"--root={root}", "--dry_run", "--seeds=2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4
+    for beta, seed in [(0.5, 0), (0.5, 1), (1.0, 0), (1.0, 1)]:
+        line = next(x for x in lines if f"--workdir={root}/loss.beta={beta},seed={seed} " in x)
+        assert f"--config.seed={seed}" in line and f"--config.sft.model_dir={root}/sft_model.seed={seed}" in line
+
+
 def test_print_pod_and_slurm(tmp_path, capsys):
     cfg = write_config(tmp_path, 'sweep_plan.product(("loss.beta", [0.5, 1.0, 2.0]))')
     root = str(tmp_path / "sweep")

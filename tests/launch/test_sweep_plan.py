@@ -83,3 +83,30 @@ def test_sft_groups_follow_the_keys_that_change_sft(tmp_path):
     assert dirs["sft.lr=0.003,loss.beta=0.5"] == f"{tmp_path}/sft_model.sft.lr=0.003"
     no_sft = sweep_plan.expand(cfg, str(tmp_path), extra={"sft.steps": 0})
     assert all(r.sft_model_dir is None and not any("sft.model_dir" in a for a in r.args) for r in no_sft)
+
+
+def test_seeds_repeat_every_member_each_with_its_own_sft_model(tmp_path):
+    cfg = write_config(tmp_path, 'sweep_plan.product(("loss.name", ["sigmoid", "ipo"]), ("loss.beta", [0.5, 1.0]))')
+    one = sweep_plan.expand(cfg, str(tmp_path))
+    runs = sweep_plan.expand(cfg, str(tmp_path), seeds=2)
+    assert len(runs) == 2 * len(one) == 8
+    assert [r.name for r in runs] == [f"{r.name},seed={s}" for r in one for s in (0, 1)]
+    assert [r.overrides["seed"] for r in runs] == [0, 1] * 4
+    for r in runs:
+        s = r.overrides["seed"]
+        assert f"--config.seed={s}" in r.command and r.workdir == os.path.join(str(tmp_path), r.name)
+        assert r.sft_model_dir == f"{tmp_path}/sft_model.seed={s}"  # seed changes the SFT stage
+    assert all("seed" not in r.overrides for r in sweep_plan.expand(cfg, str(tmp_path), seeds=1))
+    based = sweep_plan.expand(cfg, str(tmp_path), seeds=2, extra={"seed": 5})  # base seed + i
+    assert [r.overrides["seed"] for r in based] == [5, 6] * 4 and based[1].name.endswith(",seed=6")
+    with pytest.raises(ValueError, match="--seeds=0"):
+        sweep_plan.expand(cfg, str(tmp_path), seeds=0)
+
+
+def test_fused_groups_keep_seeds_apart(tmp_path):
+    from launch import fused_sweep  # pylint: disable=g-import-not-at-top
+
+    cfg = write_config(tmp_path, 'sweep_plan.product(("loss.beta", [0.5, 1.0, 2.0]))')
+    runs = sweep_plan.expand(cfg, str(tmp_path), seeds=2)
+    groups = [[runs[i].overrides["seed"] for i in g] for g in fused_sweep.plan(cfg, runs)]
+    assert groups == [[0, 0, 0], [1, 1, 1]]
