@@ -199,8 +199,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         if f == "qwen3":
             h.update(attention_bias=cfg.qkv_bias)
     numerics = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, scan_layers=cfg.scan_layers,
-                    scan_min_layers=cfg.scan_min_layers,
-                    init_std=cfg.init_std)
+                    scan_min_layers=cfg.scan_min_layers, attention=cfg.attention,
+                    init_std=cfg.init_std)  # ours only: never written to config.json
     back = config_from_hf(h, **numerics)
     cmp = dataclasses.replace(cfg, sliding_layers=cfg.layer_slides if cfg.sliding_window else None)
     back = dataclasses.replace(back, sliding_layers=back.layer_slides if back.sliding_window else None)

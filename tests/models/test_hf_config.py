@@ -65,3 +65,11 @@ def test_family_traits_name_known_families_and_fields():
         assert family in hf_config.ARCHITECTURES, family
         assert set(traits) <= fields, (family, set(traits) - fields)
     assert set(hf_config.NO_GQA_FAMILIES) <= set(hf_config.ARCHITECTURES)
+
+
+@pytest.mark.parametrize("attention", ["dense", "blockwise"])
+def test_attention_choice_exports_and_is_not_written(attention):
+    """`attention` is ours (how the forward runs), not the model's: any choice exports, none reaches config.json."""
+    h = hf_config.config_to_hf(ModelConfig(family="llama", attention=attention))
+    assert "attention" not in h
+    assert hf_config.config_from_hf(json.loads(json.dumps(h))).attention == "auto"
