@@ -21,6 +21,7 @@ OUT/summary.json and OUT/frontier.png.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shlex
@@ -123,8 +124,10 @@ def format_breakdown(workdir: str, prompts: int = 256, samples: int = 4) -> dict
             "reward_well_formed": float(rewards[~bad].mean()), "reward_all": float(rewards.mean())}
 
 
+@functools.lru_cache(maxsize=None)
 def commit() -> str:
-    """The git revision the figures come from (with '+local changes' when the tree differs from it)."""
+    """The git revision the figures come from (with '+local changes' when the tree differs from it),
+    read once: before this script writes into a tracked doc."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
     rev = git("rev-parse", "--short", "HEAD") or "unknown"
@@ -165,6 +168,7 @@ def main():
                     "<!-- frontier.py:runs --> and <!-- frontier.py:small_world --> blocks")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
+    commit()  # the revision as it is before any table is written
     def sft_dir(args):  # mask=1 changes the SFT stage (sweep_plan.SFT_CHANGING: synthetic.*)
         return os.path.join(a.out, "sft_model") if a.share_sft and "mask=1" not in args[0] else ""
 
