@@ -202,8 +202,6 @@ def data_metrics(reports: dict) -> dict[str, float]:
         for key, value in report.items():
             if key in ("kept", "dropped") or key.startswith("dropped/"):
                 out[f"{split}/{key}"] = float(value)
-    if "eval" in reports:
-        out["eval_rows_kept"] = float(reports["eval"]["kept"])
     return out
 
 
