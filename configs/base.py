@@ -34,7 +34,8 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
         remat="none",           # none | full | dots | dots_all
         scan_min_layers=9,      # scan the layer stack from this depth (shallower: unrolled, faster; 0 = always)
         attention="auto",       # dense | blockwise (memory linear in the row length) | auto: blockwise from
-                                # models/attention.py AUTO_MIN_LENGTH tokens per row (docs/performance.md)
+                                # models/attention.py AUTO_MIN_LENGTH tokens per row (docs/performance.md) |
+                                # fused: cuDNN (GPU) / Pallas splash (TPU) where data.layout allows, else auto
         tokenizer="",           # tokenizer dir; empty = model.path, or the synthetic world's tokenizer
         lora=dict(rank=0, alpha=16.0, targets=("attention", "mlp")),  # rank 0 = full fine-tuning
     )
@@ -139,6 +140,7 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
     # --- device mesh and partitioning rules (logical axis -> mesh axes)
     # rules: logical axis -> mesh axes (a name, a tuple of names, or None: replicated), e.g.
     # --config.mesh.rules="(('embed', 'fsdp'), ('mlp', 'tensor'), ...)"; a dimension is sharded only if
-    # its size divides by the axes' devices (dpo_jax/sharding.py).
-    c.mesh = dict(shape=dict(data=-1, fsdp=1, tensor=1), rules=sharding.DEFAULT_RULES)
+    # its size divides by the axes' devices (dpo_jax/sharding.py). shape.context > 1 shards every row's
+    # positions over that many devices (context parallelism for long pairs: dpo_jax/models/context_parallel.py).
+    c.mesh = dict(shape=dict(data=-1, fsdp=1, context=1, tensor=1), rules=sharding.DEFAULT_RULES)
     return c

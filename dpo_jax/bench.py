@@ -71,7 +71,8 @@ TRAINING_KEYS = {**{f: f"model.arch.{f}" for f in _ARCH},
                  **{f: f"data.{f}" for f in ("layout", "logit_slots", "min_bucket", "pack_length",
                                               "prefix_min_saving")},
                  **{f: f"logprobs.{f}" for f in ("chunk_size", "vocab_chunk_size")},
-                 "pairs": "data.batch_size", "ref_mode": "reference.mode", "seed": "seed"}
+                 "pairs": "data.batch_size", "ref_mode": "reference.mode", "seed": "seed",
+                 "context": "mesh.shape.context"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +94,7 @@ class BenchConfig:
     param_dtype: str = "float32"
     remat: str = _BASE.model.remat
     scan_min_layers: int = _BASE.model.scan_min_layers  # stacks this deep are scanned (0: all), others unrolled
-    attention: str = _BASE.model.attention  # dense | blockwise | auto (model.attention)
+    attention: str = _BASE.model.attention  # dense | blockwise | auto | fused (model.attention)
     layout: str = _BASE.data.layout  # standard | prefix | packed
     logit_slots: bool = _BASE.data.logit_slots  # logits only at completion positions (--no-logit-slots: all)
     min_bucket: int = _BASE.data.min_bucket  # rows padded to powers of two from here up to data.max_length
@@ -113,6 +114,7 @@ class BenchConfig:
     warmup: int = 2
     batches: int = 4  # distinct batches, cycled
     devices: int = 1
+    context: int = 1  # of the devices, how many shard each row's positions (mesh.shape.context)
     seed: int = 0
 
     def __post_init__(self):
@@ -122,7 +124,8 @@ class BenchConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{_flag(name)} must be one of {tuple(allowed)}; got {getattr(self, name)!r}")
-        for name in ("prompt_len", "completion_len", "pairs", "min_bucket", "steps", "repeats", "batches", "devices"):
+        for name in ("prompt_len", "completion_len", "pairs", "min_bucket", "steps", "repeats", "batches", "devices",
+                     "context"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{_flag(name)} must be >= 1; got {getattr(self, name)}")
         if self.lengths:
@@ -376,10 +379,47 @@ def config_from_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> B
         ap.error(str(e))
 
 
+def config_flags(ap: argparse.ArgumentParser, argv) -> list[str]:
+    """The trainer's override syntax, `--config.KEY=VALUE` (or `--config.KEY VALUE`), rewritten to the
+    flag of the BenchConfig field that sets KEY (`TRAINING_KEYS`): `--config.data.layout=prefix` ->
+    `--layout=prefix`, `--config.data.logit_slots=False` -> `--no-logit-slots`. Other keys are an
+    error naming the keys a benchmark takes."""
+    fields = {key: f for f, key in TRAINING_KEYS.items()}
+    types = {f.name: f.type for f in dataclasses.fields(BenchConfig)}
+    out, items, i = [], list(argv), 0
+    while i < len(items):
+        arg = items[i]
+        i += 1
+        if not arg.startswith("--config."):
+            out.append(arg)
+            continue
+        key, eq, value = arg[len("--config."):].partition("=")
+        if not eq:
+            if i >= len(items):
+                ap.error(f"{arg}: no value; expected --config.KEY=VALUE")
+            value, i = items[i], i + 1
+        if key not in fields:
+            ap.error(f"--config.{key}: the benchmark takes only these training config keys: {', '.join(fields)}")
+        field = fields[key]
+        if types[field] == "bool":
+            if value.lower() not in ("true", "false", "1", "0"):
+                ap.error(f"--config.{key}={value}: expected True or False")
+            out.append(f"--{'' if value.lower() in ('true', '1') else 'no-'}{_flag(field)}")
+        else:
+            out.append(f"--{_flag(field)}={value}")
+    return out
+
+
 def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
+    """The BenchConfig of a command line: its own flags (`arg_parser`) and `--config.KEY=VALUE` for the
+    training config keys its fields set (`config_flags`)."""
+    import sys  # pylint: disable=g-import-not-at-top
+
     ap = arg_parser("python -m dpo_jax.bench", __doc__.splitlines()[0])
     ap.add_argument("--compile-only", action="store_true", help="compile only: memory figures, no timing")
-    args = ap.parse_args(argv)
+    ap.epilog = ("--config.KEY=VALUE: the trainer's syntax for the training config keys the flags set: "
+                 + ", ".join(TRAINING_KEYS.values()))
+    args = ap.parse_args(config_flags(ap, sys.argv[1:] if argv is None else argv))
     return config_from_args(ap, args), args
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from dpo_jax import logprobs, sharding
+from dpo_jax import logprobs, paths, sharding
 from dpo_jax.data import pipeline, synthetic, synthetic_exact
 from dpo_jax.models import hf, hf_config
 from dpo_jax.models.transformer import Decoder, ModelConfig
@@ -40,10 +40,11 @@ def world_config(config) -> synthetic_exact.WorldConfig:
                                        reward_scale=s.reward_scale, seed=s.world_seed)
 
 
-def synthetic_files(config, data_dir: str) -> DataFiles:
+def synthetic_files(config, data_dir: str, *, shared: bool = True) -> DataFiles:
     """Write (once; deterministic given config.synthetic and config.seed) the world's datasets and tokenizer.
 
-    world.json is written last, so it marks a complete directory; other processes wait for process 0."""
+    world.json is written last, so it marks a complete directory; other processes wait for process 0
+    (`shared=False`: `data_dir` is this process's own, and it writes it)."""
     s = config.synthetic
     meta = {"world_config": dataclasses.asdict(world_config(config)), "seed": config.seed, "label": s.label,
             "n_sft": s.n_sft, "n_pairs": s.n_pairs, "n_eval": s.n_eval}
@@ -56,7 +57,7 @@ def synthetic_files(config, data_dir: str) -> DataFiles:
             fresh = any(old.get(k) != v for k, v in meta.items())
         except (OSError, ValueError):  # cut short while being written: write everything again
             fresh = True
-    if fresh and jax.process_index() == 0:
+    if fresh and (jax.process_index() == 0 or not shared):
         if os.path.exists(world_file):
             os.remove(world_file)  # the directory is incomplete until the new world.json is written
         world = synthetic_exact.make_world(world_config(config))
@@ -71,7 +72,10 @@ def synthetic_files(config, data_dir: str) -> DataFiles:
 
 def data_files(config, workdir: str) -> DataFiles:
     if config.data.source == "synthetic":
-        return synthetic_files(config, os.path.join(workdir, "data"))
+        if paths.is_local(workdir):
+            return synthetic_files(config, os.path.join(workdir, "data"))
+        # A bucket workdir: datasets and transformers read local files, so each process writes its own copy.
+        return synthetic_files(config, paths.local_dir(workdir, f"data-{jax.process_index()}"), shared=False)
     return DataFiles(train=config.data.source, eval=config.data.eval_source or None, sft=None,
                      tokenizer=config.model.tokenizer or config.model.path)
 
@@ -107,7 +111,7 @@ def model_config(config, vocab_size: int) -> ModelConfig:
               num_kv_heads=a.num_kv_heads, head_dim=a.head_dim or None, tie_embeddings=a.tie_embeddings,
               max_position_embeddings=a.max_position_embeddings, rope_theta=a.rope_theta,
               dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat,
-              scan_min_layers=config.model.scan_min_layers, attention=config.model.attention)
+              scan_min_layers=config.model.scan_min_layers, **attention_kw(config))
     kw.update(hf_config.FAMILY_TRAITS.get(a.family, {}))
     if a.family in hf_config.NO_GQA_FAMILIES:
         kw["num_kv_heads"] = a.num_heads
@@ -123,6 +127,12 @@ def logit_bias(config, vocab_size: int) -> Optional[np.ndarray]:
     bias_V = np.full((vocab_size,), logprobs.MASKED_LOGIT, np.float32)
     bias_V[synthetic.format_token_ids(config.synthetic.vocab_size)] = 0.0
     return bias_V
+
+
+def attention_kw(config) -> dict:
+    """The model's attention settings: config.model.attention, and the rows' layout (data.layout), which
+    says where attention='fused' may run an accelerator's kernel (`models/attend.py`)."""
+    return dict(attention=config.model.attention, attention_layout=config.data.layout)
 
 
 def _load_kw(config, mesh) -> dict:
@@ -141,7 +151,7 @@ def policy(config, tok, path: str = "", mesh=None) -> Decoder:
     kw = _load_kw(config, mesh)
     if path:
         return hf.load_model(path, remat=config.model.remat, scan_min_layers=config.model.scan_min_layers,
-                             attention=config.model.attention, **kw)
+                             **attention_kw(config), **kw)
     vocab = len(tok)
     cfg = model_config(config, vocab)
     cfg = dataclasses.replace(cfg, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -153,7 +163,7 @@ def _reference_from_path(config, mesh=None) -> Decoder:
     """config.reference.path with the dtypes and layer stacking of config.model (no remat: no
     gradient flows through a reference)."""
     return hf.load_model(config.reference.path, scan_min_layers=config.model.scan_min_layers,
-                         attention=config.model.attention, **_load_kw(config, mesh))
+                         **attention_kw(config), **_load_kw(config, mesh))
 
 
 def reference(config, initial_policy: Decoder, mesh=None) -> Optional[Decoder]:
@@ -175,7 +185,7 @@ def evaluation_reference(config, workdir: str, tok) -> Decoder:
     run started from. Loaded as `reference` and `policy` load them."""
     if config.reference.path:
         return _reference_from_path(config)
-    sft = config.sft.model_dir or os.path.join(workdir, "sft", "model")  # a sweep shares one SFT model
-    if config.sft.steps > 0 and os.path.exists(os.path.join(sft, "config.json")):
-        return policy(config, tok, path=sft)
+    sft = config.sft.model_dir or paths.join(workdir, "sft", "model")  # a sweep shares one SFT model
+    if config.sft.steps > 0 and paths.exists(paths.join(sft, "config.json")):
+        return policy(config, tok, path=paths.local_copy(sft))
     return policy(config, tok)

@@ -99,10 +99,10 @@ def validate(config) -> None:
     _choice("model.remat", config.model.remat, REMAT_POLICIES)
     _choice("model.attention", config.model.attention, transformer.ATTENTIONS)
     _positive("model.scan_min_layers", config.model.scan_min_layers, zero_ok=True)
+    _choice("data.layout", config.data.layout, layouts.LAYOUTS)  # before the model, which reads it
     if not config.model.path:
         _choice("model.arch.family", config.model.arch.family, FAMILIES)
         check_arch(config)
-    _choice("data.layout", config.data.layout, layouts.LAYOUTS)
     _choice("data.truncation_mode", config.data.truncation_mode, TRUNCATION_MODES)
     _choice("data.format", config.data.format, FORMATS)
     _positive("data.batch_size", config.data.batch_size)
@@ -210,3 +210,19 @@ def check_devices(config, num_devices: int, num_processes: int = 1) -> None:
         if n % num_processes:
             raise ValueError(f"config.{key}={n} cannot be split over {num_processes} processes; "
                              f"choose a multiple of {num_processes}")
+    check_context_lengths(config.data, sizes[sharding.CONTEXT_AXIS])
+
+
+def check_context_lengths(data, shards: int) -> None:
+    """With `shards` context devices every row length must split evenly over them: data.max_length,
+    data.min_bucket (the power-of-two buckets double it), data.buckets and data.pack_length."""
+    if shards == 1:
+        return
+    lengths = {"data.max_length": data.max_length, "data.min_bucket": data.min_bucket}
+    lengths.update({f"data.buckets[{i}]": b for i, b in enumerate(data.get("buckets", ()) or ())})
+    if data.get("pack_length"):
+        lengths["data.pack_length"] = data.pack_length
+    for key, n in lengths.items():
+        if n % shards:
+            raise ValueError(f"config.{key}={n} cannot be split over config.mesh.shape.context={shards} devices; "
+                             f"choose a multiple of {shards}")

@@ -15,9 +15,8 @@ import jax
 from absl import logging
 
 import dpo_jax
-from dpo_jax import build, config_check, multihost, sharding
-from dpo_jax.evaluation import sampled
-from dpo_jax.models import hf
+from dpo_jax import build, config_check, multihost, paths, sharding
+from dpo_jax.evaluation import plots, sampled
 from dpo_jax.train import members, metrics, preemption, stages, step
 from dpo_jax.train.loop import Stage
 
@@ -32,11 +31,10 @@ def initialize_distributed(config) -> None:
 
 def write_run_info(config, workdir: str) -> None:
     """workdir/config.json (the resolved config) and run_info.json (version, git revision)."""
-    os.makedirs(workdir, exist_ok=True)
+    paths.path(workdir).mkdir(parents=True, exist_ok=True)
     if jax.process_index() != 0:
         return
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config_json(config))
+    paths.write_text(paths.join(workdir, "config.json"), config_json(config))
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
                              cwd=os.path.dirname(os.path.abspath(dpo_jax.__file__))).stdout.strip() or None
@@ -45,22 +43,19 @@ def write_run_info(config, workdir: str) -> None:
     info = {"dpo_jax_version": dpo_jax.__version__, "git_revision": rev, "jax_version": jax.__version__,
             "devices": [d.device_kind for d in jax.devices()][:1] + [f"x{jax.device_count()}"],
             "process_count": jax.process_count()}
-    with open(os.path.join(workdir, "run_info.json"), "w") as f:
-        json.dump(info, f, indent=2)
+    paths.write_text(paths.join(workdir, "run_info.json"), json.dumps(info, indent=2))
 
 
 def finished_report(config, workdir: str) -> Optional[dict]:
     """The report of a finished run of this very config in `workdir` (its config.json equals this
     config, and report.json, written last, exists), else None. A changed config (more steps, say)
     resumes from the checkpoints instead."""
-    report, stored = os.path.join(workdir, "report.json"), os.path.join(workdir, "config.json")
-    if not (os.path.exists(report) and os.path.exists(stored)):
+    report, stored = paths.join(workdir, "report.json"), paths.join(workdir, "config.json")
+    if not (paths.exists(report) and paths.exists(stored)):
         return None
-    with open(stored) as f:
-        if f.read() != config_json(config):
-            return None
-    with open(report) as f:
-        return json.load(f)
+    if paths.read_text(stored) != config_json(config):
+        return None
+    return json.loads(paths.read_text(report))
 
 
 def config_json(config) -> str:
@@ -139,9 +134,9 @@ def finish_run(config, workdir: str, trained, final_eval: dict, files, tok, stag
                                            logit_bias_V=build.logit_bias(config, trained.cfg.vocab_size)))
     if multihost.is_main_process():
         if config.train.export_final:
-            hf.export_model(trained, os.path.join(workdir, "final"), tokenizer_dir=files.tokenizer)
+            stages.export_model(trained, paths.join(workdir, "final"), tokenizer_dir=files.tokenizer)
         writer.write(config.train.steps, {k: v for k, v in report.items() if isinstance(v, float)})
-        with open(os.path.join(workdir, "report.json"), "w") as f:
-            json.dump(report, f, indent=2, sort_keys=True)
+        plots.write_run_plot(config, workdir, report, files.eval)  # workdir/plots/reward_kl.png
+        paths.write_text(paths.join(workdir, "report.json"), json.dumps(report, indent=2, sort_keys=True))
     writer.close()
     return report

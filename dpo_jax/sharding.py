@@ -7,13 +7,15 @@ sharding of the train state (parameters, LoRA adapters, optimizer state, stacked
 is decided here.
 A dimension is sharded only if its size divides evenly by the mesh axes it maps to and no other
 dimension of the same array already uses them; otherwise it is replicated. Batches are sharded on
-their leading (row / pair) dimension over (`data`, `fsdp`).
+their leading (row / pair) dimension over (`data`, `fsdp`). The `context` axis shards each row's
+positions inside the model (`models/context_parallel.py`); parameters are replicated over it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -21,8 +23,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 BATCH_AXES = ("data", "fsdp")
+CONTEXT_AXIS = "context"  # shards each row's positions (models/context_parallel.py)
+TENSOR_AXIS = "tensor"
 # Megatron-style tensor parallelism for heads/MLP/vocab, ZeRO-3-style FSDP over the model width.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("embed", "fsdp"),
@@ -82,7 +86,7 @@ def mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
 
 
 def make_mesh(shape: Mapping[str, int], devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-    """A mesh with axes (data, fsdp, tensor) from `mesh.shape`, e.g. {'data': -1, 'fsdp': 1, 'tensor': 1}."""
+    """A mesh with axes MESH_AXES from `mesh.shape`, e.g. {'data': -1, 'fsdp': 1, 'tensor': 1}."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = mesh_shape(shape, len(devices))
     grid = np.asarray(devices, dtype=object).reshape([sizes[a] for a in MESH_AXES])
@@ -154,6 +158,17 @@ def optimizer_shardings(tx, params, params_sh, mesh: Mesh):
 def stacked_sharding(sharding: NamedSharding) -> NamedSharding:
     """The sharding of an array stacked on a new leading axis (fused members): that axis replicated."""
     return NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec))
+
+
+def traced_under(mesh: Mesh, fn: Callable) -> Callable:
+    """`fn` traced with `mesh` as the context mesh, so that the model sees its `context` axis
+    (`models/context_parallel.py`); wrap a function before `jax.jit`."""
+    @functools.wraps(fn)
+    def under(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return under
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

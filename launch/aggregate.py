@@ -2,8 +2,9 @@
 
   python -m launch.aggregate DIR [--out OUT]   (OUT defaults to DIR)
 
-Runs: those of DIR/manifest.json (written by launch.sweep), else every subdirectory of DIR with a
-config.json or report.json. Table (OUT/results.csv and OUT/results.parquet), one row per run:
+Runs: those of DIR/manifest.json (written by launch.sweep, plain or --fused), else every
+subdirectory of DIR holding a run (`is_run`: report.json, run_info.json, or a trainer's config.json).
+Table (OUT/results.csv and OUT/results.parquet), one row per run:
   run, status, workdir;
   the config keys that vary across runs (from each run's resolved config.json, else the manifest
   overrides), plus loss.name and loss.beta always;
@@ -17,11 +18,14 @@ X = its mean over the runs that have it and X_stderr = std(ddof=1) / sqrt(n) ove
 (NaN when n = 1). A report's own X_stderr (one run's sampling error) is not averaged: the spread
 over seeds includes it.
 Plots (OUT/plots/), of the members' means with standard-error bars when some member has several
-seeds, else of the runs: reward_kl.png (sample/reward vs sample/kl, or --kl_key, of every run that has
-them, over the exact reward-KL frontier of the synthetic world when the runs are on it, on the same
-eval prompts as the reports), accuracy_vs_beta.png and margins_vs_beta.png (eval/accuracy and
-eval/rewards/margins against loss.beta, one line per loss; margins are beta-scaled implicit
-rewards, so compare them within a loss).
+seeds, else of the runs; a colour per loss, a marker per beta, each loss's points joined along beta,
+the legend outside the axes (`dpo_jax.evaluation.plots`): reward_kl.png (sample/reward vs
+sample/kl, or --kl_key, of every run that has them, over the exact reward-KL frontier of the
+synthetic world when the runs are on it, on the same eval prompts as the reports; one panel: reward
+and KL are on the same scale for every loss), accuracy_vs_beta.png (eval/accuracy against loss.beta,
+one panel) and margins_vs_beta.png (eval/rewards/margins against loss.beta, a panel per loss with its
+own y scale: margins are implicit rewards on each loss's own scale, e.g. SimPO's length-normalized
+margins of 16-29 against sigmoid DPO's ~2).
 """
 
 from __future__ import annotations
@@ -88,9 +92,20 @@ def find_runs(root: str) -> list[dict]:
     runs = []
     for name in sorted(os.listdir(root)):
         workdir = os.path.join(root, name)
-        if any(os.path.exists(os.path.join(workdir, f)) for f in ("config.json", "report.json")):
+        if is_run(workdir):
             runs.append({"name": name, "workdir": workdir, "status": None, "overrides": {}})
     return runs
+
+
+def is_run(workdir: str) -> bool:
+    """A run's workdir: report.json or run_info.json, or a config.json with a loss section (not the
+    config.json of an exported model, e.g. a sweep's shared sft_model/)."""
+    if any(os.path.exists(os.path.join(workdir, f)) for f in ("report.json", "run_info.json")):
+        return True
+    try:
+        return isinstance((_read_json(os.path.join(workdir, "config.json")) or {}).get("loss"), dict)
+    except ValueError:
+        return False
 
 
 def _status(workdir: str) -> str:
@@ -207,93 +222,89 @@ def run_label(row: pd.Series, keys: Sequence[str]) -> str:
 
 
 def exact_frontier(workdir: str, kl_max: float = 0.0) -> Optional[tuple[np.ndarray, np.ndarray, float]]:
-    """(kl_F, reward_F, reward of pi_ref) of the synthetic world of a run's data/, averaged over the
-    first config.eval.num_prompts eval prompts like the run's report, KL ascending from 0 to at least
-    `kl_max`; None if the run is not synthetic."""
-    data = os.path.join(workdir, "data")
-    if not os.path.exists(os.path.join(data, "world.json")):
-        return None
-    num_prompts = ((_read_json(os.path.join(workdir, "config.json")) or {}).get("eval") or {}).get("num_prompts")
-    from dpo_jax.data import synthetic, synthetic_exact  # pylint: disable=g-import-not-at-top
+    """(kl_F, reward_F, reward of pi_ref) of the synthetic world of a run's data/ on its first
+    config.eval.num_prompts eval prompts (`plots.exact_frontier`); None if the run is not synthetic."""
+    from dpo_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
 
-    world = synthetic.load_world(data)
-    prompts = None
-    eval_path = os.path.join(data, "eval_pairs.jsonl")
-    if os.path.exists(eval_path):
-        with open(eval_path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        rows = rows[:num_prompts] if num_prompts else rows
-        prompts = np.stack([synthetic.text_to_tokens(r["prompt"]) for r in rows]) if rows else None
-    kl, reward = synthetic_exact.frontier(world, np.geomspace(100.0, 0.02, 160), prompts)  # KL ascending
-    ref = float(synthetic_exact.expected_reward(world, synthetic_exact.reference_policy(world), prompts))
-    kl, reward = np.concatenate([[0.0], kl]), np.concatenate([[ref], reward])
-    if kl_max > kl[-1]:  # past the last beta: flat at the maximal reward
-        kl = np.append(kl, kl_max)
-        reward = np.append(reward, synthetic_exact.frontier_reward_at_kl(world, kl_max, prompts))
-    return kl, reward, ref
+    num_prompts = ((_read_json(os.path.join(workdir, "config.json")) or {}).get("eval") or {}).get("num_prompts")
+    return plots.exact_frontier(os.path.join(workdir, "data"), num_prompts, kl_max=kl_max)
 
 
 def _num(df: pd.DataFrame, key: str) -> pd.Series:
     return pd.to_numeric(df[key], errors="coerce") if key in df else pd.Series(np.nan, index=df.index)
 
 
-def plot_vs_beta(df: pd.DataFrame, swept: Sequence[str], metric: str, path: str, ylabel: str) -> Optional[str]:
-    """metric against loss.beta, one line per loss.name (and value of the other swept keys), with
-    error bars of the column `metric`_stderr where the table has it; None when no run has both."""
-    beta, y = _num(df, "loss.beta"), _num(df, metric)
-    err = _num(df, f"{metric}_stderr")
+def _series(df: pd.DataFrame, swept: Sequence[str]) -> tuple[pd.Series, pd.Series]:
+    """(loss, series label) of every row: the loss name, and the loss with the other swept keys
+    (but beta) that vary within it, e.g. 'simpo gamma=1.0'."""
+    loss = df["loss.name"].astype(str) if "loss.name" in df else pd.Series("runs", index=df.index)
+    keys = [k for k in label_keys(df, swept) if k != "loss.beta"]
+    label = df.apply(lambda row: run_label(row, keys), axis=1) if keys and len(df) else loss
+    return loss, label
+
+
+def vs_beta_lines(df: pd.DataFrame, swept: Sequence[str], metric: str) -> list[dict]:
+    """The lines of `plots.plot_vs_beta`: metric against loss.beta per series (`_series`), with the
+    column `metric`_stderr as error bars where the table has one."""
+    beta, y, err = _num(df, "loss.beta"), _num(df, metric), _num(df, f"{metric}_stderr")
     ok = beta.notna() & y.notna()
-    if not ok.any():
+    loss, label = _series(df, swept)
+    lines = []
+    for line in dict.fromkeys(label[ok]):
+        sel = ok & (label == line)
+        lines.append({"loss": loss[sel].iloc[0], "label": line, "beta": beta[sel].tolist(), "y": y[sel].tolist(),
+                      "yerr": err[sel].fillna(0.0).tolist() if err.notna().any() else None})
+    return lines
+
+
+def plot_vs_beta(df: pd.DataFrame, swept: Sequence[str], metric: str, path: str, ylabel: str,
+                 panel_per_loss: bool = False) -> Optional[str]:
+    """metric against loss.beta: a colour per loss, a marker per beta, one line per series, error bars
+    of `metric`_stderr where the table has it, a panel per loss if `panel_per_loss`; None when no run
+    has both."""
+    from dpo_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
+
+    lines = vs_beta_lines(df, swept, metric)
+    if not lines:
         return None
-    import matplotlib  # pylint: disable=g-import-not-at-top
+    return plots.plot_vs_beta(lines, path=path, ylabel=ylabel, panel_per_loss=panel_per_loss)
 
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
-    fig = Figure(figsize=(6.0, 4.2), dpi=120)
-    ax = fig.add_subplot()
-    line_keys = [k for k in label_keys(df, swept) if k != "loss.beta"]
-    lines = df.apply(lambda row: run_label(row, line_keys) if line_keys else "runs", axis=1)
-    for i, line in enumerate(dict.fromkeys(lines[ok])):
-        sel = ok & (lines == line)
-        order = np.argsort(beta[sel].to_numpy())
-        x, yy = beta[sel].to_numpy()[order], y[sel].to_numpy()[order]
-        if err.notna().any():
-            ax.errorbar(x, yy, yerr=err[sel].fillna(0.0).to_numpy()[order], fmt="o-", capsize=3,
-                        color=f"C{i % 10}", label=line)
-        else:
-            ax.plot(x, yy, "o-", color=f"C{i % 10}", label=line)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("loss.beta")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    return path
+def reward_kl_points(df: pd.DataFrame, swept: Sequence[str], kl_key: str = "sample/kl") -> list[dict]:
+    """The points of `plots.plot_reward_kl`: every row with sample/reward and `kl_key`, with its
+    loss, beta, series and the table's standard errors."""
+    kl, reward = _num(df, kl_key), _num(df, "sample/reward")
+    beta = _num(df, "loss.beta")
+    loss, series = _series(df, swept)
+    keys = label_keys(df, swept)
+    points = []
+    for i in np.flatnonzero((kl.notna() & reward.notna()).to_numpy()):
+        points.append({"label": run_label(df.iloc[i], keys), "kl": kl.iloc[i], "reward": reward.iloc[i],
+                       "loss": loss.iloc[i], "series": series.iloc[i],
+                       "beta": None if np.isnan(beta.iloc[i]) else float(beta.iloc[i]),
+                       "kl_stderr": _num(df, f"{kl_key}_stderr").fillna(0.0).iloc[i],
+                       "reward_stderr": _num(df, "sample/reward_stderr").fillna(0.0).iloc[i]})
+    return points
 
 
 def plot_reward_kl(df: pd.DataFrame, swept: Sequence[str], path: str, kl_key: str = "sample/kl",
                    workdir: Optional[str] = None) -> Optional[str]:
-    """sample/reward vs `kl_key` of every run (or member) that has them, with the table's `_stderr`
-    columns as error bars, over the exact frontier of the world in `workdir` (default: the first
-    such row's) if synthetic.
+    """sample/reward vs `kl_key` of every run (or member) that has them, coloured by loss, marked by
+    beta, joined along beta, with the table's `_stderr` columns as error bars, over the exact frontier
+    (up to twice the largest KL) of the world in `workdir` (default: the first such row's) if synthetic.
     sample/kl is against the run's reference model (the SFT model), the frontier against the world's
     pi_ref; kl_key='sample/kl_world' plots the KL to the world's pi_ref (well-formed samples only)."""
     from dpo_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
 
+    points = reward_kl_points(df, swept, kl_key)
+    if not points:
+        return None
     kl, reward = _num(df, kl_key), _num(df, "sample/reward")
     ok = kl.notna() & reward.notna()
-    if not ok.any():
-        return None
-    points, keys = [], label_keys(df, swept)
-    for i in np.flatnonzero(ok.to_numpy()):
-        row = df.iloc[i]
-        points.append({"label": run_label(row, keys), "kl": kl.iloc[i], "reward": reward.iloc[i],
-                       "kl_stderr": _num(df, f"{kl_key}_stderr").fillna(0.0).iloc[i],
-                       "reward_stderr": _num(df, "sample/reward_stderr").fillna(0.0).iloc[i]})
-    exact = exact_frontier(workdir or df[ok].iloc[0]["workdir"], kl_max=float(kl[ok].max()))
-    frontier = (exact[0], exact[1]) if exact else None
+    kl_max = float(kl[ok].max())
+    exact = exact_frontier(workdir or df[ok].iloc[0]["workdir"], kl_max=kl_max)
+    keep = exact[0] <= 2.0 * max(kl_max, 0.5) if exact else None  # up to twice the largest KL: the runs in view
+    frontier = (exact[0][keep], exact[1][keep]) if exact else None
     ref = exact[2] if exact else None
     return plots.plot_reward_kl(points, frontier, path=path, reference_reward=ref,
                                 title=f"sample/reward vs {kl_key}" + (" over the exact frontier" if exact else ""))
@@ -322,7 +333,7 @@ def write_all(df: pd.DataFrame, swept: Sequence[str], out: str, kl_key: str = "s
                                              "eval/accuracy (preference accuracy)"),
             "margins_vs_beta": plot_vs_beta(pdf, pswept, "eval/rewards/margins",
                                             os.path.join(plot_dir, "margins_vs_beta.png"),
-                                            "eval/rewards/margins (beta-scaled)")}
+                                            "eval/rewards/margins (beta-scaled)", panel_per_loss=True)}
     for what, p in made.items():
         if p is None:
             print(f"aggregate: no {what} plot: no run has the metrics it needs", file=sys.stderr)

@@ -1,11 +1,12 @@
 """Sweeps: a config's `get_sweep(arg)` expanded into named runs, run here or printed for pods/clusters.
 
   python -m launch.sweep --config=configs/synthetic.py[:arg] --root=DIR [--parallel N] [--dry_run]
-      [--set key=value ...] [--only NAME ...] [--seeds N] [--print_pod | --print_slurm]
+      [--config.KEY=VALUE ...] [--only NAME ...] [--seeds N] [--fused] [--print_pod | --print_slurm]
 
 Declaring and expanding a sweep (`product`, `zip`, `expand`, run names, shared SFT models, the
 launch order) is `sweep_plan.py`. DIR/manifest.json records the runs, their overrides, commands and
 status.
+`--config.KEY=VALUE` (the trainer's syntax) overrides KEY in every member, after the sweep's own values.
 --seeds=N repeats every member with config `seed` = base + 0 .. N-1 (workdirs `NAME,seed=S`, each seed
 its own SFT model); `launch.aggregate` reports per-seed rows and their means with standard errors.
 
@@ -30,7 +31,8 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 from dpo_jax import multihost
-from launch.sweep_plan import Run, expand, launch_order, parse_sets, run_status, sft_ready, varying_keys
+from launch.sweep_plan import (Run, expand, launch_order, override_args, parse_config_args, run_status, sft_ready,
+                               varying_keys)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -50,6 +52,19 @@ def write_manifest(root: str, runs: Sequence[Run], state: dict, meta: dict) -> s
     os.replace(tmp, path)
     return path
 
+def initial_state(root: str, runs: Sequence[Run]) -> dict[str, dict]:
+    """{name: {status}} of the runs as their workdirs stand, with what an earlier launch recorded in
+    root/manifest.json (return code, seconds, log) about those finished since."""
+    state = {r.name: {"status": run_status(r)} for r in runs}
+    previous = os.path.join(root, "manifest.json")
+    if os.path.exists(previous):
+        with open(previous) as f:
+            for old in json.load(f).get("runs", []):
+                if state.get(old.get("name"), {}).get("status") == "finished" and old.get("status") == "finished":
+                    state[old["name"]].update({k: old[k] for k in ("returncode", "seconds", "log") if k in old})
+    return state
+
+
 def run_local(runs: Sequence[Run], root: str, *, parallel: int = 1, meta: Optional[dict] = None,
               poll_s: float = 0.5, log: Callable[[str], None] = print,
               listed: Optional[Sequence[Run]] = None) -> dict[str, dict]:
@@ -62,13 +77,7 @@ def run_local(runs: Sequence[Run], root: str, *, parallel: int = 1, meta: Option
         raise ValueError(f"--parallel={parallel}; must be >= 1")
     meta = dict(meta or {})
     listed = list(listed if listed is not None else runs)
-    state = {r.name: {"status": run_status(r)} for r in [*listed, *runs]}
-    previous = os.path.join(root, "manifest.json")
-    if os.path.exists(previous):  # keep what an earlier launch recorded about runs finished since
-        with open(previous) as f:
-            for old in json.load(f).get("runs", []):
-                if state.get(old.get("name"), {}).get("status") == "finished" and old.get("status") == "finished":
-                    state[old["name"]].update({k: old[k] for k in ("returncode", "seconds", "log") if k in old})
+    state = initial_state(root, [*listed, *runs])
     queue = launch_order(runs)
     skipped = [r.name for r in runs if state[r.name]["status"] == "finished"]
     for name in skipped:
@@ -196,14 +205,14 @@ def _interrupt(signum, frame):  # SIGTERM to the launcher: stop like Ctrl-C
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launch.sweep", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m launch.sweep", description=__doc__.split("\n\n")[0],
+                                epilog="--config.KEY=VALUE (repeatable): override KEY in every member, after the "
+                                       "sweep's own values (the trainer's syntax)")
     p.add_argument("--config", required=True, help="config file with get_sweep, e.g. configs/synthetic.py[:arg]")
     p.add_argument("--root", required=True, help="sweep directory: one workdir per run, manifest.json, logs/")
     p.add_argument("--parallel", type=int, default=None,
                    help="runs at a time (local); default: 1 with an accelerator, else min(2, CPU cores)")
     p.add_argument("--dry_run", action="store_true", help="print the commands that would run, in order")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override for every member (after the sweep's own), repeatable")
     p.add_argument("--only", action="append", default=[], metavar="NAME", help="run only these members")
     p.add_argument("--compile_cache", default="", metavar="DIR",
                    help="JAX compilation cache shared by the local runs (default ROOT/jax_cache; 'none': off)")
@@ -214,10 +223,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = p.add_mutually_exclusive_group()
     out.add_argument("--print_pod", action="store_true", help="print a TPU-pod script (launch/tpu_pod.sh)")
     out.add_argument("--print_slurm", action="store_true", help="print a Slurm submission script")
-    a = p.parse_args(argv)
+    try:
+        extra, rest = parse_config_args(sys.argv[1:] if argv is None else argv)
+    except ValueError as e:
+        p.error(str(e))
+    a = p.parse_args(rest)
     try:
         cache = None if a.compile_cache == "none" else a.compile_cache
-        runs = expand(a.config, a.root, extra=parse_sets(a.set), compile_cache=cache, seeds=a.seeds)
+        runs = expand(a.config, a.root, extra=extra, compile_cache=cache, seeds=a.seeds)
     except ValueError as e:
         p.error(str(e))
     listed = runs
@@ -229,10 +242,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.print_pod or a.print_slurm:
         sys.stdout.write(pod_script(runs, a.config) if a.print_pod else slurm_script(runs, a.config))
         return 0
+    parallel = 1 if a.fused else a.parallel if a.parallel is not None else default_parallel()
+    meta = {"config": a.config, "root": a.root, "parallel": parallel, "extra": extra, "seeds": a.seeds,
+            "fused": a.fused, "sweep_keys": varying_keys([r.overrides for r in listed]), "cwd": os.getcwd()}
     if a.fused:
         from launch import fused_sweep  # pylint: disable=g-import-not-at-top
 
-        return 1 if fused_sweep.run(a.config, runs, dry_run=a.dry_run) else 0
+        base = [sys.executable, "-m", "launch.sweep", f"--config={a.config}", f"--root={a.root}", "--fused",
+                *([f"--seeds={a.seeds}"] if a.seeds > 1 else []),
+                *([f"--compile_cache={a.compile_cache}"] if a.compile_cache else []), *override_args(extra)]
+        command = lambda names: [*base, *(f"--only={n}" for n in names)]  # noqa: E731
+        try:
+            return 1 if fused_sweep.run(a.config, runs, dry_run=a.dry_run, root=a.root, meta=meta, listed=listed,
+                                        group_command=command) else 0
+        except KeyboardInterrupt:
+            return 130
     if a.dry_run:
         for r in runs:
             if run_status(r) == "finished":
@@ -240,10 +264,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for r in launch_order(runs):
             print(r.command_line())
         return 0
-    parallel = a.parallel if a.parallel is not None else default_parallel()
     print(f"sweep: {len(runs)} runs, {parallel} at a time, in {a.root}")
-    meta = {"config": a.config, "root": a.root, "parallel": parallel, "extra": parse_sets(a.set), "seeds": a.seeds,
-            "sweep_keys": varying_keys([r.overrides for r in listed]), "cwd": os.getcwd()}
     previous = signal.signal(signal.SIGTERM, _interrupt)
     t0 = time.time()
     try:

@@ -271,7 +271,7 @@ def expand(config_spec: str, root: str, *, extra: Optional[dict] = None, entry: 
             sft_dir = os.path.join(root, "sft_model" + (f".{sub}" if sub else ""))
         workdir = os.path.join(root, n)
         args = [f"--config={config_spec}", f"--workdir={workdir}"]
-        args += [f"--config.{k}={format_value(k, v)}" for k, v in m.items()]
+        args += override_args(m)
         if sft_dir:
             args.append(f"--config.sft.model_dir={sft_dir}")
         runs.append(Run(name=n, workdir=workdir, overrides=m, args=args, command=[*prefix, *args], env=dict(env),
@@ -279,15 +279,36 @@ def expand(config_spec: str, root: str, *, extra: Optional[dict] = None, entry: 
     return runs
 
 
-def parse_sets(items: Sequence[str]) -> dict:
-    """`--set` items 'dotted_key=value' -> {dotted_key: parse_value(value)}."""
-    out = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        if not eq or not _KEY.match(key.strip()):
-            raise ValueError(f"--set {item!r}: expected dotted_key=value, e.g. --set train.steps=100")
-        out[key.strip()] = parse_value(value.strip())
-    return out
+CONFIG_FLAG = "--config."
+
+
+def parse_config_args(argv: Sequence[str]) -> tuple[dict, list[str]]:
+    """Split the trainer's override syntax off a command line: `--config.KEY=VALUE` and
+    `--config.KEY VALUE` -> ({KEY: parse_value(VALUE)}, the other arguments in order)."""
+    overrides, rest, items = {}, [], list(argv)
+    i = 0
+    while i < len(items):
+        arg = items[i]
+        if not arg.startswith(CONFIG_FLAG):
+            rest.append(arg)
+            i += 1
+            continue
+        key, eq, value = arg[len(CONFIG_FLAG):].partition("=")
+        if not eq:
+            if i + 1 >= len(items):
+                raise ValueError(f"{arg}: no value; expected {CONFIG_FLAG}KEY=VALUE, e.g. --config.train.steps=100")
+            value = items[i + 1]
+            i += 1
+        if not _KEY.match(key):
+            raise ValueError(f"{arg}: {key!r} is not a dotted config key; expected e.g. --config.train.steps=100")
+        overrides[key] = parse_value(value.strip())
+        i += 1
+    return overrides, rest
+
+
+def override_args(overrides: dict) -> list[str]:
+    """{KEY: value} -> ['--config.KEY=VALUE', ...], as the trainer parses them back."""
+    return [f"{CONFIG_FLAG}{k}={format_value(k, v)}" for k, v in overrides.items()]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,10 +19,12 @@ def mesh():
 
 
 def test_mesh_shape_resolves_minus_one():
-    assert sharding.mesh_shape({"data": -1, "fsdp": 1, "tensor": 1}, 8) == {"data": 8, "fsdp": 1, "tensor": 1}
-    assert sharding.mesh_shape({"fsdp": -1, "tensor": 2}, 8) == {"data": 1, "fsdp": 4, "tensor": 2}
-    assert sharding.mesh_shape({}, 1) == {"data": 1, "fsdp": 1, "tensor": 1}
-    assert sharding.mesh_shape({"data": 2, "fsdp": 2, "tensor": 2}, 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+    one = dict(data=1, fsdp=1, context=1, tensor=1)
+    assert sharding.mesh_shape({"data": -1, "fsdp": 1, "tensor": 1}, 8) == {**one, "data": 8}
+    assert sharding.mesh_shape({"fsdp": -1, "tensor": 2}, 8) == {**one, "fsdp": 4, "tensor": 2}
+    assert sharding.mesh_shape({}, 1) == one
+    assert sharding.mesh_shape({"data": 2, "fsdp": 2, "tensor": 2}, 8) == {**one, "data": 2, "fsdp": 2, "tensor": 2}
+    assert sharding.mesh_shape({"data": -1, "context": 4}, 8) == {**one, "data": 2, "context": 4}
 
 
 @pytest.mark.parametrize("shape,n,fragment", [
@@ -42,9 +44,9 @@ def test_mesh_shape_errors_name_the_key(shape, n, fragment):
 
 def test_make_mesh_axes_and_devices(mesh):
     assert mesh.axis_names == sharding.MESH_AXES
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}
     one = sharding.make_mesh({"data": -1}, devices=jax.devices()[:1])
-    assert dict(one.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert dict(one.shape) == {"data": 1, "fsdp": 1, "context": 1, "tensor": 1}
 
 
 def test_logical_to_mesh(mesh):

@@ -39,7 +39,9 @@ import jax.numpy as jnp
 
 from dpo_jax.models.layers import attention_mask
 
-ATTENTIONS = ("dense", "blockwise", "auto")  # ModelConfig.attention / config.model.attention
+# ModelConfig.attention / config.model.attention. 'fused': the accelerator's kernel where the layout
+# allows (models/attend.py), else as 'auto'.
+ATTENTIONS = ("dense", "blockwise", "auto", "fused")
 BLOCK = 256  # default query and key block (rows / columns of one block's scores; docs/performance.md)
 # 'auto' runs blockwise for query rows at least this long, dense below. Measured on the 2-core CPU
 # train step (docs/performance.md): up to one block (256) blockwise is no faster, up to 9% slower;
@@ -49,11 +51,11 @@ NO_WINDOW = jnp.iinfo(jnp.int32).max  # a sliding window that hides nothing
 
 
 def resolve(kind: str, length: int) -> str:
-    """'dense' or 'blockwise' for `kind` in ATTENTIONS at `length` query rows ('auto': blockwise
-    iff length >= AUTO_MIN_LENGTH)."""
+    """'dense' or 'blockwise' for `kind` in ATTENTIONS at `length` query rows ('auto', and 'fused'
+    where no fused kernel applies: blockwise iff length >= AUTO_MIN_LENGTH)."""
     if kind not in ATTENTIONS:
         raise ValueError(f"attention must be one of {ATTENTIONS}; got {kind!r}")
-    if kind == "auto":
+    if kind in ("auto", "fused"):
         return "blockwise" if length >= AUTO_MIN_LENGTH else "dense"
     return kind
 

@@ -199,7 +199,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         if f == "qwen3":
             h.update(attention_bias=cfg.qkv_bias)
     numerics = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, scan_layers=cfg.scan_layers,
-                    scan_min_layers=cfg.scan_min_layers, attention=cfg.attention,
+                    scan_min_layers=cfg.scan_min_layers, attention=cfg.attention, attention_layout=cfg.attention_layout,
                     init_std=cfg.init_std)  # ours only: never written to config.json
     back = config_from_hf(h, **numerics)
     cmp = dataclasses.replace(cfg, sliding_layers=cfg.layer_slides if cfg.sliding_window else None)

@@ -4,9 +4,10 @@ GPT-2 and GPT-NeoX/Pythia, configured by one frozen `ModelConfig`.
 Layer parameters are stacked on a leading `layers` axis and the blocks run under `jax.lax.scan`
 (or an unrolled loop), each block a pure function of its arrays (`_block`). Attention follows the
 rule of docs/design.md (`layers.attention_mask`) for the plain forward and for KV-cached decoding
-alike, dense (`layers.masked_attention`, a [T, S] score buffer per layer) or blockwise
-(`attention.blockwise_attention`, memory linear in T) as `ModelConfig.attention` says. The pure
-layer math (attention rule, RoPE, norms, attention, projections) is in `layers.py`.
+alike: dense (`layers.masked_attention`, a [T, S] score buffer per layer), blockwise
+(`attention.blockwise_attention`, memory linear in T), an accelerator's fused kernel, or sharded
+over the mesh's `context` axis, as `attend.layer_attention` chooses from `ModelConfig.attention`.
+The pure layer math (attention rule, RoPE, norms, attention, projections) is in `layers.py`.
 
 Every parameter carries logical axis names as NNX `out_sharding` metadata, created with
 `eager_sharding=False` (this file knows no mesh; `nnx.get_partition_spec(nnx.state(model))` gives
@@ -32,10 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dpo_jax.models import attention as _attention
+from dpo_jax.models import context_parallel
+from dpo_jax.models.attend import layer_attention
 from dpo_jax.models.attention import ATTENTIONS
-from dpo_jax.models.layers import (activation as _act, apply_rope, attention_mask, dense as _dense, masked_attention,
-                                   norm as _norm, rope_inv_freq)
+from dpo_jax.models.fused_attention import LAYOUTS as ATTENTION_LAYOUTS
+from dpo_jax.models.layers import activation as _act, apply_rope, dense as _dense, norm as _norm, rope_inv_freq
 
 __all__ = ["ModelConfig", "RopeScaling", "Decoder", "init_cache", "num_params", "param_shapes", "layer_param_shapes",
            "FAMILIES", "LOGICAL_AXES", "REMAT_POLICIES", "ROPE_TYPES", "ACTIVATIONS", "DTYPES", "ATTENTIONS"]
@@ -116,7 +118,8 @@ class ModelConfig:
     scan_layers: bool = True  # lax.scan over the layer stack (when at least scan_min_layers deep)
     scan_min_layers: int = 9  # shallower stacks run unrolled: on CPU the scan's residual stacking costs
     # ~12% of a 4-layer train step (docs/performance.md); deep stacks are scanned for a flat compile time
-    attention: str = "auto"  # dense | blockwise | auto (blockwise from attention.AUTO_MIN_LENGTH query rows)
+    attention: str = "auto"  # dense | blockwise | auto (blockwise from attention.AUTO_MIN_LENGTH query rows) | fused
+    attention_layout: str = "standard"  # the rows' data layout: where attention='fused' may use a kernel (attend.py)
 
     @property
     def scanned(self) -> bool:
@@ -135,7 +138,8 @@ class ModelConfig:
         if self.sliding_layers is not None:
             s("sliding_layers", tuple(bool(b) for b in self.sliding_layers))
         choices = dict(family=FAMILIES, norm=("rms", "layer"), activation=ACTIVATIONS,
-                       position=("rope", "learned"), remat=REMAT_POLICIES, attention=ATTENTIONS)
+                       position=("rope", "learned"), remat=REMAT_POLICIES, attention=ATTENTIONS,
+                       attention_layout=ATTENTION_LAYOUTS)
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
                 raise ValueError(f"ModelConfig.{field} must be one of {allowed}; got {getattr(self, field)!r}")
@@ -212,35 +216,6 @@ def _block(cfg: ModelConfig, x_BxTxD, p: dict, attend, sin, cos, kv_cache=None, 
         return x_BxTxD + attn_out + mlp(h), new_kv
     x = x_BxTxD + attn_out
     return x + mlp(_norm(x, w["mlp_norm"], bias("mlp_norm_bias"), cfg.norm, cfg.norm_eps)), new_kv
-
-
-def _layer_attention(cfg: ModelConfig, T: int, q_ids, k_ids):
-    """attend(slides, q_BxTxHxE, k_BxSxKxE, v_BxSxKxE) -> o_BxTxHxE: the attention `cfg.attention`
-    picks at T query rows (`attention.resolve`), under the rule of docs/design.md between the
-    queries' and the keys' (segment, position, branch) ids, the sliding window where the layer's
-    `slides` (a traced bool under the layer scan) says. Dense builds each [B, 1, T, S] mask once
-    for all layers; blockwise builds the mask of each block pair on the fly."""
-    scale = cfg.head_dim ** -0.5
-    kinds = set(cfg.layer_slides)
-    if _attention.resolve(cfg.attention, T) == "blockwise":
-        def blockwise(slides, q, k, v):
-            if kinds == {False}:
-                window = None
-            elif kinds == {True}:
-                window = cfg.sliding_window
-            else:
-                window = jnp.where(slides, cfg.sliding_window, _attention.NO_WINDOW)
-            return _attention.blockwise_attention(q, k, v, q_ids, k_ids, scale, sliding_window=window)
-
-        return blockwise
-    masks = {slides: attention_mask(*q_ids, *k_ids, sliding_window=cfg.sliding_window if slides else None)
-             for slides in kinds}
-
-    def dense(slides, q, k, v):
-        mask = jnp.where(slides, masks[True], masks[False]) if len(masks) == 2 else next(iter(masks.values()))
-        return masked_attention(q, k, v, mask, scale)
-
-    return dense
 
 
 def _remat(fn, policy: str, scanned: bool):
@@ -439,7 +414,10 @@ class Decoder(nnx.Module):
             k_seg = put(cache["segment_ids_BxS"], segment_ids_BxT)
             k_pos = put(cache["positions_BxS"], positions_BxT)
             k_br = put(cache["branch_ids_BxS"], branch_ids_BxT)
-        attend = _layer_attention(cfg, T, (segment_ids_BxT, positions_BxT, branch_ids_BxT), (k_seg, k_pos, k_br))
+        attend = layer_attention(cfg, T, (segment_ids_BxT, positions_BxT, branch_ids_BxT), (k_seg, k_pos, k_br),
+                                  cached=cache is not None)
+        if cache is None:
+            x = context_parallel.constrain(x)
 
         params = self.layers.arrays()
         xs = {"p": params, "slides": jnp.asarray(cfg.layer_slides)}
@@ -447,6 +425,7 @@ class Decoder(nnx.Module):
             xs["kv"] = (cache["k_LxBxSxKxE"], cache["v_LxBxSxKxE"])
 
         def layer(x, xs_l):
+            x = x if cache is not None else context_parallel.constrain(x)
             return _block(cfg, x, xs_l["p"], functools.partial(attend, xs_l["slides"]), sin, cos, xs_l.get("kv"),
                           cache_index)
 

@@ -22,7 +22,7 @@ from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
-from dpo_jax import losses, multihost, sharding
+from dpo_jax import losses, multihost, paths, sharding
 from dpo_jax.data import batching, layouts, pipeline
 from dpo_jax.train import checkpoint, metrics, preemption, step
 
@@ -57,10 +57,10 @@ class Stage:
 def compiled_steps(step_cfg: step.StepConfig, state_sh, mesh, batch_keys):
     b_sh = {k: sharding.batch_sharding(mesh, 1 if k.endswith("_P") else 2) for k in batch_keys}
     rep = sharding.replicated(mesh)
-    train = jax.jit(functools.partial(step.train_step, step_cfg), in_shardings=(state_sh, b_sh, rep),
-                    out_shardings=(state_sh, rep), donate_argnums=(0,))
-    evaluate = jax.jit(functools.partial(step.eval_step, step_cfg), in_shardings=(state_sh, b_sh, rep),
-                       out_shardings=rep)
+    train = jax.jit(sharding.traced_under(mesh, functools.partial(step.train_step, step_cfg)),
+                    in_shardings=(state_sh, b_sh, rep), out_shardings=(state_sh, rep), donate_argnums=(0,))
+    evaluate = jax.jit(sharding.traced_under(mesh, functools.partial(step.eval_step, step_cfg)),
+                       in_shardings=(state_sh, b_sh, rep), out_shardings=rep)
     return train, evaluate
 
 
@@ -96,7 +96,7 @@ def fit(stage: Stage, state, state_sh, step_cfg: step.StepConfig, mesh, config, 
             pair_offset=sharding.process_pair_offset(mesh, stage.eval_data_cfg.pairs_per_batch),
             source=stage.eval_source, strict=config.data.strict)
         log_drops(stage.data_reports["eval"])
-    ckpt = checkpoint.Checkpointer(os.path.join(stage.workdir, "checkpoints"), keep=tc.keep_checkpoints,
+    ckpt = checkpoint.Checkpointer(paths.join(stage.workdir, "checkpoints"), keep=tc.keep_checkpoints,
                                    every=tc.checkpoint_every)
     start, restored_extra = 0, {}
     restored = restore(ckpt, state, state_sh, train_iter) if ckpt.latest_step() is not None else None

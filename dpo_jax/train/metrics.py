@@ -14,12 +14,14 @@ plus attention scores: 12 L H E per trained token-key pair and 4 L H E per refer
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
+
+from dpo_jax import paths
+from dpo_jax.train import trackers as trackers_lib
 
 # bf16 dense peak FLOP/s per chip, for MFU on accelerators (CPU: a matmul is measured instead).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
@@ -109,15 +111,14 @@ class Writer:
     def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool = True,
                  trackers: Sequence[Any] = (), wandb: Optional[Mapping[str, Any]] = None, run_config: Any = None):
         self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = paths.join(workdir, "metrics.jsonl")
         self._tb = None
         self.trackers: list = []
         if enabled and tensorboard:
             from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(paths.tensorboard_logdir(paths.join(workdir, "tensorboard")))
         if enabled:
-            from dpo_jax.train import trackers as trackers_lib  # pylint: disable=g-import-not-at-top
 
             self.trackers = list(trackers) + trackers_lib.make_trackers(workdir, wandb, run_config)
 
@@ -125,8 +126,7 @@ class Writer:
         if not self.enabled:
             return
         row = {"step": int(step), **{prefix + k: _scalar(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        paths.append_text(self.path, json.dumps(row) + "\n")
         if self._tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
@@ -137,12 +137,11 @@ class Writer:
     def drop_rows(self, drop: Callable[[dict], bool]) -> None:
         """Rewrite the file without the rows `drop` selects (a resumed stage rewrites its rows past
         the checkpoint, so the file holds each step once) and without a row cut short by a kill."""
-        if not self.enabled or not os.path.exists(self.path):
+        if not self.enabled or not paths.exists(self.path):
             return
-        with open(self.path) as f:
-            rows = [line.rstrip("\n") + "\n" for line in f if (row := _row(line)) is not None and not drop(row)]
-        with open(self.path, "w") as f:
-            f.writelines(rows)
+        rows = [line + "\n" for line in paths.read_text(self.path).splitlines()
+                if (row := _row(line)) is not None and not drop(row)]
+        paths.write_text(self.path, "".join(rows))
 
     def truncate_after(self, step: int) -> None:
         """Drop rows past `step` (and a row cut short by a killed process)."""
@@ -171,8 +170,7 @@ def _scalar(v: Any):
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
 
 
 def summary_line(metrics: Mapping[str, Any], keys=("loss", "rewards/accuracies", "rewards/margins",

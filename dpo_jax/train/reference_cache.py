@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import pathlib
@@ -24,7 +25,7 @@ import grain
 import jax
 import numpy as np
 
-from dpo_jax import multihost
+from dpo_jax import multihost, paths
 
 KEYS = ("ref_chosen", "ref_rejected", "ref_chosen_shared", "ref_rejected_shared")
 ROW_INDEX = "__row__"
@@ -140,17 +141,22 @@ def compute(logps_fn: Callable[[dict], Any], rows: IndexedRows, tokenize_fn: Cal
 
 
 def load_or_compute(cache_dir: str, key: str, compute_fn: Callable[[], dict]) -> dict[str, np.ndarray]:
-    """Read cache_dir/<key>.npz, or compute it and write it atomically (tmp file + rename). With
-    several processes the file is read only if every process sees it (else all compute it
-    together), and process 0 writes it."""
-    path = os.path.join(cache_dir, f"{key}.npz")
-    if not multihost.agree_max([int(not os.path.exists(path))])[0]:  # every process sees the file
-        with np.load(path) as f:
+    """Read cache_dir/<key>.npz (any filesystem, `paths`), or compute it and write it atomically
+    (locally: tmp file + rename; an object store: one object). With several processes the file is
+    read only if every process sees it (else all compute it together), and process 0 writes it."""
+    path = paths.path(cache_dir) / f"{key}.npz"
+    if not multihost.agree_max([int(not path.exists())])[0]:  # every process sees the file
+        with path.open("rb") as fh, np.load(fh) as f:
             return {k: f[k] for k in KEYS}
     values = compute_fn()
     if jax.process_index() == 0:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}.npz"
-        np.savez(tmp, **values)
-        os.replace(tmp, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if paths.is_local(path):
+            tmp = f"{path}.tmp-{os.getpid()}.npz"
+            np.savez(tmp, **values)
+            os.replace(tmp, path)
+        else:  # an object store writes the object whole on close
+            buf = io.BytesIO()
+            np.savez(buf, **values)
+            path.write_bytes(buf.getvalue())
     return values

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from typing import Optional
 
 import jax
 import numpy as np
 from flax import nnx
 
-from dpo_jax import build, config_check, losses, multihost, sharding
+from dpo_jax import build, config_check, losses, multihost, paths, sharding
 from dpo_jax.data import formats, pipeline
 from dpo_jax.data import sources as data_sources
 from dpo_jax.models import hf, lora
@@ -71,9 +72,10 @@ def precompute_reference(config, stage: Stage, reference, step_cfg: step.StepCon
     ref_params = nnx.to_pure_dict(ref_state)
     rules = sharding.check_rules(config.mesh.rules)
     placed = jax.device_put(ref_params, sharding.param_shardings(ref_params, graphdef, mesh, rules))
-    logps = jax.jit(lambda p, b: step.model_logps(dataclasses.replace(step_cfg, graphdef=graphdef), p, b),
+    ref_logps = lambda p, b: step.model_logps(dataclasses.replace(step_cfg, graphdef=graphdef), p, b)  # noqa: E731
+    logps = jax.jit(sharding.traced_under(mesh, ref_logps),
                     out_shardings=sharding.replicated(mesh))  # every process reads every value
-    cache_dir = config.reference.cache_dir or os.path.join(stage.workdir, "ref_cache")
+    cache_dir = config.reference.cache_dir or paths.join(stage.workdir, "ref_cache")
     settings = {k: getattr(stage.data_cfg, k) for k in ("max_length", "max_prompt_length", "truncation_mode")}
     settings.update(format=config.data.format, chunk=(config.logprobs.chunk_size, config.logprobs.vocab_chunk_size))
     spec = dataclasses.replace(stage.eval_data_cfg, layout="standard").layout_spec()
@@ -132,22 +134,36 @@ def lora_config(config) -> Optional[lora.LoraConfig]:
 def sft_stage(config, workdir, files, tok, model, mesh, writer, preempt, peak_flops):
     """Train the SFT reference once: its export (config.sft.model_dir, default workdir/sft/model) is
     reused on resume and by every run that names the same directory."""
-    out = config.sft.model_dir or os.path.join(workdir, "sft", "model")
-    if os.path.exists(os.path.join(out, "config.json")):
-        return build.policy(config, tok, path=out)
+    out = config.sft.model_dir or paths.join(workdir, "sft", "model")
+    if paths.exists(paths.join(out, "config.json")):
+        return build.policy(config, tok, path=paths.local_copy(out))
     optim_cfg = config.optim.copy_and_resolve_references()
     with optim_cfg.unlocked():
         optim_cfg.update(lr=config.sft.lr, warmup_steps=config.sft.warmup_steps, schedule="constant", grad_accum=1)
     objective = losses.Objective(("sft",))
-    stage = make_stage(config, "sft", os.path.join(workdir, "sft"), objective=objective,
+    stage = make_stage(config, "sft", paths.join(workdir, "sft"), objective=objective,
                        hp={**objective.params(), "beta": np.float32(config.loss.beta)}, steps=config.sft.steps,
                        optim_cfg=optim_cfg, ref_mode="none", train_path=files.sft, eval_path=None, tok=tok,
                        batch_size=config.sft.batch_size, unpaired_label=True)
     trained, _, _ = run_stage(config, stage, model, None, mesh, writer, preempt, peak_flops)
-    if multihost.is_main_process():
+    if multihost.is_main_process() and paths.is_local(out):
         tmp = f"{out}.tmp-{os.getpid()}"  # atomic: readers never see a half-written model
         hf.export_model(trained, tmp, tokenizer_dir=files.tokenizer)
         if not os.path.exists(out):
             os.replace(tmp, out)
+    elif multihost.is_main_process() and not paths.exists(paths.join(out, "config.json")):
+        export_model(trained, out, tokenizer_dir=files.tokenizer)  # config.json, the mark of a whole model, last
     multihost.barrier("dpo_jax.train.sft_stage.export")
     return trained
+
+
+def export_model(model, out, *, tokenizer_dir=None) -> None:
+    """`hf.export_model` to `out` on any filesystem: a bucket URI is written to a local temporary
+    directory first, then copied (`paths.upload_dir`, config.json last)."""
+    if paths.is_local(out):
+        hf.export_model(model, out, tokenizer_dir=tokenizer_dir)
+        return
+    os.makedirs(paths.local_root(), exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="export-", dir=paths.local_root()) as tmp:
+        hf.export_model(model, tmp, tokenizer_dir=tokenizer_dir)
+        paths.upload_dir(tmp, out)

@@ -2,8 +2,9 @@
 
 Weights & Biases (`config.logging.wandb`): one W&B run per workdir, named after the workdir, with
 the run's resolved config. Its id is kept in workdir/wandb_run_id, so a resumed run (a restart in
-the same workdir) continues the same W&B run. wandb is an optional extra
-(`pip install 'dpo_jax[tracking]'`), imported only when enabled.
+the same workdir) continues the same W&B run. W&B writes its own files to a local directory: the
+workdir, or for a bucket workdir (`gs://...`) `paths.local_dir(workdir, "wandb")` on this machine.
+wandb is an optional extra (`pip install 'dpo_jax[tracking]'`), imported only when enabled.
 
 Steps: the stages count their steps from 0 (the SFT stage, then training), so every metric is
 plotted against a step axis of its prefix (`step` for training, `eval/step`, `sft/step`, ...,
@@ -19,23 +20,21 @@ import os
 import uuid
 from typing import Any, Mapping, Optional
 
+from dpo_jax import paths
+
 RUN_ID_FILE = "wandb_run_id"
 MODES = ("online", "offline", "disabled")
 
 
 def run_id(workdir: str) -> str:
     """The W&B run id of `workdir`: read from workdir/wandb_run_id, created there on first use."""
-    path = os.path.join(workdir, RUN_ID_FILE)
-    if os.path.exists(path):
-        with open(path) as f:
-            rid = f.read().strip()
+    path = paths.join(workdir, RUN_ID_FILE)
+    if paths.exists(path):
+        rid = paths.read_text(path).strip()
         if rid:
             return rid
     rid = uuid.uuid4().hex[:16]
-    os.makedirs(workdir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write(rid + "\n")
-    os.replace(path + ".tmp", path)
+    paths.write_text(path, rid + "\n")
     return rid
 
 
@@ -63,12 +62,14 @@ class WandbTracker:
         if mode not in MODES:
             raise ValueError(f"config.logging.wandb.mode={mode!r}: expected one of {MODES}")
         wandb = _import_wandb()
-        workdir = os.path.abspath(workdir)
+        workdir = os.path.abspath(workdir) if paths.is_local(workdir) else workdir.rstrip("/")
         self.run_id = run_id(workdir)
+        wandb_dir = workdir if paths.is_local(workdir) else paths.local_dir(workdir, "wandb")
+        os.makedirs(wandb_dir, exist_ok=True)
         self._axes: dict[str, str] = {}  # metric key -> its step axis, once declared
         self.run = wandb.init(project=cfg.get("project") or "dpo_jax", entity=cfg.get("entity") or None,
-                              name=os.path.basename(workdir.rstrip(os.sep)), config=_as_dict(run_config),
-                              dir=workdir, mode=mode, tags=list(cfg.get("tags") or ()), id=self.run_id,
+                              name=workdir.rstrip("/").rsplit("/", 1)[-1], config=_as_dict(run_config),
+                              dir=wandb_dir, mode=mode, tags=list(cfg.get("tags") or ()), id=self.run_id,
                               resume="allow")
 
     def log(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> None:

@@ -203,3 +203,85 @@ def test_seeds_give_means_standard_errors_and_error_bars(tmp_path, world_dir, mo
     assert [p["kl_stderr"] for p in seen["points"]] == pytest.approx([np.std([7.0, 8.0, 12.0], ddof=1) / np.sqrt(3), 0])
     assert seen["frontier"] is not None
     assert any(b[0] == pytest.approx([9.0]) for b in bars)  # the reward-KL points are error bars too
+
+
+def twelve_runs(root, world_dir=None):
+    """4 losses x 3 betas, every run finished, with margins on each loss's own scale."""
+    runs = []
+    for k, loss in enumerate(["sigmoid", "ipo", "simpo", "hinge"]):
+        for beta in (0.5, 1.0, 2.0):
+            name = f"loss.name={loss},loss.beta={beta}"
+            workdir = fake_run(root, name, loss, beta, world_dir=world_dir,
+                               report_extra={"eval/rewards/margins": (1 + 10 * k) * beta, "sample/reward": 3 + k + beta,
+                                             "eval/accuracy": 0.5 + 0.1 * k + 0.01 * beta})
+            runs.append({"name": name, "workdir": workdir, "overrides": {"loss.name": loss, "loss.beta": beta},
+                         "status": "finished"})
+    write_json(os.path.join(root, "manifest.json"), {"config": "configs/synthetic.py", "runs": runs})
+    return runs
+
+
+def _marks(ax):
+    """{(x, y): (colour, marker)} of the single-point marker artists of an axes."""
+    from matplotlib.colors import to_hex  # pylint: disable=g-import-not-at-top
+
+    return {(float(line.get_xdata()[0]), float(line.get_ydata()[0])): (to_hex(line.get_color()), line.get_marker())
+            for line in ax.lines
+            if len(line.get_xdata()) == 1 and line.get_marker() not in (None, "None", "", "_", "|")}  # not caps
+
+
+def test_twelve_runs_colour_by_loss_marker_by_beta_legend_outside(tmp_path, world_dir):
+    root = str(tmp_path)
+    runs = twelve_runs(root, world_dir)
+    df, swept = aggregate.load_table(root)
+    losses, betas = ["sigmoid", "ipo", "simpo", "hinge"], [0.5, 1.0, 2.0]
+
+    def check(marks, xy):
+        style = {(r["overrides"]["loss.name"], r["overrides"]["loss.beta"]): marks[xy(r)] for r in runs}
+        colours = {loss: {style[loss, b][0] for b in betas} for loss in losses}
+        assert all(len(c) == 1 for c in colours.values()), colours  # one colour per loss
+        assert len({c.pop() for c in colours.values()}) == 4  # distinct across the 4 losses
+        markers = {b: {style[loss, b][1] for loss in losses} for b in betas}
+        assert all(len(m) == 1 for m in markers.values()), markers  # one marker per beta
+        assert len({m.pop() for m in markers.values()}) == 3
+
+    points = aggregate.reward_kl_points(df, swept)
+    exact = aggregate.exact_frontier(runs[0]["workdir"], kl_max=8.0)
+    fig = plots.figure_reward_kl(points, exact[:2], reference_reward=exact[2])
+    ax = fig.axes[0]
+    check(_marks(ax), lambda r: (4.0 / r["overrides"]["loss.beta"],
+                                 3 + losses.index(r["overrides"]["loss.name"]) + r["overrides"]["loss.beta"]))
+    joined = [line for line in ax.lines if len(line.get_xdata()) == 3]  # each loss joined along beta
+    assert len(joined) == 4 and all(list(line.get_xdata()) == [8.0, 4.0, 2.0] for line in joined)
+    assert ax.get_legend() is None and fig.legends  # the legend is the figure's, outside the axes
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert all(x in labels for x in [*losses, "beta=0.5", "beta=1", "beta=2", "exact frontier (pi*_beta)"])
+
+    fig = plots.figure_vs_beta(aggregate.vs_beta_lines(df, swept, "eval/accuracy"), ylabel="acc")
+    assert len(fig.axes) == 1 and fig.legends and fig.axes[0].get_legend() is None
+    def accuracy(r):
+        return 0.5 + 0.1 * losses.index(r["overrides"]["loss.name"]) + 0.01 * r["overrides"]["loss.beta"]
+    check(_marks(fig.axes[0]), lambda r: (r["overrides"]["loss.beta"], accuracy(r)))
+    margins = aggregate.vs_beta_lines(df, swept, "eval/rewards/margins")
+    fig = plots.figure_vs_beta(margins, ylabel="margins", panel_per_loss=True)
+    assert [ax.get_title() for ax in fig.axes] == losses  # a panel per loss, each on its own scale
+    marks = {}
+    for k, ax in enumerate(fig.axes):
+        panel = _marks(ax)
+        assert {(x, y / (1 + 10 * k)) for x, y in panel} == {(b, b) for b in betas}  # only its loss's points
+        marks.update({(losses[k], x): v for (x, _), v in panel.items()})
+        lo, hi = ax.get_ylim()
+        assert lo < 0.5 * (1 + 10 * k) and hi < 2.0 * (1 + 10 * k) * 1.5
+    check(marks, lambda r: (r["overrides"]["loss.name"], r["overrides"]["loss.beta"]))
+    paths = aggregate.aggregate(root)
+    for what in ("reward_kl", "accuracy_vs_beta", "margins_vs_beta"):
+        with open(paths[what], "rb") as f:
+            assert f.read(8) == PNG, what
+
+
+def test_a_directory_without_manifest_skips_the_shared_sft_model(tmp_path):
+    root = str(tmp_path)
+    fake_run(root, "a", "sigmoid", 0.5)
+    os.makedirs(os.path.join(root, "sft_model"))  # an exported model: its config.json is no run's
+    write_json(os.path.join(root, "sft_model", "config.json"), {"model_type": "llama", "hidden_size": 64})
+    df, _ = aggregate.load_table(root)
+    assert list(df["run"]) == ["a"] and list(df["status"]) == ["finished"]

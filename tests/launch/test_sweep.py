@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 
+import pandas as pd
 import pytest
 
 from launch import sweep, sweep_plan
@@ -206,13 +207,32 @@ def test_dry_run_prints_the_exact_commands_in_launch_order(tmp_path, fake, capsy
     runs = sweep_plan.expand(cfg, root)
     os.makedirs(runs[0].workdir)
     write_json(os.path.join(runs[0].workdir, "report.json"), {})
-    assert sweep.main([f"--config={cfg}", f"--root={root}", "--dry_run", "--set", "train.steps=7"]) == 0
+    assert sweep.main([f"--config={cfg}", f"--root={root}", "--dry_run", "--config.train.steps=7"]) == 0
     out, err = capsys.readouterr()
     expected = [r for r in sweep_plan.expand(cfg, root, extra={"train.steps": 7})][1:]
     assert out.splitlines() == [r.command_line() for r in expected]
     assert out.splitlines()[0].startswith(f"JAX_COMPILATION_CACHE_DIR={root}/jax_cache ")
     assert all("--config.train.steps=7" in line for line in out.splitlines())
     assert f"# skip (finished): {runs[0].name}" in err
+    assert not os.path.exists(os.path.join(root, "manifest.json"))  # a dry run writes nothing
+
+
+def test_dry_run_fused_prints_each_groups_command_and_its_members_runs(tmp_path, capsys):
+    cfg = write_config(tmp_path, 'sweep_plan.product(("loss.name", ["sigmoid", "ipo"]), ("loss.beta", [0.5, 1.0]))')
+    root = str(tmp_path / "sweep")
+    assert sweep.main([f"--config={cfg}", f"--root={root}", "--dry_run", "--fused", "--config.train.steps", "7"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    runs = sweep_plan.expand(cfg, root, extra={"train.steps": 7})
+    groups = [runs[:2], runs[2:]]  # one group per loss: the members differ in beta only
+    assert len(lines) == 2 * 4
+    for k, group in enumerate(groups):
+        header, command, *members = lines[4 * k: 4 * k + 4]
+        assert header == f"# fused group of 2: {[r.name for r in group]}"
+        argv = shlex.split(command)
+        assert argv[:3] == [sys.executable, "-m", "launch.sweep"] and "--fused" in argv
+        assert f"--config={cfg}" in argv and f"--root={root}" in argv and "--config.train.steps=7" in argv
+        assert [a for a in argv if a.startswith("--only=")] == [f"--only={r.name}" for r in group]
+        assert members == [f"#   {r.name} equals: {r.command_line()}" for r in group]
     assert not os.path.exists(os.path.join(root, "manifest.json"))  # a dry run writes nothing
 
 
@@ -244,14 +264,17 @@ def test_print_pod_and_slurm(tmp_path, capsys):
     assert shlex.split(jobs[2].split(" launch/slurm.sbatch ", 1)[1]) == runs[2].args
 
 
-def test_real_runs_share_one_sft_model_two_at_a_time(tmp_path, monkeypatch):
-    """dpo_jax.main on tiny runs: the first trains the SFT model, then both run; resumable layout."""
+def test_real_runs_share_one_sft_model_two_at_a_time_and_a_fused_sweep_aggregates_alike(tmp_path, monkeypatch):
+    """dpo_jax.main on tiny runs: the first trains the SFT model, then both run; resumable layout;
+    each run plots itself. The same members as a fused sweep: the same manifest and results.csv."""
+    from launch import aggregate  # pylint: disable=g-import-not-at-top
+
     monkeypatch.chdir(REPO)
     cfg = write_config(tmp_path, 'sweep_plan.product(("loss.beta", [0.5, 1.0]))')
-    root = str(tmp_path / "sweep")
-    code = sweep.main([f"--config={cfg}:runlocal=1", f"--root={root}", "--parallel=2", "--set", "sft.steps=2",
-                       "--set", "train.steps=2", "--set", "train.export_final=False", "--set", "train.peak_flops=1.0",
-                       "--set", "train.progress=False", "--set", "eval.num_prompts=0"])
+    root, fused_root = str(tmp_path / "sweep"), str(tmp_path / "fused")
+    tiny = ["--config.sft.steps=2", "--config.train.steps=2", "--config.train.export_final=False",
+            "--config.train.peak_flops=1.0", "--config.train.progress", "False", "--config.eval.num_prompts=4"]
+    code = sweep.main([f"--config={cfg}:runlocal=1", f"--root={root}", "--parallel=2", *tiny])
     manifest = read_json(os.path.join(root, "manifest.json"))
     logs = {r["name"]: pathlib.Path(r["log"]).read_text()[-3000:] for r in manifest["runs"]}
     assert code == 0, logs
@@ -261,7 +284,42 @@ def test_real_runs_share_one_sft_model_two_at_a_time(tmp_path, monkeypatch):
     assert os.path.exists(os.path.join(root, "sft_model", "config.json"))
     for r in manifest["runs"]:
         report = read_json(os.path.join(r["workdir"], "report.json"))
-        assert report["steps"] == 2 and "eval/loss" in report
+        assert report["steps"] == 2 and "eval/loss" in report and "sample/kl" in report
         config = read_json(os.path.join(r["workdir"], "config.json"))
         assert config["loss"]["beta"] == r["overrides"]["loss.beta"]
+        assert config["train"]["progress"] is False
         assert config["sft"]["model_dir"] == os.path.join(root, "sft_model")
+        with open(os.path.join(r["workdir"], "plots", "reward_kl.png"), "rb") as f:  # the run's own plot
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    assert sweep.main([f"--config={cfg}:runlocal=1", f"--root={fused_root}", "--fused", *tiny]) == 0
+    fused = read_json(os.path.join(fused_root, "manifest.json"))
+    assert {k for k in fused if k != "fused"} == {k for k in manifest if k != "fused"}
+    assert fused["fused"] and not manifest["fused"] and fused["extra"] == manifest["extra"]
+    assert [r["name"] for r in fused["runs"]] == [r["name"] for r in manifest["runs"]]
+    for f, p in zip(fused["runs"], manifest["runs"]):
+        assert set(f) == set(p) and f["status"] == "finished" and f["returncode"] == 0
+        assert f["overrides"] == p["overrides"] and f["command"] == [a.replace(root, fused_root) for a in p["command"]]
+        assert os.path.exists(f["log"]) and os.path.exists(os.path.join(f["workdir"], "plots", "reward_kl.png"))
+    tables = [pd.read_csv(aggregate.aggregate(d)["csv"]) for d in (root, fused_root)]
+    assert list(tables[0].columns) == list(tables[1].columns)
+    assert len(tables[1].columns) < 150  # the swept keys, report and metrics; not the SFT model's config
+    for col in ("run", "status", "loss.beta"):
+        assert list(tables[1][col]) == list(tables[0][col])
+    assert list(tables[1]["status"]) == ["finished", "finished"]
+    assert sweep.main([f"--config={cfg}:runlocal=1", f"--root={fused_root}", "--fused", *tiny]) == 0  # all done
+    assert read_json(os.path.join(fused_root, "manifest.json"))["runs"] == fused["runs"]  # records kept
+    assert pathlib.Path(fused["runs"][1]["log"]).read_text().splitlines()[-1].startswith("=== finished (0) in ")
+
+
+def test_bench_takes_the_trainers_override_syntax():
+    from dpo_jax import bench  # pylint: disable=g-import-not-at-top
+
+    cfg, _ = bench.parse_args(["--config.data.layout=prefix", "--config.model.arch.hidden_size", "32",
+                               "--config.data.logit_slots=False", "--config.data.batch_size=4", "--steps", "2"])
+    want = bench.BenchConfig(layout="prefix", hidden_size=32, logit_slots=False, pairs=4, steps=2)
+    assert cfg == want
+    training = cfg.training_config()
+    assert (training.data.layout, training.model.arch.hidden_size, training.data.batch_size) == ("prefix", 32, 4)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--config.loss.beta=0.5"])  # a key no benchmark field sets

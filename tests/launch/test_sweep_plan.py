@@ -110,3 +110,18 @@ def test_fused_groups_keep_seeds_apart(tmp_path):
     runs = sweep_plan.expand(cfg, str(tmp_path), seeds=2)
     groups = [[runs[i].overrides["seed"] for i in g] for g in fused_sweep.plan(cfg, runs)]
     assert groups == [[0, 0, 0], [1, 1, 1]]
+
+
+def test_config_args_are_the_trainers_override_syntax():
+    overrides, rest = sweep_plan.parse_config_args(
+        ["--config=configs/x.py:runlocal=1", "--config.train.steps=7", "--root", "R", "--config.loss.name", "ipo",
+         "--config.mesh.shape={'data': -1}", "--config.model.lora.targets=('mlp',)", "--dry_run"])
+    assert overrides == {"train.steps": 7, "loss.name": "ipo", "mesh.shape": {"data": -1},
+                         "model.lora.targets": ("mlp",)}
+    assert rest == ["--config=configs/x.py:runlocal=1", "--root", "R", "--dry_run"]
+    assert sweep_plan.override_args({"train.steps": 7, "loss.beta": 0.5, "model.lora.targets": ("mlp",)}) == [
+        "--config.train.steps=7", "--config.loss.beta=0.5", "--config.model.lora.targets=('mlp',)"]
+    with pytest.raises(ValueError, match="no value"):
+        sweep_plan.parse_config_args(["--config.train.steps"])
+    with pytest.raises(ValueError, match="not a dotted config key"):
+        sweep_plan.parse_config_args(["--config.train..steps=3"])
