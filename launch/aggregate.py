@@ -31,6 +31,7 @@ margins of 16-29 against sigmoid DPO's ~2).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -39,14 +40,16 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from dpo_jax import paths
+from dpo_jax.evaluation import plots
+
 ALWAYS = ("loss.name", "loss.beta")
 
 
 def _read_json(path: str) -> Optional[dict]:
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(paths.read_text(path))
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -63,35 +66,34 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 def final_metrics(path: str) -> dict[str, float]:
     """The last logged value of every metric in a metrics.jsonl (sft/* left out); {} if missing."""
     out: dict[str, float] = {}
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return out
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except ValueError:  # a row cut short by a killed process
-                continue
-            out.update({k: v for k, v in row.items() if not k.startswith("sft/")})
+    for line in paths.read_text(path).splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # a row cut short by a killed process
+            continue
+        out.update({k: v for k, v in row.items() if not k.startswith("sft/")})
     return out
 
 
 def find_runs(root: str) -> list[dict]:
     """[{name, workdir, status, overrides}] from root/manifest.json, else from root's subdirectories."""
-    manifest = _read_json(os.path.join(root, "manifest.json"))
+    manifest = _read_json(paths.join(root, "manifest.json"))
     if manifest is not None:
         runs = []
         for r in manifest.get("runs", []):
             workdir = r["workdir"]
-            if not os.path.isabs(workdir) and not os.path.isdir(workdir):  # relative to the launch directory
-                workdir = os.path.join(manifest.get("cwd", ""), workdir)
-            if not os.path.isdir(workdir):  # the sweep directory was moved: same name under root
-                workdir = os.path.join(root, r["name"])
+            if paths.is_local(workdir) and not os.path.isabs(workdir) and not os.path.isdir(workdir):
+                workdir = os.path.join(manifest.get("cwd", ""), workdir)  # relative to the launch directory
+            if not paths.path(workdir).is_dir():  # the sweep directory was moved: same name under root
+                workdir = paths.join(root, r["name"])
             runs.append({"name": r["name"], "workdir": workdir, "status": r.get("status"),
                          "overrides": r.get("overrides", {})})
         return runs
     runs = []
-    for name in sorted(os.listdir(root)):
-        workdir = os.path.join(root, name)
+    for name in sorted(p.name for p in paths.path(root).iterdir()):
+        workdir = paths.join(root, name)
         if is_run(workdir):
             runs.append({"name": name, "workdir": workdir, "status": None, "overrides": {}})
     return runs
@@ -100,18 +102,18 @@ def find_runs(root: str) -> list[dict]:
 def is_run(workdir: str) -> bool:
     """A run's workdir: report.json or run_info.json, or a config.json with a loss section (not the
     config.json of an exported model, e.g. a sweep's shared sft_model/)."""
-    if any(os.path.exists(os.path.join(workdir, f)) for f in ("report.json", "run_info.json")):
+    if any(paths.exists(paths.join(workdir, f)) for f in ("report.json", "run_info.json")):
         return True
     try:
-        return isinstance((_read_json(os.path.join(workdir, "config.json")) or {}).get("loss"), dict)
+        return isinstance((_read_json(paths.join(workdir, "config.json")) or {}).get("loss"), dict)
     except ValueError:
         return False
 
 
 def _status(workdir: str) -> str:
-    if os.path.exists(os.path.join(workdir, "report.json")):
+    if paths.exists(paths.join(workdir, "report.json")):
         return "finished"
-    return "interrupted" if os.path.isdir(os.path.join(workdir, "checkpoints")) else "pending"
+    return "interrupted" if paths.path(workdir).joinpath("checkpoints").is_dir() else "pending"
 
 
 def _cell(v: Any) -> Any:
@@ -125,7 +127,7 @@ def load_table(root: str) -> tuple[pd.DataFrame, list[str]]:
         raise ValueError(f"{root}: no runs (no manifest.json and no subdirectory with config.json/report.json)")
     configs = []
     for r in runs:
-        cfg = _read_json(os.path.join(r["workdir"], "config.json"))
+        cfg = _read_json(paths.join(r["workdir"], "config.json"))
         configs.append(flatten(cfg) if cfg is not None else dict(r["overrides"]))
     keys = list(dict.fromkeys(k for c in configs for k in c))
     swept = [k for k in keys if len({json.dumps(c.get(k, "<unset>"), default=str) for c in configs}) > 1]
@@ -134,9 +136,9 @@ def load_table(root: str) -> tuple[pd.DataFrame, list[str]]:
     for r, cfg in zip(runs, configs):
         row = {"run": r["name"], "status": _status(r["workdir"]), "workdir": r["workdir"]}
         row.update({k: _cell(cfg.get(k)) for k in list(dict.fromkeys([*swept, *ALWAYS]))})
-        report = _read_json(os.path.join(r["workdir"], "report.json")) or {}
+        report = _read_json(paths.join(r["workdir"], "report.json")) or {}
         row.update({k: _cell(v) for k, v in report.items()})
-        row.update({f"last/{k}": v for k, v in final_metrics(os.path.join(r["workdir"], "metrics.jsonl")).items()})
+        row.update({f"last/{k}": v for k, v in final_metrics(paths.join(r["workdir"], "metrics.jsonl")).items()})
         rows.append(row)
     return pd.DataFrame(rows), swept
 
@@ -180,12 +182,14 @@ def mean_table(df: pd.DataFrame, swept: Sequence[str]) -> tuple[pd.DataFrame, li
     return pd.DataFrame(rows), keys
 
 
-def _write(df: pd.DataFrame, out: str, stem: str, paths: dict[str, str], key: str):
-    paths[key] = os.path.join(out, f"{stem}.csv")
-    df.to_csv(paths[key], index=False)
+def _write(df: pd.DataFrame, out: str, stem: str, written: dict[str, str], key: str):
+    written[key] = paths.join(out, f"{stem}.csv")
+    paths.write_text(written[key], df.to_csv(index=False))
     try:
-        df.to_parquet(os.path.join(out, f"{stem}.parquet"), index=False)
-        paths[key.replace("csv", "parquet")] = os.path.join(out, f"{stem}.parquet")
+        buf = io.BytesIO()
+        df.to_parquet(buf, index=False)
+        written[key.replace("csv", "parquet")] = paths.join(out, f"{stem}.parquet")
+        paths.path(written[key.replace("csv", "parquet")]).write_bytes(buf.getvalue())
     except ImportError as e:
         print(f"aggregate: no {stem}.parquet: {e}", file=sys.stderr)
 
@@ -193,12 +197,12 @@ def _write(df: pd.DataFrame, out: str, stem: str, paths: dict[str, str], key: st
 def write_table(df: pd.DataFrame, out: str, means: Optional[pd.DataFrame] = None) -> dict[str, str]:
     """out/results.csv and out/results.parquet (the latter needs pyarrow or fastparquet), and
     out/results_mean.csv and .parquet of `means` if given."""
-    os.makedirs(out, exist_ok=True)
-    paths: dict[str, str] = {}
-    _write(df, out, "results", paths, "csv")
+    paths.path(out).mkdir(parents=True, exist_ok=True)
+    written: dict[str, str] = {}
+    _write(df, out, "results", written, "csv")
     if means is not None:
-        _write(means, out, "results_mean", paths, "mean_csv")
-    return paths
+        _write(means, out, "results_mean", written, "mean_csv")
+    return written
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,9 +228,7 @@ def run_label(row: pd.Series, keys: Sequence[str]) -> str:
 def exact_frontier(workdir: str, kl_max: float = 0.0) -> Optional[tuple[np.ndarray, np.ndarray, float]]:
     """(kl_F, reward_F, reward of pi_ref) of the synthetic world of a run's data/ on its first
     config.eval.num_prompts eval prompts (`plots.exact_frontier`); None if the run is not synthetic."""
-    from dpo_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
-
-    num_prompts = ((_read_json(os.path.join(workdir, "config.json")) or {}).get("eval") or {}).get("num_prompts")
+    num_prompts = ((_read_json(paths.join(workdir, "config.json")) or {}).get("eval") or {}).get("num_prompts")
     return plots.exact_frontier(os.path.join(workdir, "data"), num_prompts, kl_max=kl_max)
 
 
@@ -262,8 +264,6 @@ def plot_vs_beta(df: pd.DataFrame, swept: Sequence[str], metric: str, path: str,
     """metric against loss.beta: a colour per loss, a marker per beta, one line per series, error bars
     of `metric`_stderr where the table has it, a panel per loss if `panel_per_loss`; None when no run
     has both."""
-    from dpo_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
-
     lines = vs_beta_lines(df, swept, metric)
     if not lines:
         return None
@@ -294,7 +294,6 @@ def plot_reward_kl(df: pd.DataFrame, swept: Sequence[str], path: str, kl_key: st
     (up to twice the largest KL) of the world in `workdir` (default: the first such row's) if synthetic.
     sample/kl is against the run's reference model (the SFT model), the frontier against the world's
     pi_ref; kl_key='sample/kl_world' plots the KL to the world's pi_ref (well-formed samples only)."""
-    from dpo_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
 
     points = reward_kl_points(df, swept, kl_key)
     if not points:
@@ -320,26 +319,26 @@ def aggregate(root: str, out: Optional[str] = None, kl_key: str = "sample/kl") -
 def write_all(df: pd.DataFrame, swept: Sequence[str], out: str, kl_key: str = "sample/kl") -> dict[str, str]:
     """The tables and plots of the run table `df` (load_table) in `out`; returns {what: path}."""
     means, mean_keys = mean_table(df, swept)
-    paths = write_table(df, out, means)
-    plot_dir = os.path.join(out, "plots")
-    os.makedirs(plot_dir, exist_ok=True)
+    written = write_table(df, out, means)
+    plot_dir = paths.join(out, "plots")
+    paths.path(plot_dir).mkdir(parents=True, exist_ok=True)
     seeded = bool((means["n_seeds"] > 1).any())
     pdf, pswept = (means, mean_keys) if seeded else (df, swept)
     finished = df.loc[df["status"] == "finished", "workdir"]
     workdir = finished.iloc[0] if seeded and len(finished) else None
-    made = {"reward_kl": plot_reward_kl(pdf, pswept, os.path.join(plot_dir, "reward_kl.png"), kl_key, workdir),
+    made = {"reward_kl": plot_reward_kl(pdf, pswept, paths.join(plot_dir, "reward_kl.png"), kl_key, workdir),
             "accuracy_vs_beta": plot_vs_beta(pdf, pswept, "eval/accuracy",
-                                             os.path.join(plot_dir, "accuracy_vs_beta.png"),
+                                             paths.join(plot_dir, "accuracy_vs_beta.png"),
                                              "eval/accuracy (preference accuracy)"),
             "margins_vs_beta": plot_vs_beta(pdf, pswept, "eval/rewards/margins",
-                                            os.path.join(plot_dir, "margins_vs_beta.png"),
+                                            paths.join(plot_dir, "margins_vs_beta.png"),
                                             "eval/rewards/margins (beta-scaled)", panel_per_loss=True)}
     for what, p in made.items():
         if p is None:
             print(f"aggregate: no {what} plot: no run has the metrics it needs", file=sys.stderr)
         else:
-            paths[what] = p
-    return paths
+            written[what] = p
+    return written
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -5,7 +5,7 @@ Members that differ only in loss hyper-parameters (beta, loss weights, variant p
 vmapped; each member still writes its own workdir (config, metrics, final/, report.json). Groups
 run one after the other in this process; a group whose members all finished is skipped, and a
 re-launched group resumes from its checkpoints (in the first member's workdir).
-ROOT/manifest.json is the plain sweep's (`sweep.write_manifest`: every member's name, workdir,
+ROOT/manifest.json is the plain sweep's (`manifest.write_manifest`: every member's name, workdir,
 overrides, the command of the equivalent separate run, status, return code, seconds, log), so
 `launch.aggregate ROOT` reads a fused sweep as it reads a plain one; each member's log,
 ROOT/logs/NAME.log, holds its group's start, the log records that reach the root logger (absl
@@ -23,6 +23,7 @@ from typing import Callable, Optional, Sequence
 
 from dpo_jax import multihost, runner
 from dpo_jax.train import members, preemption
+from launch import manifest as sweep_manifest
 from launch import sweep_plan
 
 
@@ -49,16 +50,15 @@ def run(config_spec: str, runs: Sequence, *, dry_run: bool = False, root: Option
         group_command: Optional[Callable[[list], list]] = None) -> int:
     """Train every unfinished group; returns the number of groups that failed. With `root`, writes
     root/manifest.json (listing `listed`, default `runs`) as runs start and end, and root/logs/."""
-    from launch import sweep  # pylint: disable=g-import-not-at-top
 
     configs = member_configs(config_spec, runs)
     listed = list(listed if listed is not None else runs)
-    state = sweep.initial_state(root, [*listed, *runs]) if root else {
+    state = sweep_manifest.initial_state(root, [*listed, *runs]) if root else {
         r.name: {"status": sweep_plan.run_status(r)} for r in [*listed, *runs]}
-    manifest = (lambda: sweep.write_manifest(root, listed, state, meta or {})) if root and not dry_run else None
+    manifest = (lambda: sweep_manifest.write_manifest(root, listed, state, meta or {})) if root and not dry_run else None
     failed = 0
     if manifest:
-        os.makedirs(os.path.join(root, "logs"), exist_ok=True)
+        os.makedirs(sweep_manifest.log_dir(root), exist_ok=True)
         manifest()
     for group in members.groups(configs):
         names = [runs[i].name for i in group]
@@ -72,7 +72,7 @@ def run(config_spec: str, runs: Sequence, *, dry_run: bool = False, root: Option
             for i in group:
                 print(f"#   {runs[i].name} equals: {runs[i].command_line()}")
             continue
-        logs = [os.path.join(root, "logs", f"{n}.log") for n in names] if manifest else []
+        logs = [os.path.join(sweep_manifest.log_dir(root), f"{n}.log") for n in names] if manifest else []
         handlers = [_log_to(path, names) for path in logs]
         for n, path in zip(names, logs or [None] * len(names)):
             state[n].update(status="running", log=path)

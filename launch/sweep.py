@@ -21,7 +21,6 @@ Local members share JAX's persistent compilation cache (DIR/jax_cache), so most 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import signal
@@ -31,6 +30,7 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 from dpo_jax import multihost
+from launch.manifest import initial_state, log_dir, write_manifest
 from launch.sweep_plan import (Run, expand, launch_order, override_args, parse_config_args, run_status, sft_ready,
                                varying_keys)
 
@@ -38,38 +38,11 @@ from launch.sweep_plan import (Run, expand, launch_order, override_args, parse_c
 # ----------------------------------------------------------------------------------------------
 # The manifest and the local executor.
 
-def write_manifest(root: str, runs: Sequence[Run], state: dict, meta: dict) -> str:
-    """root/manifest.json (atomic): the sweep's runs with overrides, commands and status."""
-    os.makedirs(root, exist_ok=True)
-    out = {**meta, "runs": [{"name": r.name, "workdir": r.workdir, "overrides": r.overrides,
-                             "sft_model_dir": r.sft_model_dir, "command": r.command,
-                             "env": r.env, "command_line": r.command_line(), **state.get(r.name, {})}
-                            for r in runs]}
-    path = os.path.join(root, "manifest.json")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=2, default=str)
-    os.replace(tmp, path)
-    return path
-
-def initial_state(root: str, runs: Sequence[Run]) -> dict[str, dict]:
-    """{name: {status}} of the runs as their workdirs stand, with what an earlier launch recorded in
-    root/manifest.json (return code, seconds, log) about those finished since."""
-    state = {r.name: {"status": run_status(r)} for r in runs}
-    previous = os.path.join(root, "manifest.json")
-    if os.path.exists(previous):
-        with open(previous) as f:
-            for old in json.load(f).get("runs", []):
-                if state.get(old.get("name"), {}).get("status") == "finished" and old.get("status") == "finished":
-                    state[old["name"]].update({k: old[k] for k in ("returncode", "seconds", "log") if k in old})
-    return state
-
-
 def run_local(runs: Sequence[Run], root: str, *, parallel: int = 1, meta: Optional[dict] = None,
               poll_s: float = 0.5, log: Callable[[str], None] = print,
               listed: Optional[Sequence[Run]] = None) -> dict[str, dict]:
     """Run the unfinished runs, `parallel` processes at a time; returns {name: state} (status,
-    returncode, seconds, log). Output of each run goes to root/logs/NAME.log. A run that needs an
+    returncode, seconds, log). Output of each run goes to root/logs/NAME.log (`log_dir`). A run that needs an
     SFT model nobody has written yet waits while another run of its group is running (that one
     writes it). On SIGINT/SIGTERM every running child gets SIGTERM (it checkpoints and stops).
     The manifest lists `listed` (default: `runs`; the whole sweep when only some members run)."""
@@ -82,12 +55,12 @@ def run_local(runs: Sequence[Run], root: str, *, parallel: int = 1, meta: Option
     skipped = [r.name for r in runs if state[r.name]["status"] == "finished"]
     for name in skipped:
         log(f"skip (finished): {name}")
-    os.makedirs(os.path.join(root, "logs"), exist_ok=True)
+    os.makedirs(log_dir(root), exist_ok=True)
     running: dict[str, tuple[Run, subprocess.Popen, float, Any]] = {}
     write_manifest(root, listed, state, meta)
 
     def start(r: Run):
-        log_path = os.path.join(root, "logs", f"{r.name}.log")
+        log_path = os.path.join(log_dir(root), f"{r.name}.log")
         f = open(log_path, "a")  # pylint: disable=consider-using-with
         f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} ({state[r.name]['status']}) {r.command_line()}\n")
         f.flush()

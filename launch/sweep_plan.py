@@ -30,6 +30,8 @@ import shlex
 import sys
 from typing import Any, Optional, Sequence
 
+from dpo_jax import paths
+
 Axis = Any  # (dotted_key, values) or an already-expanded list of member dicts
 MAIN = ("-m", "dpo_jax.main")
 # Keys that do not change the SFT stage: members differing only in these share one SFT model.
@@ -316,22 +318,22 @@ def override_args(overrides: dict) -> list[str]:
 
 def run_status(run: Run) -> str:
     """finished (report.json), interrupted (checkpoints but no report) or pending."""
-    if os.path.exists(os.path.join(run.workdir, "report.json")):
+    if paths.exists(paths.join(run.workdir, "report.json")):
         return "finished"
-    if any(os.path.isdir(os.path.join(run.workdir, *p, "checkpoints")) for p in ((), ("sft",))):
+    if any(paths.path(run.workdir).joinpath(*p, "checkpoints").is_dir() for p in ((), ("sft",))):
         return "interrupted"
     return "pending"
 
 
 def sft_ready(run: Run) -> bool:
-    return run.sft_model_dir is None or os.path.exists(os.path.join(run.sft_model_dir, "config.json"))
+    return run.sft_model_dir is None or paths.exists(paths.join(run.sft_model_dir, "config.json"))
 
 
 def launch_order(runs: Sequence[Run]) -> list[Run]:
     """Runs to run, in order: in each SFT group whose model is missing, one run goes first (the one
     whose SFT stage was interrupted, if any, else the first)."""
     todo = [r for r in runs if run_status(r) != "finished"]
-    todo.sort(key=lambda r: not os.path.isdir(os.path.join(r.workdir, "sft", "checkpoints")))
+    todo.sort(key=lambda r: not paths.path(r.workdir).joinpath("sft", "checkpoints").is_dir())
     first, seen = [], set()
     for r in todo:
         if not sft_ready(r) and r.sft_model_dir not in seen:

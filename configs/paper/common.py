@@ -174,4 +174,4 @@ def shrink(c, *, family: str, dataset: str, root: str = "", max_length: int = 64
     c.optim.update(warmup_steps=min(c.optim.warmup_steps, 1), grad_accum=1)
     c.train.update(steps=steps, log_every=1, eval_every=0, checkpoint_every=0, export_final=False, progress=False)
     c.eval.update(num_prompts=4, samples_per_prompt=2, max_new_tokens=8)
-    c.mesh.shape = dict(data=-1, fsdp=1, tensor=1)
+    c.mesh.shape.update(data=-1, fsdp=1, tensor=1)

@@ -39,7 +39,7 @@ def get_config(arg: str = ""):
                    clip_norm=10.0, weight_decay=0.0)
     c.train.update(steps=common.epoch_steps(TRAIN_ROWS, 32), log_every=10, eval_every=500, checkpoint_every=500)
     c.eval.update(num_prompts=256, samples_per_prompt=1, max_new_tokens=512)
-    c.mesh.shape = dict(data=1, fsdp=-1, tensor=1)
+    c.mesh.shape.update(data=1, fsdp=-1, tensor=1)
     if a["runlocal"]:
         common.shrink(c, family="mistral", dataset="ultrafeedback-binarized", root=a["dir"])
     return c

@@ -38,7 +38,7 @@ def get_config(arg: str = ""):
                    end_lr_frac=0.0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0)
     c.train.update(steps=steps, log_every=10, eval_every=500, checkpoint_every=500)
     c.eval.update(num_prompts=256, samples_per_prompt=1, max_new_tokens=512)
-    c.mesh.shape = dict(data=1, fsdp=-1, tensor=1)
+    c.mesh.shape.update(data=1, fsdp=-1, tensor=1)
     if a["runlocal"]:
         common.shrink(c, family="mistral", dataset="ultrafeedback-binarized", root=a["dir"])
     return c

@@ -138,3 +138,15 @@ def test_small_variant_trains_two_steps(name, tmp_path, no_network):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r and r["step"] in (1, 2)]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses), rows
+
+
+def test_tulu3_uses_the_long_pair_settings():
+    """Rows of 2048 tokens: blockwise attention, and `context=C` shards each row over C devices (the
+    row lengths split evenly over them, so the device check passes on 8 devices)."""
+    c = module("tulu3_dpo").get_config("context=4")
+    assert c.model.attention == "blockwise" and c.data.max_length == 2048
+    assert dict(c.mesh.shape) == {"data": 1, "fsdp": -1, "context": 4, "tensor": 1}
+    config_check.check_devices(c, 8, 1)
+    c.data.min_bucket = 2  # a bucket of 2 tokens cannot split over 4 devices
+    with pytest.raises(ValueError, match="config.data.min_bucket=2"):
+        config_check.check_devices(c, 8, 1)

@@ -14,6 +14,8 @@ from dpo_jax.evaluation import plots
 from dpo_jax.data import synthetic, synthetic_exact
 from launch import aggregate
 
+from tests.test_paths import bucket  # noqa: F401  (the stand-in gs:// bucket)
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -285,3 +287,30 @@ def test_a_directory_without_manifest_skips_the_shared_sft_model(tmp_path):
     write_json(os.path.join(root, "sft_model", "config.json"), {"model_type": "llama", "hidden_size": 64})
     df, _ = aggregate.load_table(root)
     assert list(df["run"]) == ["a"] and list(df["status"]) == ["finished"]
+
+
+def test_a_sweep_on_a_bucket_aggregates_and_keeps_its_manifest_there(bucket):
+    """Runs, manifest, tables and plots under gs://b/sweep (the stand-in bucket of tests/test_paths.py):
+    everything is read and written through dpo_jax.paths, nothing lands in the working directory."""
+    from launch import manifest, sweep_plan
+
+    local_root = bucket / "b" / "sweep"
+    local_root.mkdir(parents=True)
+    runs = make_sweep(str(local_root))
+    for r in runs:  # the manifest names the runs by their bucket URIs
+        r["workdir"] = "gs://b/sweep/" + r["name"]
+    write_json(os.path.join(local_root, "manifest.json"), {"config": "configs/synthetic.py", "runs": runs})
+    written = aggregate.aggregate("gs://b/sweep")
+    assert written["csv"] == "gs://b/sweep/results.csv"
+    df = pd.read_csv(local_root / "results.csv")
+    assert list(df["status"]) == ["finished", "finished", "finished", "interrupted"]
+    np.testing.assert_allclose(df["last/loss"], [0.45, 0.4, 0.4, 0.3])
+    assert (local_root / "plots" / "accuracy_vs_beta.png").read_bytes().startswith(PNG)
+
+    plan = [sweep_plan.Run(name=r["name"], workdir=r["workdir"], overrides=r["overrides"], args=[], command=["true"])
+            for r in runs]
+    state = manifest.initial_state("gs://b/sweep2", plan)
+    assert [state[r.name]["status"] for r in plan] == ["finished", "finished", "finished", "interrupted"]
+    assert manifest.write_manifest("gs://b/sweep2", plan, state, {"config": "c"}) == "gs://b/sweep2/manifest.json"
+    assert [r["status"] for r in read_json(bucket / "b" / "sweep2" / "manifest.json")["runs"]] == [
+        "finished", "finished", "finished", "interrupted"]
