@@ -70,8 +70,9 @@ def run(name: str, args: list[str], out: str, sft_dir: str = "") -> dict:
     with open(report_path) as f:
         report = json.load(f)
     report.update(label=name, workdir=workdir, command=" ".join(["python -m dpo_jax.main", *args]), wall_s=wall)
-    report["within_10pct"] = bool(report["frontier/regret"] <= 0.1 * (report["frontier/reward_at_kl"] -
-                                                                      report["optimum/reward_ref"]))
+    keys = ("frontier/regret", "frontier/reward_at_kl", "optimum/reward_ref")
+    report["within_10pct"] = all(k in report for k in keys) and bool(
+        report["frontier/regret"] <= 0.1 * (report["frontier/reward_at_kl"] - report["optimum/reward_ref"]))
     return report
 
 

@@ -1,18 +1,24 @@
-r"""Our train step against TRL's DPOTrainer, same model and pairs, in one process.
+r"""Our train step against peer DPO trainers (TRL, Tunix), same model and pairs, in one process.
 
     python benchmarks/trl_compare.py --repeats 5 [bench flags] [--trl-steps N]
+    python benchmarks/trl_compare.py --compare trl,tunix --repeats 5 [bench flags] [--tunix-steps N]
 
-Prints the bench's JSON line (`python -m dpo_jax.bench`) with two more keys: `trl` (TRL's step
-time, tokens/s and versions) and `speedup_vs_trl` (our tokens/s over TRL's).
-Needs the `bench` extra (`pip install -e '.[bench]'`: torch and TRL). The bench flags
-(`python -m dpo_jax.bench --help`) choose the model and pairs; TRL trains the same random model,
-exported in Hugging Face format, on the same pairs, in the same process. After every `--trl-steps`
-timed TRL steps (0 = `--steps`) one round of our step runs, so both see the same machine load.
+Prints the bench's JSON line (`python -m dpo_jax.bench`) with two more keys per peer of `--compare`
+(default `trl`): `trl` (TRL's step time, tokens/s and versions) and `speedup_vs_trl` (our tokens/s
+over TRL's); `tunix` and `speedup_vs_tunix` likewise (benchmarks/tunix_compare.py). Each peer's
+section also has `mfu`: our model FLOPs per step (the same work) over the peer's step time and the
+same matmul peak. Needs the `bench` extra (`pip install -e '.[bench]'`: torch, TRL, google-tunix).
+The bench flags (`python -m dpo_jax.bench --help`) choose the model and pairs; the bench's random
+model is exported once in Hugging Face format and every peer trains it, from that checkpoint, on
+the same pairs, in the same process, float32, with a frozen reference. After every `--trl-steps`
+(`--tunix-steps`) timed peer steps (0 = `--steps`) one round of our step runs, so both see the same
+machine load; our figures are the median over all those rounds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import statistics
@@ -31,6 +37,20 @@ from flax import nnx  # noqa: E402
 from dpo_jax import bench  # noqa: E402
 from dpo_jax.models import hf, transformer  # noqa: E402
 
+PEERS = ("trl", "tunix")
+
+
+def _sibling(name: str):
+    """A module of this folder (benchmarks/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                     f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tunix_compare = _sibling("tunix_compare")
+
 
 def word_tokenizer(vocab_size: int, out_dir: str):
     """Word level: '<pad>' 0, '<s>' 1, '</s>' 2, '<unk>' 3, 'w<i>' = id i ('w5 w9' -> [5, 9]), no BOS."""
@@ -47,10 +67,25 @@ def word_tokenizer(vocab_size: int, out_dir: str):
     return hf_tok
 
 
-def check(cfg: bench.BenchConfig) -> None:
-    """TRL runs here as float32 with a frozen reference; the benchmark must match."""
+def check(cfg: bench.BenchConfig, compare: tuple[str, ...] = ("trl",)) -> None:
+    """The peers run here as float32 with a frozen reference; the benchmark must match."""
+    unknown = [p for p in compare if p not in PEERS]
+    if unknown or not compare:
+        raise ValueError(f"--compare takes a comma-separated list of {PEERS}; got {','.join(compare)!r}")
     if cfg.ref_mode != "frozen" or cfg.dtype != "float32" or cfg.param_dtype != "float32":
-        raise ValueError("the TRL comparison needs --ref-mode frozen, --dtype float32 and --param-dtype float32")
+        raise ValueError("the peer comparison needs --ref-mode frozen, --dtype float32 and --param-dtype float32")
+    if "tunix" in compare:
+        tunix_compare.check(cfg)
+
+
+def export(cfg: bench.BenchConfig, timer: bench.StepTimer, out_dir: str):
+    """(model dir, tokenizer): our policy's initial weights in Hugging Face format, with the word
+    tokenizer, under `out_dir`; every peer loads this checkpoint."""
+    tok_dir, model_dir = os.path.join(out_dir, "tokenizer"), os.path.join(out_dir, "model")
+    tok = word_tokenizer(cfg.vocab_size, tok_dir)
+    model = transformer.Decoder(timer.model_cfg, rngs=nnx.Rngs(cfg.seed))  # our policy's initial weights
+    hf.export_model(model, model_dir, tokenizer_dir=tok_dir)
+    return model_dir, tok
 
 
 def tokens_per_pair(examples: list[dict]) -> float:
@@ -59,9 +94,9 @@ def tokens_per_pair(examples: list[dict]) -> float:
     return total / len(examples)
 
 
-def trl_bench(cfg: bench.BenchConfig, timer: bench.StepTimer, steps_per_round: int) -> dict:
+def trl_bench(cfg: bench.BenchConfig, timer: bench.StepTimer, steps_per_round: int, model_dir: str, tok) -> dict:
     """TRL's DPOTrainer (float32 CPU, same batch size, frozen reference, no gradient checkpointing) on
-    the same random model exported with `hf.export_model`, and the same pairs. After every
+    the same random model exported with `hf.export_model` (`export`), and the same pairs. After every
     `steps_per_round` timed TRL steps a trainer callback runs one round of our step. A TRL step is
     timed from `on_step_begin` to `on_step_end`: forward, backward, gradient clipping and the AdamW
     update (`between_steps_s`: the trainer's work between steps, next batch and logging, reported
@@ -73,11 +108,7 @@ def trl_bench(cfg: bench.BenchConfig, timer: bench.StepTimer, steps_per_round: i
 
     datasets.disable_progress_bars()
     with tempfile.TemporaryDirectory(prefix="dpo_jax_trl_compare_") as tmp:
-        tok = word_tokenizer(cfg.vocab_size, os.path.join(tmp, "tokenizer"))
-        model = transformer.Decoder(timer.model_cfg, rngs=nnx.Rngs(cfg.seed))  # our policy's initial weights
-        hf.export_model(model, os.path.join(tmp, "model"), tokenizer_dir=os.path.join(tmp, "tokenizer"))
-        load = lambda: transformers.AutoModelForCausalLM.from_pretrained(  # noqa: E731
-            os.path.join(tmp, "model"), dtype=torch.float32)
+        load = lambda: transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # noqa: E731
         examples = [e for g in timer.groups for e in g]
         text = lambda ids: " ".join(f"w{int(i)}" for i in ids)  # noqa: E731
         rows = [{"prompt": text(e["prompt_ids"]) + " ", "chosen": text(e["chosen_ids"][:-1]),
@@ -127,29 +158,41 @@ def trl_bench(cfg: bench.BenchConfig, timer: bench.StepTimer, steps_per_round: i
             "layout": "standard (TRL pads chosen and rejected rows; padding_free is disabled in TRL 1.16)"}
 
 
-def run(cfg: bench.BenchConfig, trl_steps: int = 0) -> dict:
-    """Compile and warm up our step, time TRL with our rounds in between, report both."""
-    check(cfg)
+def run(cfg: bench.BenchConfig, trl_steps: int = 0, compare: tuple[str, ...] = ("trl",), tunix_steps: int = 0) -> dict:
+    """Compile and warm up our step, time each peer of `compare` with our rounds in between, report all."""
+    check(cfg, compare)
     load = os.getloadavg()[0]
     timer = bench.StepTimer(cfg)
     timer.warmup()
-    trl_out = trl_bench(cfg, timer, trl_steps or cfg.steps)
+    peers = {}
+    with tempfile.TemporaryDirectory(prefix="dpo_jax_peer_compare_") as tmp:
+        model_dir, tok = export(cfg, timer, tmp)
+        for peer in compare:
+            if peer == "trl":
+                peers[peer] = trl_bench(cfg, timer, trl_steps or cfg.steps, model_dir, tok)
+            else:
+                peers[peer] = tunix_compare.tunix_bench(cfg, timer, tunix_steps or cfg.steps, model_dir)
     out = bench.finish(timer, load)
-    out["trl"] = trl_out
-    out["speedup_vs_trl"] = out["tokens_per_s"] / trl_out["tokens_per_s"]
+    for peer, result in peers.items():
+        result["mfu"] = out["model_flops_per_step"] / result["step_time_s"] / out["peak_flops_per_s"]
+        out[peer] = result
+        out[f"speedup_vs_{peer}"] = out["tokens_per_s"] / result["tokens_per_s"]
     return out
 
 
 def main(argv=None) -> int:
     ap = bench.arg_parser("python benchmarks/trl_compare.py", __doc__.splitlines()[0])
+    ap.add_argument("--compare", default="trl", help=f"comma-separated peers, of {', '.join(PEERS)} (default trl)")
     ap.add_argument("--trl-steps", type=int, default=0, help="timed TRL steps per round (0 = --steps)")
+    ap.add_argument("--tunix-steps", type=int, default=0, help="timed Tunix steps per round (0 = --steps)")
     args = ap.parse_args(argv)
     cfg = bench.config_from_args(ap, args)
+    compare = tuple(p.strip() for p in args.compare.split(",") if p.strip())
     try:
-        check(cfg)
+        check(cfg, compare)
     except ValueError as e:
         ap.error(str(e))
-    print(json.dumps(run(cfg, args.trl_steps)), flush=True)
+    print(json.dumps(run(cfg, args.trl_steps, compare, args.tunix_steps)), flush=True)
     return 0
 
 

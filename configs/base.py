@@ -123,6 +123,19 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
         reward="",             # '' (synthetic: the true reward) | 'module:function' | a reward-model dir
     )
 
+    # --- online (iterative) DPO (dpo_jax/online.py): rounds > 0 runs `rounds` rounds of: K samples per
+    # prompt from the current policy, one labelled pair per prompt, train.steps preference steps on them
+    c.online = dict(
+        rounds=0,              # 0 = an ordinary (offline) run
+        prompts_per_round=0,   # prompts (= labelled pairs) per round; 0 = the train rows / rounds
+        samples_per_prompt=2,  # K completions per prompt; the pair is two distinct ones, uniform
+        temperature=1.0,       # sampling temperature of the round's completions
+        reward="",             # the labeller's reward: '' = eval.reward (synthetic: the true reward) |
+                               # 'module:function' | a reward-model dir
+        label="bradley_terry", # bradley_terry: y_a preferred w.p. sigmoid(r_a - r_b) | argmax: iff r_a >= r_b
+        reference="fixed",     # fixed: pi_ref = the initial (SFT) policy | last_round: the previous round's policy
+    )
+
     # --- several processes (launch/local.py, launch/slurm.sbatch, launch/tpu_pod.sh; docs/launch.md)
     c.distributed = dict(
         heartbeat_timeout_s=100,       # a process silent this long is lost: the others exit (status 70)

@@ -16,7 +16,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from configs import common  # noqa: E402
-from dpo_jax import multihost, runner  # noqa: E402
+from dpo_jax import multihost, online, runner  # noqa: E402
 from dpo_jax.train import preemption  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/synthetic.py[:arg].",
@@ -46,7 +46,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     try:
-        report = runner.run(_CONFIG.value, _WORKDIR.value)
+        config = _CONFIG.value
+        run = online.run if config.get("online") is not None and config.online.rounds > 0 else runner.run
+        report = run(config, _WORKDIR.value)
     except preemption.Preempted as e:  # a documented status: a scheduler requeues, a re-run resumes
         logging.warning("%s (exit status %d)", e, multihost.PREEMPTED_EXIT)
         sys.exit(multihost.PREEMPTED_EXIT)

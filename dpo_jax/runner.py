@@ -75,6 +75,9 @@ def run_group(configs: Sequence, workdirs: Sequence[str]) -> list[dict]:
     the fused state live in the first member's workdir (re-running the group resumes it)."""
     if not configs or len(configs) != len(workdirs):
         raise ValueError(f"run_group needs one workdir per config; got {len(configs)} configs, {len(workdirs)} workdirs")
+    if any(c.get("online") is not None and c.online.rounds > 0 for c in configs):
+        raise ValueError("config.online.rounds > 0 is online DPO (dpo_jax.online.run, which dpo_jax.main calls): "
+                         "it trains one run at a time and cannot be a fused member")
     if len(members.groups(configs)) != 1:
         raise ValueError("fused members may differ only in loss hyper-parameters (loss.beta, loss.weights, "
                          "loss.<variant parameters>); these configs differ in more")

@@ -7,6 +7,7 @@ Importing the package registers every variant in `LOSSES`, so its users see the 
 """
 
 from dpo_jax.losses import variants  # noqa: F401  (registers every variant in core.LOSSES)
+from dpo_jax.losses import beta_dpo  # noqa: F401  (registers beta_dpo, a loss with running statistics)
 from dpo_jax.losses.core import (  # noqa: F401  (the package's API)
     BETA,
     LOSSES,

@@ -167,6 +167,11 @@ class LossSpec:
     margin: Optional[Callable[[PairLogps, HParams], Array]] = None
     of_margin: Optional[Callable[[Array, HParams], Array]] = None
     d_of_margin: Optional[Callable[[Array, HParams], Array]] = None
+    # A loss with running statistics (beta_dpo): `init_state() -> {key: float32 scalar}` and
+    # `stateful(batch, hp, state, rng) -> (loss_P, keep_P, new_state, metrics)`, the loss a mean over
+    # the real pairs with keep_P = 1; `fn` is then its value on a fresh state.
+    init_state: Optional[Callable[[], dict]] = None
+    stateful: Optional[Callable[..., tuple]] = None
 
     def __call__(self, batch: PairLogps, hp: HParams) -> Array:
         return self.fn(batch.as_float32(), {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()})
@@ -284,15 +289,34 @@ class Objective:
         return batch.length_desensitized(hp["ld_alpha"]) if self.ld or self.own_ld else batch
 
     def __call__(self, batch: PairLogps, hp: HParams) -> tuple[Array, dict[str, Array]]:
-        """Returns (scalar loss, {"loss/<name>": mean term loss}); batch log-probs in any float dtype."""
+        """Returns (scalar loss, {"loss/<name>": mean term loss}); batch log-probs in any float dtype.
+        A term with running statistics uses a fresh state (`LossSpec.fn`); see `apply`."""
+        total, terms, _ = self.apply(batch, hp)
+        return total, terms
+
+    def init_state(self) -> Optional[dict]:
+        """{loss name: its running state} of the terms that have one, or None when none has."""
+        return {s.name: s.init_state() for s in self.specs if s.init_state is not None} or None
+
+    def apply(self, batch: PairLogps, hp: HParams, loss_state: Optional[dict] = None,
+              rng: Optional[Array] = None) -> tuple[Array, dict[str, Array], Optional[dict]]:
+        """(scalar loss, terms and the stateful terms' metrics, the updated `loss_state`). A term with
+        running statistics (`LossSpec.stateful`) reads and updates loss_state[name] and averages its
+        loss over the pairs it keeps; with `loss_state` None every term is stateless (`fn`)."""
         hp = {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}
         batch = self.prepare(batch, hp)
         total, terms = jnp.float32(0.0), {}
+        new_state = None if loss_state is None else dict(loss_state)
         for i, spec in enumerate(self.specs):
-            term = masked_mean(spec.fn(batch, hp), batch.mask)
+            if spec.stateful is not None and loss_state is not None:
+                loss_P, keep_P, new_state[spec.name], extra = spec.stateful(batch, hp, loss_state[spec.name], rng)
+                term = masked_mean(loss_P, batch.mask * keep_P)
+                terms.update(extra)
+            else:
+                term = masked_mean(spec.fn(batch, hp), batch.mask)
             terms[f"loss/{spec.name}"] = term
             total = total + hp["loss_weights"][i] * term
-        return total, terms
+        return total, terms, new_state
 
 
 def reward_metrics(batch: PairLogps, beta: Array) -> dict[str, Array]:

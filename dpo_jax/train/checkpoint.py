@@ -2,7 +2,7 @@
 
 One ``orbax.checkpoint.CheckpointManager`` holds, in ``<directory>/<step>/``, three items:
 
-    state/   the TrainState pytree (params, opt_state, ref_params, rng, step): orbax
+    state/   the TrainState pytree (params, opt_state, ref_params, rng, step, loss_state): orbax
              ``StandardSave``; restored into the shardings of an abstract target
     data/    the grain ``DatasetIterator`` state, ``process_<i>-of-<n>.json`` per process
              (grain's own orbax handler, ``grain.checkpoint.CheckpointSave``); optional

@@ -73,7 +73,8 @@ def stack_hparams(hps: Sequence[dict]) -> dict[str, np.ndarray]:
 
 
 def stack_state(state, shardings, k: int):
-    """(state with params and opt_state stacked K times, the matching shardings)."""
+    """(state with params, opt_state and loss_state (a loss's running statistics) stacked K times,
+    the matching shardings)."""
     is_sh = lambda x: isinstance(x, jax.sharding.Sharding)  # noqa: E731
 
     def stack_tree(tree, sh_tree):
@@ -84,8 +85,10 @@ def stack_state(state, shardings, k: int):
 
     params, p_sh = stack_tree(state.params, shardings.params)
     opt_state, o_sh = stack_tree(state.opt_state, shardings.opt_state)
-    return (state.replace(params=params, opt_state=opt_state),
-            shardings.replace(params=p_sh, opt_state=o_sh))
+    loss_state, l_sh = (None, None) if state.loss_state is None else stack_tree(state.loss_state,
+                                                                                shardings.loss_state)
+    return (state.replace(params=params, opt_state=opt_state, loss_state=loss_state),
+            shardings.replace(params=p_sh, opt_state=o_sh, loss_state=l_sh))
 
 
 def member(tree, k: int):

@@ -107,7 +107,7 @@ def run_stage(config, stage: Stage, model, reference, mesh, writer, preempt, pea
     lora_cfg = lora_config(config) if stage.name == "train" else None
     state, state_sh, graphdef = train_state.init_state(
         model, reference if stage.ref_mode in ("frozen", "sync") else None, tx, mesh, config.seed, lora_cfg,
-        rules=sharding.check_rules(config.mesh.rules))
+        rules=sharding.check_rules(config.mesh.rules), loss_state=stage.objective.init_state())
     if num_members:
         state, state_sh = members.stack_state(state, state_sh, num_members)
     step_cfg = step.StepConfig(graphdef=graphdef, objective=stage.objective, tx=tx, lr=lr, ref_mode=stage.ref_mode,

@@ -36,6 +36,9 @@ class TrainState(struct.PyTreeNode):
     ref_params: Any = None  # the frozen or TR-DPO-synced reference; None for other modes
     rng: Optional[jax.Array] = None
     base_params: Any = None  # LoRA: the frozen base weights (then `params` holds the adapters only)
+    # running statistics of the losses that have them (beta_dpo): {loss: {key: float32 scalar}},
+    # replicated ([K] per key with fused members); None for an objective without any
+    loss_state: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,10 +131,24 @@ def pair_logps(policy: logprobs.SequenceLogps, ref: Optional[logprobs.SequenceLo
                             ref.chosen_shared, ref.rejected_shared, pair_mask=pair_mask_P.astype(jnp.float32))
 
 
-def _loss(params, cfg: StepConfig, ref, batch, hp, base_params=None):
+def _loss(params, cfg: StepConfig, ref, batch, hp, base_params=None, loss_state=None, rng=None):
     pairs = pair_logps(model_logps(cfg, policy_params(cfg, params, base_params), batch), ref, batch["pair_mask_P"])
-    loss, terms = cfg.objective(pairs, hp)
-    return loss, (pairs, terms)
+    loss, terms, new_loss_state = cfg.objective.apply(pairs, hp, loss_state, rng)
+    return loss, (pairs, terms, new_loss_state)
+
+
+def loss_rng(state: TrainState) -> Optional[jax.Array]:
+    """The PRNG key of this step's stochastic loss parts (beta_dpo's filter): the state's key with
+    the step folded in; None for a state without a key."""
+    if state.rng is None:
+        return None
+    return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+
+def check_loss_state(cfg: StepConfig, state: TrainState) -> None:
+    if cfg.objective.init_state() is not None and state.loss_state is None:
+        raise ValueError(f"loss.name={'+'.join(cfg.objective.names)!r} keeps running statistics: build the "
+                         "TrainState with loss_state=objective.init_state() (train.state.init_state(loss_state=...))")
 
 
 def batch_metrics(cfg: StepConfig, pairs: losses.PairLogps, loss, terms, hp, batch) -> dict[str, jax.Array]:
@@ -143,20 +160,22 @@ def batch_metrics(cfg: StepConfig, pairs: losses.PairLogps, loss, terms, hp, bat
     return metrics
 
 
-def _member_update(cfg: StepConfig, params, opt_state, hp, *, count, base_params, ref, batch):
+def _member_update(cfg: StepConfig, params, opt_state, hp, loss_state, *, count, base_params, ref, batch, rng):
     """Loss, gradient and optimizer update of one policy. The update is committed only when what it
     would commit is finite: the loss, the gradient norm, every updated parameter and every optimizer
-    state entry (a NaN learning rate or an overflowing parameter is caught as well as a NaN loss)."""
-    (loss, (pairs, terms)), grads = jax.value_and_grad(_loss, has_aux=True)(params, cfg, ref, batch, hp, base_params)
+    state entry (a NaN learning rate or an overflowing parameter is caught as well as a NaN loss);
+    the loss's running statistics (`loss_state`) move with it."""
+    (loss, (pairs, terms, new_loss_state)), grads = jax.value_and_grad(_loss, has_aux=True)(
+        params, cfg, ref, batch, hp, base_params, loss_state, rng)
     grad_norm = optax.global_norm(grads)
     updates, new_opt_state = cfg.tx.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite((new_params, new_opt_state))
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite((new_params, new_opt_state, new_loss_state))
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
     metrics = batch_metrics(cfg, pairs, loss, terms, hp, batch)
     metrics.update({"grad_norm": grad_norm, "learning_rate": cfg.lr(count // cfg.grad_accum),
                     "nonfinite": 1.0 - ok.astype(jnp.float32)})
-    return keep(new_params, params), keep(new_opt_state, opt_state), metrics
+    return keep(new_params, params), keep(new_opt_state, opt_state), keep(new_loss_state, loss_state), metrics
 
 
 def all_finite(tree) -> jax.Array:
@@ -172,29 +191,37 @@ def train_step(cfg: StepConfig, state: TrainState, batch, hp) -> tuple[TrainStat
 
     Fused members (`cfg.members` = K > 0): params and optimizer state carry a leading axis K, every
     hyper-parameter in `hp` is an array [K, ...], and one policy update per member runs (`lax.map`)
-    on the same batch with the same reference log-probs (computed once); metrics are [K].
+    on the same batch with the same reference log-probs (computed once); metrics are [K]. A loss
+    with running statistics updates `state.loss_state` (per member: [K] entries).
     """
+    check_loss_state(cfg, state)
     hp = {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}
     ref = reference_logps(cfg, state, batch)
     update = functools.partial(_member_update, cfg, count=state.step, base_params=state.base_params, ref=ref,
-                               batch=batch)
+                               batch=batch, rng=loss_rng(state))
     if cfg.members:  # members one after the other inside one program (the same kernels as a plain step)
-        params, opt_state, metrics = jax.lax.map(lambda x: update(*x), (state.params, state.opt_state, hp))
+        params, opt_state, loss_state, metrics = jax.lax.map(
+            lambda x: update(*x), (state.params, state.opt_state, hp, state.loss_state))
     else:
-        params, opt_state, metrics = update(state.params, state.opt_state, hp)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        params, opt_state, loss_state, metrics = update(state.params, state.opt_state, hp, state.loss_state)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, loss_state=loss_state), metrics
 
 
 def eval_step(cfg: StepConfig, state: TrainState, batch, hp) -> dict[str, jax.Array]:
-    """Loss and metrics of the current policy (or of each fused member) on one batch (no update)."""
+    """Loss and metrics of the current policy (or of each fused member) on one batch (no update; a
+    loss's running statistics are read as a train step would, and not kept)."""
+    check_loss_state(cfg, state)
     hp = {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}
     ref = reference_logps(cfg, state, batch)
+    rng = loss_rng(state)
 
-    def member(params, hp):
-        loss, (pairs, terms) = _loss(params, cfg, ref, batch, hp, state.base_params)
+    def member(params, hp, loss_state):
+        loss, (pairs, terms, _) = _loss(params, cfg, ref, batch, hp, state.base_params, loss_state, rng)
         return batch_metrics(cfg, pairs, loss, terms, hp, batch)
 
-    return jax.lax.map(lambda x: member(*x), (state.params, hp)) if cfg.members else member(state.params, hp)
+    if cfg.members:
+        return jax.lax.map(lambda x: member(*x), (state.params, hp, state.loss_state))
+    return member(state.params, hp, state.loss_state)
 
 
 def sync_reference(state: TrainState, alpha) -> TrainState:

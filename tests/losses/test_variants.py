@@ -17,7 +17,7 @@ from tests.losses.test_core import make_batch
 
 # Losses that depend on the log-probs only through reward differences r_w - r_l (log Z(x) cancels).
 REWARD_DIFFERENCE = {"sigmoid", "dpo", "reverse_kl", "hinge", "robust", "conservative", "cdpo", "exo_pair",
-                     "discopop", "ld_dpo", "ld_alpha", "aot"}
+                     "discopop", "ld_dpo", "ld_alpha", "aot", "beta_dpo"}
 MARGIN_LOSSES = sorted(n for n, s in L.LOSSES.items() if s.d_of_margin is not None)
 
 
