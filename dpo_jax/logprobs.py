@@ -369,6 +369,23 @@ def sequence_logps(token_logps_BxT, loss_mask_BxT, pair_ids_BxT, branch_ids_BxT,
     )
 
 
+def branch_logps(token_logps_BxT, loss_mask_BxT, pair_ids_BxT, branch_ids_BxT, num_lists: int, num_branches: int):
+    """Per (list, branch) sums for K-branch rows (a prompt shared by K completions, branches 1..K):
+    logps_PxK[p, k] = sum_{i: pair_i = p, branch_i = k + 1} mask_i logp_i and lens_PxK[p, k] the
+    number of those masked tokens (float32). Positions with mask 0, a branch outside 1..K or a list
+    id outside [0, P) count nowhere. With K = 2 these are `sequence_logps`' chosen and rejected."""
+    p, k = _positive_int("num_lists", num_lists), _positive_int("num_branches", num_branches)
+    logps_N = token_logps_BxT.reshape(-1).astype(jnp.float32)
+    mask_N = loss_mask_BxT.reshape(-1).astype(jnp.float32)
+    pair_N = pair_ids_BxT.reshape(-1).astype(jnp.int32)
+    branch_N = branch_ids_BxT.reshape(-1).astype(jnp.int32)
+    counted_N = (mask_N > 0) & (pair_N >= 0) & (pair_N < p) & (branch_N >= 1) & (branch_N <= k)
+    key_N = jnp.where(counted_N, pair_N * k + branch_N - 1, 0)
+    sums = jax.ops.segment_sum(jnp.where(counted_N, mask_N * logps_N, 0.0), key_N, num_segments=p * k)
+    lens = jax.ops.segment_sum(counted_N.astype(jnp.float32), key_N, num_segments=p * k)
+    return sums.reshape(p, k), lens.reshape(p, k)
+
+
 # --------------------------------------------------------------------------------------------
 # Only completion positions need logits.
 
