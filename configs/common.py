@@ -116,6 +116,26 @@ def command_line_overrides(argv: Sequence[str], flag: str = "config") -> tuple[O
     return path, keys
 
 
+def split_overrides(argv: Sequence[str], flag: str = "config") -> tuple[list[tuple[str, str, str, int]], list[str]]:
+    """The trainer's override syntax split off a command line: `--<flag>.KEY=VALUE` and
+    `--<flag>.KEY VALUE` -> ([(KEY, VALUE text, the argument as given, how many other arguments
+    came before it)], the other arguments in order). A ValueError names an override without a value."""
+    prefix, overrides, rest, i = f"--{flag}.", [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if not arg.startswith(prefix):
+            rest.append(arg)
+            continue
+        key, eq, value = arg[len(prefix):].partition("=")
+        if not eq:
+            if i >= len(argv):
+                raise ValueError(f"{arg}: no value; expected {prefix}KEY=VALUE, e.g. {prefix}train.steps=100")
+            value, i = argv[i], i + 1
+        overrides.append((key, value, arg, len(rest)))
+    return overrides, rest
+
+
 def config_keys(config: config_dict.ConfigDict) -> list[str]:
     """Every dotted key of a ConfigDict, sections included: ['train', 'train.steps', ...]."""
     keys = []

@@ -49,7 +49,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from ml_collections import config_dict  # noqa: E402
 
-from configs import base  # noqa: E402
+from configs import base, common  # noqa: E402
 from dpo_jax import build, config_check, sharding  # noqa: E402
 from dpo_jax.train import loop, metrics, optim, step  # noqa: E402
 from dpo_jax.train import state as train_state  # noqa: E402
@@ -386,18 +386,13 @@ def config_flags(ap: argparse.ArgumentParser, argv) -> list[str]:
     error naming the keys a benchmark takes."""
     fields = {key: f for f, key in TRAINING_KEYS.items()}
     types = {f.name: f.type for f in dataclasses.fields(BenchConfig)}
-    out, items, i = [], list(argv), 0
-    while i < len(items):
-        arg = items[i]
-        i += 1
-        if not arg.startswith("--config."):
-            out.append(arg)
-            continue
-        key, eq, value = arg[len("--config."):].partition("=")
-        if not eq:
-            if i >= len(items):
-                ap.error(f"{arg}: no value; expected --config.KEY=VALUE")
-            value, i = items[i], i + 1
+    try:
+        split, rest = common.split_overrides(list(argv))
+    except ValueError as e:
+        ap.error(str(e))
+    out, done = [], 0
+    for key, value, _, before in split:  # each flag where its override stood (a later flag wins)
+        out, done = out + rest[done:before], before
         if key not in fields:
             ap.error(f"--config.{key}: the benchmark takes only these training config keys: {', '.join(fields)}")
         field = fields[key]
@@ -407,6 +402,7 @@ def config_flags(ap: argparse.ArgumentParser, argv) -> list[str]:
             out.append(f"--{'' if value.lower() in ('true', '1') else 'no-'}{_flag(field)}")
         else:
             out.append(f"--{_flag(field)}={value}")
+    out += rest[done:]
     return out
 
 

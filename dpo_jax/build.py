@@ -177,6 +177,12 @@ def reference(config, initial_policy: Decoder, mesh=None) -> Optional[Decoder]:
     return nnx.merge(graphdef, jax.tree.map(lambda x: x.copy() if hasattr(x, "copy") else x, state))
 
 
+def sft_model_dir(config, workdir: str) -> str:
+    """Where the SFT stage exports its model: config.sft.model_dir (a sweep shares one), else
+    workdir/sft/model."""
+    return config.sft.model_dir or paths.join(workdir, "sft", "model")
+
+
 def evaluation_reference(config, workdir: str, tok) -> Decoder:
     """The reference the sampled evaluation measures a run against, its initial reference:
     config.reference.path, else the SFT model (config.sft.model_dir or workdir/sft/model), else the
@@ -185,7 +191,7 @@ def evaluation_reference(config, workdir: str, tok) -> Decoder:
     run started from. Loaded as `reference` and `policy` load them."""
     if config.reference.path:
         return _reference_from_path(config)
-    sft = config.sft.model_dir or paths.join(workdir, "sft", "model")  # a sweep shares one SFT model
+    sft = sft_model_dir(config, workdir)
     if config.sft.steps > 0 and paths.exists(paths.join(sft, "config.json")):
         return policy(config, tok, path=paths.local_copy(sft))
     return policy(config, tok)

@@ -281,7 +281,7 @@ def initial_policy(config, workdir: str, tok, mesh=None):
     """pi_0: the SFT model (sft.model_dir or workdir/sft/model) when the run trains one, else the
     policy of config.model (loaded or initialized from the seed)."""
     if config.sft.steps > 0:
-        sft = config.sft.model_dir or paths.join(workdir, "sft", "model")
+        sft = build.sft_model_dir(config, workdir)
         return build.policy(config, tok, path=paths.local_copy(sft), mesh=mesh)
     return build.policy(config, tok, mesh=mesh)
 

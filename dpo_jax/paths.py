@@ -57,18 +57,23 @@ def read_text(p: PathLike) -> str:
     return path(p).read_text()
 
 
-def write_text(p: PathLike, text: str) -> None:
-    """Write `text` whole: readers never see half a file (local: temporary file and os.replace;
+def write_bytes(p: PathLike, data: bytes) -> None:
+    """Write `data` whole: readers never see half a file (local: temporary file and os.replace;
     an object store: one object, written on close)."""
     p = path(p)
     p.parent.mkdir(parents=True, exist_ok=True)
     if not is_local(p):
-        p.write_text(text)
+        p.write_bytes(data)
         return
     tmp = f"{p}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(data)
     os.replace(tmp, p)
+
+
+def write_text(p: PathLike, text: str) -> None:
+    """`write_bytes` of `text` in UTF-8."""
+    write_bytes(p, text.encode("utf-8"))
 
 
 def append_text(p: PathLike, text: str) -> None:

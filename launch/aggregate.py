@@ -189,7 +189,7 @@ def _write(df: pd.DataFrame, out: str, stem: str, written: dict[str, str], key: 
         buf = io.BytesIO()
         df.to_parquet(buf, index=False)
         written[key.replace("csv", "parquet")] = paths.join(out, f"{stem}.parquet")
-        paths.path(written[key.replace("csv", "parquet")]).write_bytes(buf.getvalue())
+        paths.write_bytes(written[key.replace("csv", "parquet")], buf.getvalue())
     except ImportError as e:
         print(f"aggregate: no {stem}.parquet: {e}", file=sys.stderr)
 

@@ -30,6 +30,7 @@ import shlex
 import sys
 from typing import Any, Optional, Sequence
 
+from configs import common
 from dpo_jax import paths
 
 Axis = Any  # (dotted_key, values) or an already-expanded list of member dicts
@@ -288,24 +289,12 @@ CONFIG_FLAG = "--config."
 def parse_config_args(argv: Sequence[str]) -> tuple[dict, list[str]]:
     """Split the trainer's override syntax off a command line: `--config.KEY=VALUE` and
     `--config.KEY VALUE` -> ({KEY: parse_value(VALUE)}, the other arguments in order)."""
-    overrides, rest, items = {}, [], list(argv)
-    i = 0
-    while i < len(items):
-        arg = items[i]
-        if not arg.startswith(CONFIG_FLAG):
-            rest.append(arg)
-            i += 1
-            continue
-        key, eq, value = arg[len(CONFIG_FLAG):].partition("=")
-        if not eq:
-            if i + 1 >= len(items):
-                raise ValueError(f"{arg}: no value; expected {CONFIG_FLAG}KEY=VALUE, e.g. --config.train.steps=100")
-            value = items[i + 1]
-            i += 1
+    split, rest = common.split_overrides(list(argv))
+    overrides = {}
+    for key, value, arg, _ in split:
         if not _KEY.match(key):
             raise ValueError(f"{arg}: {key!r} is not a dotted config key; expected e.g. --config.train.steps=100")
         overrides[key] = parse_value(value.strip())
-        i += 1
     return overrides, rest
 
 

@@ -62,7 +62,7 @@ def _save(fig, path: str) -> str:
         raise ValueError(f"plot path {path!r} must end with .png")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")  # keeps the legend outside the axes
-    paths.path(path).write_bytes(buf.getvalue())  # a local path or a bucket URI
+    paths.write_bytes(path, buf.getvalue())  # a local path or a bucket URI
     return str(path)
 
 

@@ -103,10 +103,9 @@ def stateful(batch: PairLogps, hp: HParams, state, rng: Optional[jax.Array] = No
 
 
 def _fresh(batch: PairLogps, hp: HParams):
-    """The loss without a running state: a first batch with every pair kept, i.e. sigmoid DPO with beta0."""
-    loss_P, *_ = stateful(batch, {**hp, "beta_dpo_rho": jnp.float32(1.0)},
-                          {k: jnp.asarray(v) for k, v in init_state().items()})
-    return loss_P
+    """The loss without a running state, a first batch with every pair kept: its M0 is the batch's
+    own mean margin, so beta = beta0 and the loss is sigmoid DPO, -log sigmoid(beta0 h)."""
+    return -jax.nn.log_sigmoid(hp["beta"] * batch.margin)
 
 
 register(LossSpec(NAME, _fresh, HPARAMS,

@@ -119,7 +119,6 @@ class Writer:
 
             self._tb = SummaryWriter(paths.tensorboard_logdir(paths.join(workdir, "tensorboard")))
         if enabled:
-
             self.trackers = list(trackers) + trackers_lib.make_trackers(workdir, wandb, run_config)
 
     def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> None:

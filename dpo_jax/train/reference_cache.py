@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
 import pathlib
 from typing import Any, Callable, Mapping, Sequence
 
@@ -150,13 +149,7 @@ def load_or_compute(cache_dir: str, key: str, compute_fn: Callable[[], dict]) ->
             return {k: f[k] for k in KEYS}
     values = compute_fn()
     if jax.process_index() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if paths.is_local(path):
-            tmp = f"{path}.tmp-{os.getpid()}.npz"
-            np.savez(tmp, **values)
-            os.replace(tmp, path)
-        else:  # an object store writes the object whole on close
-            buf = io.BytesIO()
-            np.savez(buf, **values)
-            path.write_bytes(buf.getvalue())
+        buf = io.BytesIO()
+        np.savez(buf, **values)
+        paths.write_bytes(path, buf.getvalue())
     return values

@@ -134,7 +134,7 @@ def lora_config(config) -> Optional[lora.LoraConfig]:
 def sft_stage(config, workdir, files, tok, model, mesh, writer, preempt, peak_flops):
     """Train the SFT reference once: its export (config.sft.model_dir, default workdir/sft/model) is
     reused on resume and by every run that names the same directory."""
-    out = config.sft.model_dir or paths.join(workdir, "sft", "model")
+    out = build.sft_model_dir(config, workdir)
     if paths.exists(paths.join(out, "config.json")):
         return build.policy(config, tok, path=paths.local_copy(out))
     optim_cfg = config.optim.copy_and_resolve_references()
