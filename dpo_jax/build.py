@@ -16,8 +16,8 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from dpo_jax import logprobs, paths, sharding
-from dpo_jax.data import pipeline, synthetic, synthetic_exact
+from dpo_jax import logprobs, losses, paths, sharding
+from dpo_jax.data import pipeline, synthetic, synthetic_exact, synthetic_listwise
 from dpo_jax.models import hf, hf_config
 from dpo_jax.models.transformer import Decoder, ModelConfig
 
@@ -65,9 +65,27 @@ def synthetic_files(config, data_dir: str, *, shared: bool = True) -> DataFiles:
         synthetic.write_dataset(world, data_dir, s.n_sft, s.n_pairs, s.n_eval, seed=config.seed, label=s.label)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("dpo_jax.build.synthetic_files")
-    return DataFiles(train=os.path.join(data_dir, "pairs.jsonl"), eval=os.path.join(data_dir, "eval_pairs.jsonl"),
-                     sft=os.path.join(data_dir, "sft.jsonl"), tokenizer=os.path.join(data_dir, "tokenizer"),
-                     world_dir=data_dir)
+    train, evaluation = os.path.join(data_dir, "pairs.jsonl"), os.path.join(data_dir, "eval_pairs.jsonl")
+    k = list_size(config)
+    if k:  # ranked lists of K completions (for a loss of lists), written once per K beside the pairs
+        train, evaluation = (os.path.join(data_dir, name) for name in synthetic_listwise.lists_file_names(k))
+        if (fresh or not os.path.exists(evaluation)) and (jax.process_index() == 0 or not shared):
+            synthetic_listwise.write_lists(synthetic.load_world(data_dir), data_dir, s.n_pairs, s.n_eval, k,
+                                           seed=config.seed)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("dpo_jax.build.synthetic_lists")
+    return DataFiles(train=train, eval=evaluation, sft=os.path.join(data_dir, "sft.jsonl"),
+                     tokenizer=os.path.join(data_dir, "tokenizer"), world_dir=data_dir)
+
+
+def loss_names(config) -> tuple[str, ...]:
+    """The loss names of config.loss.name (several joined by '+'), unchecked."""
+    return tuple(n.strip() for n in str(config.loss.name).split("+") if n.strip())
+
+
+def list_size(config) -> int:
+    """K = config.data.list_size when config.loss trains on ranked lists (`losses.LIST_LOSSES`), else 0."""
+    return int(config.data.list_size) if any(n in losses.LIST_LOSSES for n in loss_names(config)) else 0
 
 
 def data_files(config, workdir: str) -> DataFiles:
@@ -86,8 +104,9 @@ def tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def data_config(config, path: str, *, pairs: int, eval_split: bool = False) -> pipeline.DataConfig:
-    """The pipeline's DataConfig for this process (`pairs` = global pairs per batch)."""
+def data_config(config, path: str, *, pairs: int, eval_split: bool = False, lists: bool = False) -> pipeline.DataConfig:
+    """The pipeline's DataConfig for this process (`pairs` = global pairs per batch); `lists`: ranked
+    lists of up to config.data.list_size responses (`pairs` then counts lists)."""
     d = config.data
     n = jax.process_count()
     if pairs % n:
@@ -99,7 +118,7 @@ def data_config(config, path: str, *, pairs: int, eval_split: bool = False) -> p
         pairs_per_batch=pairs // n, drop_remainder=not eval_split, layout=d.layout, max_length=d.max_length,
         max_prompt_length=d.max_prompt_length, truncation_mode=d.truncation_mode, min_bucket=d.min_bucket,
         pack_length=d.pack_length, prefix_min_saving=d.prefix_min_saving, logit_slots=d.logit_slots,
-        num_threads=d.num_threads)
+        num_threads=d.num_threads, list_size=d.list_size if lists else 0)
 
 
 def model_config(config, vocab_size: int) -> ModelConfig:

@@ -40,15 +40,19 @@ def _positive(key: str, value, zero_ok: bool = False) -> None:
 
 def objective(config) -> losses.Objective:
     """The loss of `config.loss` (validated) as an Objective."""
-    names = tuple(n.strip() for n in str(config.loss.name).split("+") if n.strip())
+    names = build.loss_names(config)
     for n in names:
-        if n not in losses.LOSSES:
+        if n not in losses.names():
             raise ValueError(f"config.loss.name={config.loss.name!r}: unknown loss {n!r}; allowed: "
-                             f"{', '.join(sorted(losses.LOSSES))} (several joined by '+')")
+                             f"{', '.join(losses.names())} (several joined by '+')")
     # `ld_alpha` is the own hyper-parameter of a loss that has one (ld_dpo); otherwise it applies
     # LD-DPO's length weighting to every term (TRL's `ld_alpha`).
     own_ld = any("ld_alpha" in losses.get(n).hparams for n in names)
-    return losses.Objective(names, ld=config.loss.ld_alpha is not None and not own_ld)
+    try:
+        return losses.Objective(names, ld=config.loss.ld_alpha is not None and not own_ld)
+    except ValueError as e:
+        raise ValueError(f"config.loss.name={config.loss.name!r}: {e}"
+                         + (" (unset config.loss.ld_alpha)" if config.loss.ld_alpha is not None else "")) from None
 
 
 def loss_hparams(config) -> dict:
@@ -122,6 +126,13 @@ def validate(config) -> None:
                          f"config.data.source={config.data.source!r}")
     check_lengths(config.data)
     check_format_for_losses(config.data.format, obj)
+    if obj.batch_kind == "lists":
+        if not isinstance(config.data.list_size, int) or config.data.list_size < 2:
+            raise ValueError(f"config.data.list_size={config.data.list_size!r}: the responses per ranked list "
+                             "(an int >= 2)")
+        if config.online.rounds:
+            raise ValueError(f"config.online.rounds={config.online.rounds}: online rounds label pairs; "
+                             f"config.loss.name={config.loss.name!r} trains on ranked lists")
     optim.check(config.optim, key="config.optim")
     optim.check_lr(config.sft.lr, key="config.sft.lr")
     _positive("sft.batch_size", config.sft.batch_size)
@@ -178,14 +189,24 @@ def check_lengths(data) -> None:
 
 def check_format_for_losses(format_name: str, objective: losses.Objective, where: str = "config.data.format") -> None:
     """Unpaired rows (format 'unpaired': prompt, completion, label) train only losses of one completion
-    (`LossSpec.needs_pairs` False); a loss that compares a pair's two completions is an error. `where` names the
-    format's origin in the message: the config key, or the data source whose format 'auto' detected."""
+    (`LossSpec.needs_pairs` False); a loss that compares a pair's two completions is an error. Listwise
+    rows (format 'listwise') train exactly the losses of ranked lists (`losses.LIST_LOSSES`), and those
+    losses train on nothing else. `where` names the format's origin in the message: the config key, or
+    the data source whose format 'auto' detected."""
+    name = "+".join(objective.names)
+    list_losses = ", ".join(sorted(losses.LIST_LOSSES))
+    if format_name == "listwise" and objective.batch_kind != "lists":
+        raise ValueError(f"{where}={format_name!r}: ranked lists train the losses of lists ({list_losses}), "
+                         f"not config.loss.name={name!r}")
+    if objective.batch_kind == "lists" and format_name not in ("listwise", "auto"):
+        raise ValueError(f"{where}={format_name!r}: config.loss.name={name!r} trains on ranked lists (K scored "
+                         "responses per prompt: format 'listwise', see dpo_jax/data/listwise.py)")
     if format_name != "unpaired":
         return
     paired = objective.paired_names
     if paired:
         raise ValueError(f"{where}={format_name!r}: rows of one completion cannot train "
-                         f"config.loss.name={'+'.join(objective.names)!r} ({', '.join(paired)} compares chosen and "
+                         f"config.loss.name={name!r} ({', '.join(paired)} compares chosen and "
                          f"rejected completions); losses for unpaired rows: "
                          f"{', '.join(sorted({s.name for s in losses.LOSSES.values() if not s.needs_pairs}))}")
 

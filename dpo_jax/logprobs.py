@@ -421,6 +421,19 @@ def slot_completions(hidden_BxTxD, batch: Mapping[str, Any]):
     return hidden_BxCxD, take(batch["targets_BxT"]), mask_BxC, take(batch["pair_ids_BxT"]), branch_BxC
 
 
+def _masked_token_logps(hidden_BxTxD, unembed_DxV, batch, *, bias_V, chunk_size, vocab_chunk_size, naive):
+    """(token log-probs, loss mask, pair ids, branch ids), all [B, T], or [B, C] at the batch's logit
+    slots when it has `logit_slots_BxC` (`slot_completions`; the same sums)."""
+    _check_batch(batch, hidden_BxTxD)
+    sizes = dict(bias_V=bias_V, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size)
+    token_logps_fn = naive_token_logps if naive else token_logps
+    if layouts.SLOTS_KEY in batch:
+        hidden_BxCxD, targets_BxC, mask_BxC, pairs_BxC, branches_BxC = slot_completions(hidden_BxTxD, batch)
+        return token_logps_fn(hidden_BxCxD, unembed_DxV, targets_BxC, **sizes), mask_BxC, pairs_BxC, branches_BxC
+    logps_BxT = token_logps_fn(hidden_BxTxD, unembed_DxV, batch["targets_BxT"], **sizes)
+    return logps_BxT, batch["loss_mask_BxT"], batch["pair_ids_BxT"], batch["branch_ids_BxT"]
+
+
 def completion_logps(
     hidden_BxTxD,
     unembed_DxV,
@@ -438,13 +451,25 @@ def completion_logps(
     (`slot_completions`; the same values). naive: `naive_token_logps` (float32 [N, V] logits at
     once) instead of the chunked `token_logps`, to measure what chunking saves.
     """
-    _check_batch(batch, hidden_BxTxD)
-    mask, pairs, branches = batch["loss_mask_BxT"], batch["pair_ids_BxT"], batch["branch_ids_BxT"]
-    sizes = dict(bias_V=bias_V, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size)
-    token_logps_fn = naive_token_logps if naive else token_logps
-    if layouts.SLOTS_KEY in batch:
-        hidden_BxCxD, targets_BxC, mask_BxC, pairs_BxC, branches_BxC = slot_completions(hidden_BxTxD, batch)
-        logps_BxC = token_logps_fn(hidden_BxCxD, unembed_DxV, targets_BxC, **sizes)
-        return sequence_logps(logps_BxC, mask_BxC, pairs_BxC, branches_BxC, num_pairs)
-    logps_BxT = token_logps_fn(hidden_BxTxD, unembed_DxV, batch["targets_BxT"], **sizes)
-    return sequence_logps(logps_BxT, mask, pairs, branches, num_pairs)
+    parts = _masked_token_logps(hidden_BxTxD, unembed_DxV, batch, bias_V=bias_V, chunk_size=chunk_size,
+                                vocab_chunk_size=vocab_chunk_size, naive=naive)
+    return sequence_logps(*parts, num_pairs)
+
+
+def list_completion_logps(
+    hidden_BxTxD,
+    unembed_DxV,
+    batch: Mapping[str, Any],
+    num_lists: int,
+    num_branches: int,
+    *,
+    bias_V=None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    vocab_chunk_size: int = DEFAULT_VOCAB_CHUNK_SIZE,
+    naive: bool = False,
+):
+    """(logps_PxK, lens_PxK): the summed log-prob and length of each list's K responses
+    (`branch_logps`) in a batch of ranked lists (`data/list_layouts.py`); as `completion_logps`."""
+    parts = _masked_token_logps(hidden_BxTxD, unembed_DxV, batch, bias_V=bias_V, chunk_size=chunk_size,
+                                vocab_chunk_size=vocab_chunk_size, naive=naive)
+    return branch_logps(*parts, num_lists, num_branches)

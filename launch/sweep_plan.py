@@ -40,7 +40,7 @@ MAIN = ("-m", "dpo_jax.main")
 SFT_NEUTRAL = ("loss.", "reference.", "eval.", "model.lora.", "train.steps", "train.log_every", "train.eval_every",
                "logging.", "train.checkpoint_every", "train.keep_checkpoints", "train.progress", "train.export_final",
                "train.peak_flops", "train.on_nonfinite", "train.max_skipped_steps", "data.batch_size",
-               "data.eval_batch_size", "optim.lr", "optim.warmup_steps", "optim.schedule", "optim.end_lr_frac", "optim.grad_accum",
+               "data.eval_batch_size", "data.list_size", "optim.lr", "optim.warmup_steps", "optim.schedule", "optim.end_lr_frac", "optim.grad_accum",
                "online.")
 # Keys that change the SFT stage (model, data, the optimizer's update rule, the SFT section, ...):
 # members differing in one of these train separate SFT models. Every key of configs/base.py is in

@@ -303,3 +303,22 @@ def test_device_rules_pass_for_the_shipped_configs():
         config_check.check_devices(c, 1)
     config_check.check_devices(config(data=dict(batch_size=6), mesh=dict(shape=dict(tensor=4))), 8)
     config_check.check_devices(config(sft=dict(steps=0, batch_size=36)), 8)  # no SFT stage: its batch is unused
+
+
+def test_losses_of_ranked_lists_and_their_data():
+    config_check.validate(config(loss=dict(name="plackett_luce"), data=dict(layout="prefix")))
+    config_check.validate(config(loss=dict(name="lipo_lambda"), data=dict(format="listwise", list_size=3)))
+    msg = raises(config(loss=dict(name="sigmod")), "unknown loss")
+    assert "plackett_luce" in msg and "lipo_lambda" in msg  # the registry of lists is listed too
+    raises(config(loss=dict(name="plackett_luce"), data=dict(format="standard")),
+           "config.data.format='standard'", "plackett_luce", "ranked lists")
+    raises(config(loss=dict(name="sigmoid"), data=dict(format="listwise")),
+           "config.data.format='listwise'", "lipo_lambda, plackett_luce", "not config.loss.name='sigmoid'")
+    raises(config(loss=dict(name="sigmoid+plackett_luce")), "config.loss.name='sigmoid+plackett_luce'",
+           "mixes losses of ranked lists")
+    raises(config(loss=dict(name="plackett_luce", ld_alpha=0.5)), "LD-DPO", "unset config.loss.ld_alpha")
+    raises(config(loss=dict(name="plackett_luce"), reference=dict(mode="precomputed")),
+           "config.reference.mode='precomputed'", "'frozen'")
+    raises(config(loss=dict(name="plackett_luce"), data=dict(list_size=1)), "config.data.list_size=1")
+    raises(config(loss=dict(name="plackett_luce"), online=dict(rounds=2)), "config.online.rounds=2",
+           "ranked lists")

@@ -9,8 +9,10 @@ names are configurable (`FormatConfig`):
 | `implicit_prompt` | chosen, rejected                 | full texts sharing the prompt as a prefix   |
 | `conversational`  | [prompt,] chosen, rejected       | lists of `{"role", "content"}` messages     |
 | `unpaired`        | prompt, completion, label        | strings or message lists; `label` a bool    |
+| `listwise`        | see `dpo_jax.data.listwise`      | K >= 2 responses with scores or a ranking   |
 
-Paired rows become `Pair`, unpaired rows `Unpaired`. Conversational records keep their messages;
+Paired rows become `Pair`, unpaired rows `Unpaired`; listwise rows are read by
+`dpo_jax.data.list_tokenize` (the losses of ranked lists train on them). Conversational records keep their messages;
 the tokenizer renders them with the chat template (`dpo_jax.data.tokenize`).
 
 Implicit prompts (Anthropic HH and TRL's "implicit prompt" datasets) are split off as the longest
@@ -46,7 +48,9 @@ from typing import Any, Union
 
 import numpy as np
 
-FORMATS = ("standard", "implicit_prompt", "conversational", "unpaired")
+FORMATS = ("standard", "implicit_prompt", "conversational", "unpaired", "listwise")
+# The columns that mark a listwise row (K scored responses; parsed by `dpo_jax.data.listwise`).
+LISTWISE_COLUMNS = ("completions", "responses", "ranking")
 
 Message = dict  # {"role": str, "content": str, ...}: a chat message, kept as given.
 Text = Union[str, tuple]  # a string, or a tuple of messages for conversational records
@@ -137,7 +141,8 @@ class FormatConfig:
             f"standard: {p}, {c}, {r} (strings); "
             f"implicit_prompt: {c}, {r} (strings sharing the prompt as a prefix); "
             f"conversational: [{p},] {c}, {r} (lists of {{role, content}} messages); "
-            f"unpaired: {p}, {self.completion}, {self.label} (strings or messages; {self.label} a bool)"
+            f"unpaired: {p}, {self.completion}, {self.label} (strings or messages; {self.label} a bool); "
+            f"listwise: instruction + completions (UltraFeedback), {p} + responses + scores, or {p} + ranking"
         )
 
     def required(self, fmt: str) -> tuple[str, ...]:
@@ -147,6 +152,7 @@ class FormatConfig:
             "implicit_prompt": (self.chosen, self.rejected),
             "conversational": (self.chosen, self.rejected),
             "unpaired": (self.prompt, self.completion, self.label),
+            "listwise": (),  # one of several schemas; `listwise.parse_listwise_row` names what is missing
         }[fmt]
 
 
@@ -241,12 +247,15 @@ def is_messages(value: Any) -> bool:
 def detect_format(row: Mapping[str, Any], config: FormatConfig = FormatConfig()) -> str:
     """The format of `row` from its columns (and, for pairs, whether `chosen` holds messages).
 
-    unpaired if the completion and label columns are present; else, with chosen and rejected:
+    listwise if a column of `LISTWISE_COLUMNS` is present; unpaired if the completion and label
+    columns are; else, with chosen and rejected:
     conversational if chosen is a list, standard if there is a prompt column, else implicit_prompt.
     """
     if not isinstance(row, Mapping):
         raise FormatError(f"expected a mapping of column -> value, got {type(row).__name__}")
     keys = set(row.keys())
+    if keys & set(LISTWISE_COLUMNS):
+        return "listwise"
     if config.completion in keys and config.label in keys:
         return "unpaired"
     if config.chosen in keys and config.rejected in keys:
@@ -371,6 +380,9 @@ class RowNormalizer:
 
     def _normalize(self, row: Mapping[str, Any]) -> Record:
         cfg, fmt = self.config, self.format
+        if fmt == "listwise":
+            raise FormatError("listwise rows (K scored responses) train the losses of ranked lists "
+                              "(plackett_luce, lipo_lambda); they are read by data.list_tokenize, not as pairs")
         if fmt == "unpaired":
             conv = is_messages(row[cfg.completion])
             prompt = _value(row[cfg.prompt], "prompt", cfg.prompt, conv)

@@ -171,7 +171,8 @@ def example_segments(example: Example, index: int = 0, share_prefix: bool = Fals
     return [sequence_segment(prompt, chosen, CHOSEN), sequence_segment(prompt, rejected, REJECTED)]
 
 
-def _empty_batch(num_rows: int, length: int, num_pairs: int, pad_id: int) -> dict[str, np.ndarray]:
+def empty_batch(num_rows: int, length: int, num_pairs: int, pad_id: int) -> dict[str, np.ndarray]:
+    """`BATCH_KEYS` of B = num_rows rows of T = length pad tokens (segment 0) and P = num_pairs filler pairs."""
     batch = {k: np.zeros((num_rows, length), np.int32) for k in BATCH_KEYS if k.endswith("BxT")}
     batch["tokens_BxT"][:] = pad_id
     batch["loss_mask_BxT"] = np.zeros((num_rows, length), np.float32)
@@ -179,7 +180,8 @@ def _empty_batch(num_rows: int, length: int, num_pairs: int, pad_id: int) -> dic
     return batch
 
 
-def _place(batch: dict, row: int, offset: int, seg: Segment, segment_id: int, pair_id: int) -> None:
+def place_segment(batch: dict, row: int, offset: int, seg: Segment, segment_id: int, pair_id: int) -> None:
+    """Writes `seg` into `batch` at row `row`, columns offset.., as segment `segment_id` of pair `pair_id`."""
     cols = slice(offset, offset + len(seg))
     batch["tokens_BxT"][row, cols] = seg.tokens
     batch["positions_BxT"][row, cols] = seg.positions
@@ -200,7 +202,7 @@ def _check_examples(examples: Sequence[Example], num_pairs: int) -> bool:
     return kinds == {True}
 
 
-def _row_length(longest: int, buckets: Sequence[int], length: int | None) -> int:
+def fitted_length(longest: int, buckets: Sequence[int], length: int | None) -> int:
     """T: the bucket of the longest row, or the given `length` (a plan's), which must hold it."""
     need = bucket_length(longest, buckets)
     if length is None:
@@ -220,10 +222,10 @@ def standard_batch(
     segs = [example_segments(e, i) for i, e in enumerate(examples)]
     longest = max((len(s) for pair in segs for s in pair), default=1)
     num_rows = num_pairs if unpaired else 2 * num_pairs
-    batch = _empty_batch(num_rows, _row_length(longest, buckets, length), num_pairs, pad_id)
+    batch = empty_batch(num_rows, fitted_length(longest, buckets, length), num_pairs, pad_id)
     for p, pair in enumerate(segs):
         for k, seg in enumerate(pair):
-            _place(batch, p + k * num_pairs, 0, seg, 1, pair_offset + p)
+            place_segment(batch, p + k * num_pairs, 0, seg, 1, pair_offset + p)
         batch["pair_mask_P"][p] = 1.0
     return batch
 
@@ -236,9 +238,9 @@ def prefix_batch(
     _check_examples(examples, num_pairs)
     segs = [example_segments(e, i, share_prefix=True)[0] for i, e in enumerate(examples)]
     longest = max((len(s) for s in segs), default=1)
-    batch = _empty_batch(num_pairs, _row_length(longest, buckets, length), num_pairs, pad_id)
+    batch = empty_batch(num_pairs, fitted_length(longest, buckets, length), num_pairs, pad_id)
     for p, seg in enumerate(segs):
-        _place(batch, p, 0, seg, 1, pair_offset + p)
+        place_segment(batch, p, 0, seg, 1, pair_offset + p)
         batch["pair_mask_P"][p] = 1.0
     return batch
 
@@ -277,7 +279,7 @@ def packed_batch(
 ) -> dict[str, np.ndarray]:
     """``num_rows`` x ``row_length`` rows holding up to ``num_pairs`` examples, first-fit."""
     _check_examples(examples, num_pairs)
-    batch = _empty_batch(num_rows, row_length, num_pairs, pad_id)
+    batch = empty_batch(num_rows, row_length, num_pairs, pad_id)
     packer = FirstFitPacker(num_rows, row_length)
     for p, example in enumerate(examples):
         segs = example_segments(example, p, share_prefix)
@@ -288,7 +290,7 @@ def packed_batch(
                 f"{num_rows} rows of length {row_length} after examples 0..{p - 1}"
             )
         for seg, (row, offset, segment_id) in zip(segs, places):
-            _place(batch, row, offset, seg, segment_id, pair_offset + p)
+            place_segment(batch, row, offset, seg, segment_id, pair_offset + p)
         batch["pair_mask_P"][p] = 1.0
     return batch
 

@@ -29,9 +29,9 @@ import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Optional
 
-from dpo_jax.data.formats import FormatError
+from dpo_jax.data.formats import LISTWISE_COLUMNS, FormatError
 
-SCHEMAS = ("ultrafeedback", "scored", "ranking")
+SCHEMAS = ("ultrafeedback", "scored", "ranking")  # one per column of LISTWISE_COLUMNS
 DEFAULT_SCORE_FIELDS = ("overall_score", "fine-grained_score")  # the first present is used
 
 
@@ -44,14 +44,10 @@ class ListRow(NamedTuple):
 
 
 def detect_schema(row: Mapping[str, Any]) -> Optional[str]:
-    """The schema whose keys the row has, or None."""
-    if "completions" in row:
-        return "ultrafeedback"
-    if "responses" in row:
-        return "scored"
-    if "ranking" in row:
-        return "ranking"
-    return None
+    """The schema whose keys the row has (its column of `formats.LISTWISE_COLUMNS`: completions,
+    responses, ranking, in that order of precedence), or None."""
+    column = next((c for c in LISTWISE_COLUMNS if c in row), None)
+    return None if column is None else SCHEMAS[LISTWISE_COLUMNS.index(column)]
 
 
 def _err(detail: str, field: Optional[str], index: Optional[int], source: Optional[str]) -> FormatError:

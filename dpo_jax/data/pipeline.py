@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 import grain
 import numpy as np
 
-from dpo_jax.data import batching, formats, layouts, sources, tokenize
+from dpo_jax.data import batching, formats, layouts, list_layouts, list_tokenize, sources, tokenize
 from dpo_jax.data.formats import DROP_TOKENIZE, DROP_TOO_LONG
 
 Row = Mapping[str, Any]
@@ -85,18 +85,28 @@ class DataConfig:
     prefetch_buffer_size: int = 64
     worker_count: int = 0
     pair_scalars: tuple[str, ...] = ()  # per-example floats carried into the batch as `<name>_P`
+    list_size: int = 0  # K > 0: rows are ranked lists of up to K responses (`list_layouts`), P lists per batch
 
     def max_row_length(self) -> int:
-        """The longest row an example can need: 2 * max_length when prompts are shared."""
-        shared = self.layout == "prefix" or (self.layout == "packed" and self.share_prefix)
-        return 2 * self.max_length if shared else self.max_length
+        """The longest row an example can need: 2 * max_length when prompts are shared (a list's
+        K responses: K * max_length)."""
+        shared = self.layout == "prefix" or (self.layout == "packed" and (self.share_prefix or self.list_size))
+        return (self.list_size or 2) * self.max_length if shared else self.max_length
 
-    def layout_spec(self) -> layouts.LayoutSpec:
-        """The batch shapes these settings give (validated)."""
+    def layout_spec(self) -> "layouts.LayoutSpec | list_layouts.ListLayoutSpec":
+        """The batch shapes these settings give (validated): pairs, or ranked lists (`list_size`)."""
         longest = self.max_row_length()
         buckets = tuple(sorted(self.buckets)) or layouts.power_of_two_buckets(
             longest, min(self.min_bucket, longest)
         )
+        if self.list_size:
+            if self.pair_scalars:
+                raise ValueError(f"pair_scalars {self.pair_scalars} are per pair; batches of ranked lists "
+                                 "carry none (a precomputed reference is for pairs)")
+            return list_layouts.ListLayoutSpec(
+                layout=self.layout, num_pairs=self.pairs_per_batch, list_size=self.list_size, buckets=buckets,
+                num_rows=self.pack_rows or self.pairs_per_batch, row_length=self.pack_length or longest,
+                share_prefix=True, pad_id=self.pad_id, logit_slots=self.logit_slots)
         return layouts.LayoutSpec(
             layout=self.layout,
             num_pairs=self.pairs_per_batch,
@@ -375,11 +385,16 @@ def check_kept(report: Mapping[str, Any]) -> None:
 
 
 def make_row_step(tokenizer: Any, config: DataConfig, format_config=None, strict: bool = False):
-    """The standard row step: ``formats.RowNormalizer`` then ``tokenize.PairTokenizer``.
+    """The standard row step: ``formats.RowNormalizer`` then ``tokenize.PairTokenizer``; for ranked
+    lists (``config.list_size`` > 0), ``list_tokenize.ListRowTokenizer``.
 
     Sequences are truncated to ``config.max_length`` (``max_prompt_length``, ``truncation_mode``
     as in ``tokenize``), so every example fits the default buckets / packed rows.
     """
+    if config.list_size:
+        return list_tokenize.ListRowTokenizer(
+            tokenizer, config.list_size, max_length=config.max_length, max_prompt_length=config.max_prompt_length,
+            truncation_mode=config.truncation_mode, strict=strict)
     return tokenize.RowTokenizer(
         tokenizer,
         format_config or formats.FormatConfig(),

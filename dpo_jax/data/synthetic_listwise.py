@@ -13,6 +13,8 @@ minimized by the same pi*_beta as pairwise DPO (tests/losses/test_listwise.py ch
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 import numpy as np
 
@@ -81,3 +83,24 @@ def list_rows(lists: RankedLists):
                                          lists.rewards_NxK):
         yield {"prompt": prompt_to_text(x), "responses": [tokens_to_text(y) for y in comps],
                "scores": [float(v) for v in scores], "rewards": [float(v) for v in rewards]}
+
+
+def lists_file_names(k: int) -> tuple[str, str]:
+    """The file names of the train and eval lists of K responses in a world's data directory."""
+    return f"lists_k{k}.jsonl", f"eval_lists_k{k}.jsonl"
+
+
+def write_lists(world: World, out_dir: str, n_lists: int, n_eval: int, k: int, seed: int) -> tuple[str, str]:
+    """Writes the train and eval lists (`list_rows` of `sample_lists` from pi_ref, K each) next to
+    the world's pairs; returns their paths. Streams 3 and 4 of SeedSequence(seed) (the pair files
+    use 0-2), each file written to a temporary name and renamed, so a file that exists is complete."""
+    streams = np.random.SeedSequence(seed).spawn(5)[3:]
+    out = []
+    for name, n, stream in zip(lists_file_names(k), (n_lists, n_eval), streams):
+        path = os.path.join(out_dir, name)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            for row in list_rows(sample_lists(world, n, k, np.random.default_rng(stream))):
+                f.write(json.dumps(row) + "\n")
+        os.replace(path + ".tmp", path)
+        out.append(path)
+    return out[0], out[1]

@@ -150,7 +150,7 @@ class PairTokenizer:
             )
         self.drops.seen += 1
         try:
-            prompt_ids, completion_ids = self._tokenize(
+            prompt_ids, completion_ids = self.encode(
                 record.prompt, completions, record.conversational, names
             )
         except Dropped as d:
@@ -166,9 +166,11 @@ class PairTokenizer:
             out["label"] = np.asarray(record.label, np.bool_)
         return out
 
-    def _tokenize(
+    def encode(
         self, prompt, completions, conversational: bool, names
     ) -> tuple[list[int], list[list[int]]]:
+        """(prompt ids, ids of each completion) of one prompt and any number of completions, by the
+        module's rules (boundary, truncation); raises `Dropped` naming the field (`names`)."""
         if conversational:
             prompt_ids, joints = self._encode_chat(prompt, completions)
         else:

@@ -172,26 +172,40 @@ class LossSpec:
     # the real pairs with keep_P = 1; `fn` is then its value on a fresh state.
     init_state: Optional[Callable[[], dict]] = None
     stateful: Optional[Callable[..., tuple]] = None
+    # What `fn` takes: "pairs" (PairLogps: chosen and rejected) or "lists" (`listwise.ListLogps`:
+    # K scored responses per prompt); the registry keeps the kinds apart (`LOSSES`, `LIST_LOSSES`).
+    batch_kind: str = "pairs"
 
     def __call__(self, batch: PairLogps, hp: HParams) -> Array:
         return self.fn(batch.as_float32(), {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()})
 
 
-LOSSES: dict[str, LossSpec] = {}
+BATCH_KINDS = ("pairs", "lists")
+LOSSES: dict[str, LossSpec] = {}  # losses of preference pairs (PairLogps)
+LIST_LOSSES: dict[str, LossSpec] = {}  # losses of ranked lists (listwise.ListLogps)
 
 
 def register(spec: LossSpec, *aliases: str) -> LossSpec:
+    if spec.batch_kind not in BATCH_KINDS:
+        raise ValueError(f"loss {spec.name!r}: batch_kind={spec.batch_kind!r}; allowed: {', '.join(BATCH_KINDS)}")
+    registry = LOSSES if spec.batch_kind == "pairs" else LIST_LOSSES
     for key in (spec.name, *aliases):
-        if key in LOSSES:
+        if key in LOSSES or key in LIST_LOSSES:
             raise ValueError(f"loss {key!r} is registered twice")
-        LOSSES[key] = spec
+        registry[key] = spec
     return spec
 
 
+def names() -> list[str]:
+    """Every registered loss name, pairwise and listwise, sorted."""
+    return sorted({**LOSSES, **LIST_LOSSES})
+
+
 def get(name: str) -> LossSpec:
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; available: {', '.join(sorted(LOSSES))}")
-    return LOSSES[name]
+    spec = LOSSES.get(name) or LIST_LOSSES.get(name)
+    if spec is None:
+        raise ValueError(f"unknown loss {name!r}; available: {', '.join(names())}")
+    return spec
 
 
 def params(name: str, **overrides) -> dict[str, np.float32]:
@@ -227,8 +241,14 @@ class Objective:
     def __post_init__(self):
         if not self.names:
             raise ValueError("loss.name: at least one loss is needed")
-        for n in self.names:
-            get(n)
+        kinds = {get(n).batch_kind for n in self.names}
+        if len(kinds) > 1:
+            lists = [n for n in self.names if get(n).batch_kind == "lists"]
+            raise ValueError(f"loss {'+'.join(self.names)!r} mixes losses of ranked lists ({', '.join(lists)}) "
+                             "with losses of pairs: a batch holds one or the other")
+        if self.ld and self.batch_kind == "lists":
+            raise ValueError(f"ld=True with {'+'.join(self.names)!r}: LD-DPO's length weighting is defined "
+                             "for pairs, not for ranked lists")
         if self.ld and self.own_ld:
             raise ValueError(f"ld=True with {'+'.join(self.names)!r}: a loss with its own ld_alpha (ld_dpo) "
                              "already applies LD-DPO's weighting; applying it again would use alpha^2")
@@ -240,6 +260,11 @@ class Objective:
     @property
     def uses_reference(self) -> bool:
         return any(s.uses_reference for s in self.specs)
+
+    @property
+    def batch_kind(self) -> str:
+        """"pairs" or "lists": what every term takes (`LossSpec.batch_kind`; never mixed)."""
+        return self.specs[0].batch_kind
 
     @property
     def own_ld(self) -> bool:

@@ -40,7 +40,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from dpo_jax.losses.core import BETA, HParams, LossSpec, implicit_reward, masked_mean
+from dpo_jax.losses.core import BETA, LIST_LOSSES, HParams, LossSpec, implicit_reward, masked_mean, register
 
 Array = jax.Array
 
@@ -151,8 +151,8 @@ def listwise_loss(policy_logps_PxK: Array, ref_logps_PxK: Array, scores_PxK: Arr
 
 
 # ------------------------------------------------------------------------------------------------
-# Registry-shaped specs: `fn(ListLogps, hp) -> loss_P`, like `core.LossSpec` (kept out of
-# `core.LOSSES`, whose losses and metrics take `PairLogps`).
+# The registered list losses: `fn(ListLogps, hp) -> loss_P`, in `core.LIST_LOSSES` (batch_kind
+# "lists": the step lays such batches out as ranked lists, `data/list_layouts.py`).
 
 def _pl(batch: ListLogps, hp: HParams) -> Array:
     return plackett_luce_loss(batch.policy_PxK, batch.ref_PxK, batch.scores_PxK, batch.mask_PxK, hp["beta"])
@@ -162,15 +162,14 @@ def _lipo(batch: ListLogps, hp: HParams) -> Array:
     return lipo_lambda_loss(batch.policy_PxK, batch.ref_PxK, batch.scores_PxK, batch.mask_PxK, hp["beta"])
 
 
-LISTWISE_LOSSES: dict[str, LossSpec] = {
-    "plackett_luce": LossSpec(
-        name="plackett_luce", fn=_pl, hparams={"beta": BETA},
-        paper="Plackett-Luce DPO, Rafailov et al. 2023 app. A.3 (LiPO's DPO_PL): -log P_PL(order | beta rho); "
-              "tied responses are not compared"),
-    "lipo_lambda": LossSpec(
-        name="lipo_lambda", fn=_lipo, hparams={"beta": BETA},
-        paper="LiPO-lambda, Liu et al. 2024: sum_{psi_i > psi_j} Delta_ij log(1 + e^-(r_i - r_j)), LambdaLoss weights"),
-}
+register(LossSpec(
+    name="plackett_luce", fn=_pl, hparams={"beta": BETA}, batch_kind="lists",
+    paper="Plackett-Luce DPO, Rafailov et al. 2023 app. A.3 (LiPO's DPO_PL): -log P_PL(order | beta rho); "
+          "tied responses are not compared"))
+register(LossSpec(
+    name="lipo_lambda", fn=_lipo, hparams={"beta": BETA}, batch_kind="lists",
+    paper="LiPO-lambda, Liu et al. 2024: sum_{psi_i > psi_j} Delta_ij log(1 + e^-(r_i - r_j)), LambdaLoss weights"))
+LISTWISE_LOSSES = LIST_LOSSES  # the registry of list losses (the pairwise one is `core.LOSSES`)
 
 
 def list_metrics(batch: ListLogps, beta: Array) -> dict[str, Array]:

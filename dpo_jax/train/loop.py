@@ -23,7 +23,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from dpo_jax import losses, multihost, paths, sharding
-from dpo_jax.data import batching, layouts, pipeline
+from dpo_jax.data import batching, layouts, list_layouts, pipeline
 from dpo_jax.train import checkpoint, metrics, preemption, step
 
 
@@ -84,7 +84,8 @@ def fit(stage: Stage, state, state_sh, step_cfg: step.StepConfig, mesh, config, 
     members = step_cfg.members
     tx_steps = stage.steps * stage.optim_cfg.grad_accum
     batch_keys = (layouts.BATCH_KEYS + tuple(f"{k}_P" for k in stage.data_cfg.pair_scalars)
-                  + ((layouts.SLOTS_KEY,) if stage.data_cfg.logit_slots else ()))
+                  + ((layouts.SLOTS_KEY,) if stage.data_cfg.logit_slots else ())
+                  + (list_layouts.LIST_KEYS if stage.data_cfg.list_size else ()))
     train_fn, eval_fn = compiled_steps(step_cfg, state_sh, mesh, batch_keys)
     train_iter = pipeline.make_train_iterator(
         stage.train_rows, stage.tokenize_fn, stage.data_cfg, agree=multihost.agree_max,

@@ -24,7 +24,8 @@ from dpo_jax.train.loop import Stage, fit, log_drops
 
 def make_stage(config, name: str, workdir: str, *, objective, hp, steps, optim_cfg, ref_mode, train_path,
                eval_path, tok, batch_size, unpaired_label: bool = False) -> Stage:
-    data_cfg = build.data_config(config, train_path, pairs=batch_size)
+    lists = objective.batch_kind == "lists"
+    data_cfg = build.data_config(config, train_path, pairs=batch_size, lists=lists)
     if steps == 0 and not eval_path and not config.data.eval_split:  # evaluate-only: every row, no hold-out
         data_cfg = dataclasses.replace(data_cfg, eval_fraction=0.0)
     train_rows, eval_rows = data_sources.load_splits(data_cfg)
@@ -47,7 +48,7 @@ def make_stage(config, name: str, workdir: str, *, objective, hp, steps, optim_c
     tokenize_fn = pipeline.make_row_step(tok, data_cfg, formats.FormatConfig(format=fmt), strict=config.data.strict)
     report = pipeline.drop_report(train_rows, tokenize_fn, data_cfg, sources["train"], strict=config.data.strict)
     log_drops(report)
-    eval_cfg = build.data_config(config, train_path, pairs=config.data.eval_batch_size, eval_split=True)
+    eval_cfg = build.data_config(config, train_path, pairs=config.data.eval_batch_size, eval_split=True, lists=lists)
     return Stage(name=name, workdir=workdir, objective=objective, hp=hp, steps=steps, optim_cfg=optim_cfg,
                  ref_mode=ref_mode, train_rows=train_rows, eval_rows=eval_rows, tokenize_fn=tokenize_fn,
                  data_cfg=data_cfg, eval_data_cfg=eval_cfg, train_source=sources["train"],

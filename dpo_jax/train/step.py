@@ -20,6 +20,7 @@ import optax
 from flax import nnx, struct
 
 from dpo_jax import logprobs, losses
+from dpo_jax.losses import listwise
 from dpo_jax.models import lora
 from dpo_jax.train import reference_cache
 
@@ -73,8 +74,8 @@ def check_members(members: int, *, has_lora: bool, ref_mode: str) -> None:
 
 def check_ref_mode(mode: str, objective: losses.Objective, *, has_lora: bool, key: str = "",
                    loss_name: Optional[str] = None) -> None:
-    """The rules of a reference mode: one of REF_MODES; 'none' only for reference-free losses; 'base'
-    only with a LoRA policy. Messages name `key` + 'reference.mode' (`config_check` passes 'config.')."""
+    """The rules of a reference mode: one of REF_MODES; 'none' only for reference-free losses;
+    'precomputed' only for pairs; 'base' only with a LoRA policy. Messages name `key` + 'reference.mode' (`config_check` passes 'config.')."""
     if mode not in REF_MODES:
         raise ValueError(f"{key}reference.mode={mode!r}; allowed: {', '.join(REF_MODES)}")
     if mode == "none" and objective.uses_reference:
@@ -82,21 +83,29 @@ def check_ref_mode(mode: str, objective: losses.Objective, *, has_lora: bool, ke
         name = loss_name if loss_name is not None else "+".join(objective.names)
         raise ValueError(f"{key}reference.mode='none' is only for reference-free losses ({', '.join(free)}); "
                          f"{key}loss.name={name!r} uses a reference")
+    if mode == "precomputed" and objective.batch_kind == "lists":
+        raise ValueError(f"{key}reference.mode='precomputed' caches per-pair log-probs; the losses of ranked lists "
+                         f"({'+'.join(objective.names)}) take the reference's per-response log-probs: use 'frozen'")
     if mode == "base" and not has_lora:
         raise ValueError(f"{key}reference.mode='base' needs a LoRA policy: set {key}model.lora.rank > 0")
 
 
-def model_logps(cfg: StepConfig, params, batch) -> logprobs.SequenceLogps:
-    """Per-pair summed completion log-probs of the model with `params` on `batch`."""
+def model_logps(cfg: StepConfig, params, batch):
+    """The summed completion log-probs of the model with `params` on `batch`: per pair
+    (`logprobs.SequenceLogps`), or per list and slot ([P, K]) for an objective of ranked lists."""
     model = nnx.merge(cfg.graphdef, params)
     hidden_BxTxD = model(batch["tokens_BxT"], positions_BxT=batch["positions_BxT"],
                          segment_ids_BxT=batch["segment_ids_BxT"], branch_ids_BxT=batch["branch_ids_BxT"])
     w_DxV, b_V = model.unembedding()
     if cfg.logit_bias_V is not None:
         b_V = cfg.logit_bias_V if b_V is None else b_V + cfg.logit_bias_V
-    return logprobs.completion_logps(hidden_BxTxD, w_DxV, batch, batch["pair_mask_P"].shape[0], bias_V=b_V,
-                                     chunk_size=cfg.chunk_size,
-                                     vocab_chunk_size=cfg.vocab_chunk_size, naive=cfg.naive_logits)
+    sizes = dict(bias_V=b_V, chunk_size=cfg.chunk_size, vocab_chunk_size=cfg.vocab_chunk_size, naive=cfg.naive_logits)
+    if cfg.objective.batch_kind == "lists":
+        if "scores_PxK" not in batch:
+            raise ValueError(f"loss.name={'+'.join(cfg.objective.names)!r} trains on ranked lists, but the batch "
+                             "has no 'scores_PxK' (lay it out with data.list_layouts)")
+        return logprobs.list_completion_logps(hidden_BxTxD, w_DxV, batch, *batch["scores_PxK"].shape, **sizes)[0]
+    return logprobs.completion_logps(hidden_BxTxD, w_DxV, batch, batch["pair_mask_P"].shape[0], **sizes)
 
 
 def policy_params(cfg: StepConfig, params, base_params):
@@ -131,8 +140,18 @@ def pair_logps(policy: logprobs.SequenceLogps, ref: Optional[logprobs.SequenceLo
                             ref.chosen_shared, ref.rejected_shared, pair_mask=pair_mask_P.astype(jnp.float32))
 
 
+def preference_logps(cfg: StepConfig, policy, ref, batch):
+    """What the objective takes: `losses.PairLogps`, or `listwise.ListLogps` (policy and reference
+    [P, K], the batch's scores and slot mask) for an objective of ranked lists; ref None is zeros."""
+    if cfg.objective.batch_kind == "lists":
+        return listwise.ListLogps(policy, jnp.zeros_like(policy) if ref is None else ref, batch["scores_PxK"],
+                                  batch["slot_mask_PxK"], batch["pair_mask_P"].astype(jnp.float32))
+    return pair_logps(policy, ref, batch["pair_mask_P"])
+
+
 def _loss(params, cfg: StepConfig, ref, batch, hp, base_params=None, loss_state=None, rng=None):
-    pairs = pair_logps(model_logps(cfg, policy_params(cfg, params, base_params), batch), ref, batch["pair_mask_P"])
+    policy = model_logps(cfg, policy_params(cfg, params, base_params), batch)
+    pairs = preference_logps(cfg, policy, ref, batch)
     loss, terms, new_loss_state = cfg.objective.apply(pairs, hp, loss_state, rng)
     return loss, (pairs, terms, new_loss_state)
 
@@ -153,7 +172,8 @@ def check_loss_state(cfg: StepConfig, state: TrainState) -> None:
 
 def batch_metrics(cfg: StepConfig, pairs: losses.PairLogps, loss, terms, hp, batch) -> dict[str, jax.Array]:
     reported = cfg.objective.metric_pairs(pairs, hp)
-    metrics = {"loss": loss, **terms, **losses.reward_metrics(reported, hp["beta"])}
+    rewards = listwise.list_metrics if isinstance(pairs, listwise.ListLogps) else losses.reward_metrics
+    metrics = {"loss": loss, **terms, **rewards(reported, hp["beta"])}
     metrics["pairs"] = jnp.sum(batch["pair_mask_P"].astype(jnp.float32))
     metrics["tokens/input"] = jnp.sum(batch["segment_ids_BxT"] > 0).astype(jnp.float32)
     metrics["tokens/completion"] = jnp.sum(batch["loss_mask_BxT"]).astype(jnp.float32)
