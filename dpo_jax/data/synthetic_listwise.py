@@ -92,9 +92,11 @@ def lists_file_names(k: int) -> tuple[str, str]:
 
 def write_lists(world: World, out_dir: str, n_lists: int, n_eval: int, k: int, seed: int) -> tuple[str, str]:
     """Writes the train and eval lists (`list_rows` of `sample_lists` from pi_ref, K each) next to
-    the world's pairs; returns their paths. Streams 3 and 4 of SeedSequence(seed) (the pair files
-    use 0-2), each file written to a temporary name and renamed, so a file that exists is complete."""
-    streams = np.random.SeedSequence(seed).spawn(5)[3:]
+    the world's pairs; returns their paths. They draw from the generator streams of pairs.jsonl and
+    eval_pairs.jsonl (`synthetic.write_dataset`), in the same order (prompts, then completions), so
+    list n has pair n's prompt and its first two completions: lists and pairs compare at equal
+    prompts. Each file is written to a temporary name and renamed (a file that exists is complete)."""
+    streams = np.random.SeedSequence(seed).spawn(3)[1:]
     out = []
     for name, n, stream in zip(lists_file_names(k), (n_lists, n_eval), streams):
         path = os.path.join(out_dir, name)

@@ -84,3 +84,20 @@ def test_list_rows_parse_back():
         for j, text in enumerate(parsed.responses):
             np.testing.assert_array_equal(text_to_tokens(text), lists.completions_NxKxT[i, j])
         np.testing.assert_array_equal(text_to_tokens(parsed.prompt), lists.prompts_NxP[i])
+
+
+def test_written_lists_share_the_pairs_prompts_and_first_completions(tmp_path):
+    import json
+
+    from dpo_jax.data import synthetic, synthetic_exact
+    from dpo_jax.data.synthetic_listwise import write_lists
+
+    world = synthetic_exact.make_world(synthetic_exact.WorldConfig(vocab_size=6, prompt_len=3, completion_len=4))
+    synthetic.write_dataset(world, str(tmp_path), 4, 20, 10, seed=7)
+    for pairs_file, lists_file in zip(("pairs.jsonl", "eval_pairs.jsonl"), write_lists(world, str(tmp_path), 20, 10, 4, 7)):
+        pairs = [json.loads(x) for x in (tmp_path / pairs_file).read_text().splitlines()]
+        lists = [json.loads(x) for x in open(lists_file).read().splitlines()]
+        assert len(lists) == len(pairs) and all(len(r["responses"]) == 4 for r in lists)
+        for pair, row in zip(pairs, lists):
+            assert row["prompt"] == pair["prompt"]
+            assert sorted(row["responses"][:2]) == sorted([pair["chosen"], pair["rejected"]])
