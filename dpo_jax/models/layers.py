@@ -109,10 +109,13 @@ def masked_attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, mask_Bx1xTxS, scale: float
 
 
 def dense(x, w, in_axes: int = 1):
-    """x [..., I1..Ik] @ w [I1..Ik, O...] (k = in_axes) as ONE 2-D matmul over the flattened rows.
-    Same math as the einsum; on XLA:CPU the backward of a 3-D einsum such as "btd,df->btf"
-    materializes transposed copies of the [B*T, F] activations and runs about 2x slower."""
+    """x [..., I1..Ik] @ w [I1..Ik, O...] (k = in_axes) as ONE 2-D matmul over the flattened rows,
+    accumulated in float32 and returned in x's dtype. Same math as the einsum; on XLA:CPU the
+    backward of a 3-D einsum such as "btd,df->btf" materializes transposed copies of the [B*T, F]
+    activations and runs about 2x slower. Asking for the float32 accumulation explicitly (what a
+    bfloat16 matmul does anyway) keeps XLA:CPU from holding float32 copies of a bfloat16 stack's
+    outputs: 0.5 GB less in the long-row step of docs/performance.md."""
     lead, inner = x.shape[:x.ndim - in_axes], x.shape[x.ndim - in_axes:]
     k = math.prod(inner)
-    y = x.reshape(-1, k) @ w.reshape(k, -1)
+    y = jnp.matmul(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=jnp.float32).astype(x.dtype)
     return y.reshape(*lead, *w.shape[in_axes:])

@@ -376,12 +376,14 @@ class Decoder(nnx.Module):
         return out if b is None else out + b.astype(jnp.float32)
 
     def __call__(self, tokens_BxT, *, positions_BxT=None, segment_ids_BxT=None, branch_ids_BxT=None,
-                 cache=None, cache_index=None):
+                 cache=None, cache_index=None, scan: bool | None = None):
         """hidden_BxTxD (compute dtype). With `cache` (see `init_cache`), the T tokens' keys and values
         are written at slots [cache_index, cache_index + T), queries attend over the whole cache under
         the same rule, and (hidden_BxTxD, new_cache) is returned. Defaults: positions = arange
-        (+ cache_index), segment ids 1, branch ids 0."""
+        (+ cache_index), segment ids 1, branch ids 0. `scan` overrides `cfg.scanned` (the same
+        values): a forward that is never differentiated (the reference's) scans at no cost."""
         cfg = self.cfg
+        scanned = cfg.scanned if scan is None else bool(scan)
         dt = jnp.dtype(cfg.dtype)
         B, T = tokens_BxT.shape
         if cache is not None and cache_index is None:
@@ -430,8 +432,8 @@ class Decoder(nnx.Module):
                           cache_index)
 
         if cache is None:
-            layer = _remat(layer, cfg.remat, cfg.scanned)
-        if cfg.scanned:
+            layer = _remat(layer, cfg.remat, scanned)
+        if scanned:
             x, new_kv = jax.lax.scan(layer, x, xs)
         else:
             outs = []

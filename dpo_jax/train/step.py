@@ -90,12 +90,15 @@ def check_ref_mode(mode: str, objective: losses.Objective, *, has_lora: bool, ke
         raise ValueError(f"{key}reference.mode='base' needs a LoRA policy: set {key}model.lora.rank > 0")
 
 
-def model_logps(cfg: StepConfig, params, batch):
+def model_logps(cfg: StepConfig, params, batch, *, reference: bool = False):
     """The summed completion log-probs of the model with `params` on `batch`: per pair
-    (`logprobs.SequenceLogps`), or per list and slot ([P, K]) for an objective of ranked lists."""
+    (`logprobs.SequenceLogps`), or per list and slot ([P, K]) for an objective of ranked lists.
+    `reference`: a forward never differentiated, run as a scan over the layers (the same values;
+    an unrolled stack let XLA:CPU keep every layer's temporaries of it, docs/performance.md)."""
     model = nnx.merge(cfg.graphdef, params)
     hidden_BxTxD = model(batch["tokens_BxT"], positions_BxT=batch["positions_BxT"],
-                         segment_ids_BxT=batch["segment_ids_BxT"], branch_ids_BxT=batch["branch_ids_BxT"])
+                         segment_ids_BxT=batch["segment_ids_BxT"], branch_ids_BxT=batch["branch_ids_BxT"],
+                         scan=True if reference else None)
     w_DxV, b_V = model.unembedding()
     if cfg.logit_bias_V is not None:
         b_V = cfg.logit_bias_V if b_V is None else b_V + cfg.logit_bias_V
@@ -116,9 +119,9 @@ def policy_params(cfg: StepConfig, params, base_params):
 def reference_logps(cfg: StepConfig, state: TrainState, batch) -> Optional[logprobs.SequenceLogps]:
     """The reference's log-probs, never differentiated; None for reference-free training."""
     if cfg.ref_mode in ("frozen", "sync"):
-        out = model_logps(cfg, jax.lax.stop_gradient(state.ref_params), batch)
+        out = model_logps(cfg, jax.lax.stop_gradient(state.ref_params), batch, reference=True)
     elif cfg.ref_mode == "base":  # the LoRA policy with its adapters switched off
-        out = model_logps(cfg, jax.lax.stop_gradient(state.base_params), batch)
+        out = model_logps(cfg, jax.lax.stop_gradient(state.base_params), batch, reference=True)
     elif cfg.ref_mode == "precomputed":
         missing = [k for k in PRECOMPUTED_KEYS if k not in batch]
         if missing:
