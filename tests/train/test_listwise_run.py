@@ -72,3 +72,29 @@ def test_other_losses_and_layouts_train(tmp_path, loss, layout):
     rows = _rows(tmp_path)
     assert sorted(rows) == [1, 2] and all(np.isfinite(r["loss"]) for r in rows.values())
     assert np.isfinite(report["eval/loss"])
+
+
+def test_ultrafeedback_rows_from_a_local_file_train(tmp_path):
+    """UltraFeedback's schema (instruction, completions with overall_score; one row of 3 and one
+    row of 4 completions, so lists are padded) from a JSON Lines file, the world's tokenizer."""
+    from dpo_jax.data import synthetic, synthetic_exact
+
+    world = synthetic_exact.make_world(synthetic_exact.WorldConfig(vocab_size=8, prompt_len=4, completion_len=8))
+    synthetic.save_tokenizer(world, str(tmp_path / "tokenizer"))
+    rows = []
+    for i, row in enumerate(synthetic_listwise.list_rows(synthetic_listwise.sample_lists(
+            world, 64, 4, np.random.default_rng(0)))):
+        k = 3 if i % 2 else 4
+        rows.append({"instruction": row["prompt"], "completions": [
+            {"response": r, "overall_score": 2.0 * s, "fine-grained_score": 1.0}
+            for r, s in zip(row["responses"][:k], row["scores"][:k])]})
+    (tmp_path / "uf.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = _config(steps=2, checkpoint_every=0)
+    config.data.update(source=str(tmp_path / "uf.jsonl"), list_size=4, eval_fraction=0.25)
+    config.model.tokenizer = str(tmp_path / "tokenizer")
+    config.eval.num_prompts = 0
+    config.synthetic.mask_logits = False
+    report = runner.run(config, str(tmp_path / "run"))
+    rows_logged = _rows(tmp_path / "run")
+    assert sorted(rows_logged) == [1, 2] and rows_logged[1]["pairs"] == 8.0
+    assert np.isfinite(report["eval/loss"]) and report["eval/rewards/accuracies"] >= 0.0
