@@ -2,6 +2,8 @@ r"""Our train step against peer DPO trainers (TRL, Tunix), same model and pairs,
 
     python benchmarks/trl_compare.py --repeats 5 [bench flags] [--trl-steps N]
     python benchmarks/trl_compare.py --compare trl,tunix --repeats 5 [bench flags] [--tunix-steps N]
+    python benchmarks/trl_compare.py --compare trl,tunix --repeats 5 \
+        --shapes '64+64,256+64:prefix,1024+512:steps=2:repeats=3'      # one JSON line per shape
 
 Prints the bench's JSON line (`python -m dpo_jax.bench`) with two more keys per peer of `--compare`
 (default `trl`): `trl` (TRL's step time, tokens/s and versions) and `speedup_vs_trl` (our tokens/s
@@ -18,6 +20,7 @@ machine load; our figures are the median over all those rounds.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -180,19 +183,52 @@ def run(cfg: bench.BenchConfig, trl_steps: int = 0, compare: tuple[str, ...] = (
     return out
 
 
+def parse_shapes(spec: str, cfg: bench.BenchConfig) -> list[tuple[str, bench.BenchConfig]]:
+    """`--shapes`: comma-separated 'P+C' (prompt and completion tokens), each optionally followed by
+    ':layout' and ':field=value' settings of this shape alone (e.g. '1024+512:steps=2:repeats=3');
+    returns (the shape as given, its BenchConfig) in order. An empty spec is the flags' one shape."""
+    if not spec.strip():
+        return [("", cfg)]
+    types = {f.name: f.type for f in dataclasses.fields(bench.BenchConfig)}
+    out = []
+    for item in (x.strip() for x in spec.split(",") if x.strip()):
+        lengths, *settings = item.split(":")
+        try:
+            prompt, completion = (int(x) for x in lengths.split("+"))
+            kw = {"prompt_len": prompt, "completion_len": completion}
+            for setting in settings:
+                key, _, value = setting.partition("=")
+                if not _:
+                    key, value = "layout", setting
+                if types.get(key) not in ("int", "str", "float"):
+                    raise ValueError(f"{key!r} is not a benchmark setting of one shape")
+                kw[key] = {"int": int, "str": str, "float": float}[types[key]](value)
+            out.append((item, dataclasses.replace(cfg, **kw)))
+        except ValueError as e:
+            raise ValueError(f"--shapes item {item!r}: {e} (expected P+C[:layout][:field=value...])") from None
+    return out
+
+
 def main(argv=None) -> int:
     ap = bench.arg_parser("python benchmarks/trl_compare.py", __doc__.splitlines()[0])
     ap.add_argument("--compare", default="trl", help=f"comma-separated peers, of {', '.join(PEERS)} (default trl)")
     ap.add_argument("--trl-steps", type=int, default=0, help="timed TRL steps per round (0 = --steps)")
     ap.add_argument("--tunix-steps", type=int, default=0, help="timed Tunix steps per round (0 = --steps)")
+    ap.add_argument("--shapes", default="", help="run several shapes one after another in this process, one "
+                    "JSON line each (with 'shape'): comma-separated P+C[:layout][:field=value...], e.g. "
+                    "'64+64,256+64:prefix,1024+512:steps=2:repeats=3'")
     args = ap.parse_args(argv)
     cfg = bench.config_from_args(ap, args)
     compare = tuple(p.strip() for p in args.compare.split(",") if p.strip())
     try:
-        check(cfg, compare)
+        shapes = parse_shapes(args.shapes, cfg)
+        for _, shape_cfg in shapes:
+            check(shape_cfg, compare)
     except ValueError as e:
         ap.error(str(e))
-    print(json.dumps(run(cfg, args.trl_steps, compare, args.tunix_steps)), flush=True)
+    for label, shape_cfg in shapes:
+        out = run(shape_cfg, args.trl_steps, compare, args.tunix_steps)
+        print(json.dumps({"shape": label, **out} if label else out), flush=True)
     return 0
 
 

@@ -5,6 +5,7 @@ Tunix tests need google-tunix (the `bench` extra) and are skipped without it."""
 import contextlib
 import importlib.util
 import os
+import re
 
 import jax
 import numpy as np
@@ -153,3 +154,31 @@ def test_tunix_rope_as_shipped_is_another_model(first_batch):
         pytest.skip("this Tunix passes ModelConfig.rope_theta to its RoPE itself")
     theirs = tunix(matched_rope=False)
     assert abs(theirs["log_probs/chosen"] - ours["logps/chosen"]) > 1e-2, (theirs, ours)
+
+
+def test_shapes_parse_into_one_config_each(peer_compare):
+    base = _cfg()
+    shapes = peer_compare.parse_shapes("64+64, 256+64:prefix,1024+512:steps=2:repeats=3", base)
+    assert [label for label, _ in shapes] == ["64+64", "256+64:prefix", "1024+512:steps=2:repeats=3"]
+    got = [(c.prompt_len, c.completion_len, c.layout, c.steps, c.repeats) for _, c in shapes]
+    assert got == [(64, 64, base.layout, 2, 2), (256, 64, "prefix", 2, 2), (1024, 512, base.layout, 2, 3)]
+    assert peer_compare.parse_shapes("", base) == [("", base)]
+    for bad, message in (("64", "P+C"), ("64+x", "P+C"), ("64+64:nope=1", "'nope' is not a benchmark setting"),
+                         ("64+64:steps=two", "steps=two")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            peer_compare.parse_shapes(bad, base)
+
+
+def test_shapes_print_one_json_line_each(peer_compare, capsys, monkeypatch):
+    import json
+
+    seen = []
+    monkeypatch.setattr(peer_compare, "check", lambda cfg, compare: None)
+    monkeypatch.setattr(peer_compare, "run", lambda cfg, *a: seen.append(cfg) or {"tokens_per_s": float(cfg.prompt_len)})
+    assert peer_compare.main([*TOY, "--shapes", "16+8,32+8:prefix"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert lines == [{"shape": "16+8", "tokens_per_s": 16.0}, {"shape": "32+8:prefix", "tokens_per_s": 32.0}]
+    assert [c.layout for c in seen] == [_cfg().layout, "prefix"]
+    with pytest.raises(SystemExit) as e:
+        peer_compare.main([*TOY, "--shapes", "16"])
+    assert e.value.code == 2 and "--shapes item '16'" in capsys.readouterr().err
