@@ -197,8 +197,8 @@ def parse_shapes(spec: str, cfg: bench.BenchConfig) -> list[tuple[str, bench.Ben
             prompt, completion = (int(x) for x in lengths.split("+"))
             kw = {"prompt_len": prompt, "completion_len": completion}
             for setting in settings:
-                key, _, value = setting.partition("=")
-                if not _:
+                key, sep, value = setting.partition("=")
+                if not sep:  # a bare word is the layout
                     key, value = "layout", setting
                 if types.get(key) not in ("int", "str", "float"):
                     raise ValueError(f"{key!r} is not a benchmark setting of one shape")

@@ -32,7 +32,6 @@ import numpy as np
 from dpo_jax.data import layouts
 from dpo_jax.data.layouts import PROMPT, BatchPlan, Example, FirstFitPacker, Segment
 
-LIST_LAYOUTS = layouts.LAYOUTS
 LIST_KEYS = ("scores_PxK", "slot_mask_PxK")
 
 
@@ -80,9 +79,9 @@ def list_parts(example: Example, index: int | None = None) -> tuple[np.ndarray, 
     return ids(example["prompt_ids"], "prompt_ids"), responses, scores
 
 
-def list_segments(example: Example, index: int | None = None, share_prefix: bool = False) -> list[Segment]:
-    """The segments of one list, in placement order: its list segment, or K' sequence segments."""
-    prompt, responses, _ = list_parts(example, index)
+def list_segments(prompt: np.ndarray, responses: Sequence[np.ndarray], share_prefix: bool = False) -> list[Segment]:
+    """The segments of one list (`list_parts`), in placement order: its list segment, or K'
+    sequence segments."""
     if share_prefix:
         return [list_segment(prompt, responses)]
     return [layouts.sequence_segment(prompt, r, k) for k, r in enumerate(responses, start=1)]
@@ -104,8 +103,8 @@ class ListLayoutSpec:
     logit_slots: bool = False
 
     def __post_init__(self):
-        if self.layout not in LIST_LAYOUTS:
-            raise ValueError(f"layout must be one of {LIST_LAYOUTS}, got {self.layout!r}")
+        if self.layout not in layouts.LAYOUTS:
+            raise ValueError(f"layout must be one of {layouts.LAYOUTS}, got {self.layout!r}")
         if self.num_pairs < 1:
             raise ValueError(f"num_pairs (lists per batch) must be >= 1, got {self.num_pairs}")
         if self.list_size < 2:
@@ -170,22 +169,21 @@ class ListLayoutSpec:
         `pair_offset` (a process's first list in the global batch)."""
         if len(examples) > self.num_pairs:
             raise ValueError(f"{len(examples)} lists exceed the list capacity num_pairs={self.num_pairs}")
-        for p, example in enumerate(examples):  # errors name the example before anything is measured
-            list_parts(example, p)
-        plan = self.plan(self.batch_stats(examples)) if plan is None else plan
         p_cap, k_cap = self.num_pairs, self.list_size
+        parsed = [list_parts(example, p) for p, example in enumerate(examples)]  # errors name the example
+        for p, (_, responses, _) in enumerate(parsed):
+            if len(responses) > k_cap:
+                raise ValueError(f"list example {p}: {len(responses)} responses exceed list_size={k_cap}")
+        plan = self.plan(self.batch_stats(examples)) if plan is None else plan
+        segments = [list_segments(prompt, responses, self.shared) for prompt, responses, _ in parsed]
         num_rows = {"standard": k_cap * p_cap, "prefix": p_cap, "packed": self.num_rows}[self.layout]
         length = plan.length if self.layout == "packed" else layouts.fitted_length(
-            max((max(self.segment_lengths(e)) for e in examples), default=1), self.buckets, plan.length)
+            max((len(seg) for segs in segments for seg in segs), default=1), self.buckets, plan.length)
         batch = layouts.empty_batch(num_rows, length, p_cap, self.pad_id)
         batch["scores_PxK"] = np.zeros((p_cap, k_cap), np.float32)
         batch["slot_mask_PxK"] = np.zeros((p_cap, k_cap), np.float32)
         packer = FirstFitPacker(self.num_rows, self.row_length) if self.layout == "packed" else None
-        for p, example in enumerate(examples):
-            _, responses, scores = list_parts(example, p)
-            if len(responses) > k_cap:
-                raise ValueError(f"list example {p}: {len(responses)} responses exceed list_size={k_cap}")
-            segs = list_segments(example, p, self.shared)
+        for p, ((_, _, scores), segs) in enumerate(zip(parsed, segments)):
             if packer is not None:
                 places = packer.add([len(s) for s in segs])
                 if places is None:

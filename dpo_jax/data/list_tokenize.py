@@ -49,14 +49,12 @@ class ListRowTokenizer:
         self.drops.drop(reason, index)
 
     def __call__(self, row: Mapping[str, Any], index: Optional[int] = None) -> Optional[dict]:
-        if isinstance(row, Mapping) and listwise.detect_schema(row) is None:
-            listwise.parse_listwise_row(row, index)  # raises the FormatError that names the keys
         self.drops.seen += 1
         try:
             parsed = listwise.parse_listwise_row(row, index, score_field=self.score_field)
         except FormatError:
-            if self.strict:
-                raise
+            if self.strict or (isinstance(row, Mapping) and listwise.detect_schema(row) is None):
+                raise  # strict, or a row of no listwise schema: the error names the field or the keys
             self.drops.drop(DROP_LIST_MALFORMED, index)
             return None
         k = len(parsed.responses)
