@@ -85,6 +85,14 @@ def _loop(n: int, body, init):
     return jax.lax.while_loop(lambda c: c[0] < n, lambda c: (c[0] + 1, body(c[0], c[1])), (jnp.int32(0), init))[1]
 
 
+def _zeros_after(shape, x):
+    """float32 zeros of `shape` (a loop's accumulator) that depend on x's first entry (0 * isfinite,
+    exactly 0): XLA cannot fill the buffer before x exists. A constant's fill has no inputs, and in
+    an unrolled layer stack XLA:CPU filled every layer's accumulators at once, early (23 float32
+    [T, H, E] buffers live at the peak of the long-row step of docs/performance.md)."""
+    return jnp.zeros(shape, jnp.float32) + 0.0 * jnp.isfinite(x.reshape(-1)[0]).astype(jnp.float32)
+
+
 def _at(i, *xs):
     """The i-th block of each [N, ...] array (a dynamic index)."""
     return tuple(jax.lax.dynamic_index_in_dim(x, i, keepdims=False) for x in xs)
@@ -125,8 +133,8 @@ def _flash_forward(q_NqxBxKxGxQxE, k_NkxBxKxCxE, v_NkxBxKxCxE, q_ids, k_ids, win
         return (jax.lax.dynamic_update_index_in_dim(o_all, acc / l_safe[..., None], i, 0),
                 jax.lax.dynamic_update_index_in_dim(lse_all, jnp.where(seen, m + jnp.log(l_safe), -jnp.inf), i, 0))
 
-    return _loop(Nq, query_block, (jnp.zeros((Nq, B, K, G, Q, E), jnp.float32),
-                                   jnp.zeros((Nq, B, K, G, Q), jnp.float32)))
+    return _loop(Nq, query_block, (_zeros_after((Nq, B, K, G, Q, E), q_NqxBxKxGxQxE),
+                                   _zeros_after((Nq, B, K, G, Q), q_NqxBxKxGxQxE)))
 
 
 @jax.custom_vjp
@@ -181,8 +189,8 @@ def _flash_bwd(res, cotangents):
         dq, dk, dv = _loop(Nk, key_step, (jnp.zeros(q_BxKxGxQxE.shape, jnp.float32), dk, dv))
         return jax.lax.dynamic_update_index_in_dim(dq_NqxBxKxGxQxE, dq, i, 0), dk, dv
 
-    zeros_kv = jnp.zeros(k_NkxBxKxCxE.shape, jnp.float32)
-    dq, dk, dv = _loop(Nq, query_block, (jnp.zeros(q_NqxBxKxGxQxE.shape, jnp.float32), zeros_kv, zeros_kv))
+    zeros_kv = _zeros_after(k_NkxBxKxCxE.shape, do_in)
+    dq, dk, dv = _loop(Nq, query_block, (_zeros_after(q_NqxBxKxGxQxE.shape, do_in), zeros_kv, zeros_kv))
     return (dq.astype(dt), dk.astype(k_NkxBxKxCxE.dtype), dv.astype(v_NkxBxKxCxE.dtype), None, None, None)
 
 
