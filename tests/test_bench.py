@@ -15,7 +15,7 @@ from flax import nnx
 
 from configs import base
 from dpo_jax import bench, build, losses, sharding
-from dpo_jax.train import loop, step
+from dpo_jax.train import loop, metrics, step
 from dpo_jax.train import state as train_state
 from dpo_jax.data import layouts
 from dpo_jax.models.transformer import Decoder, ModelConfig
@@ -175,11 +175,34 @@ def test_bench_model_and_layout_are_the_training_configs(flags, max_length, shap
         assert model.qk_norm and model.tie_embeddings and model.scanned and model.dtype == "bfloat16"
 
 
+def _benchmark_script(name: str):
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_matmul_shapes_are_the_model_flops_of_projections_and_unembedding(family, capsys):
+    """The products' FLOPs per step are metrics.step_flops' (6 N per policy token + 2 N per
+    reference token, the unembedding at the logit slots) without the attention pairs."""
+    matmul_shapes = _benchmark_script("matmul_shapes")
+    cfg = bench.BenchConfig(family=family, prompt_len=24, completion_len=8, pairs=3, hidden_size=32,
+                            intermediate_size=48, num_heads=4, num_kv_heads=2, vocab_size=40, num_layers=2)
+    model = build.model_config(cfg.training_config(), cfg.vocab_size)
+    n, unembed = metrics.matmul_params(model), model.hidden_size * model.vocab_size
+    tokens, logit_positions = 6 * 32, 6 * 8
+    expected = 8 * ((n - unembed) * tokens + unembed * logit_positions)
+    assert sum(2 * m * k * n_ * calls for _, m, k, n_, calls in matmul_shapes.products(cfg)) == expected
+    matmul_shapes.main(["--repeats", "1", "--family", family, "--hidden-size", "32", "--intermediate-size", "48",
+                        "--vocab-size", "40", "--prompt-len", "24", "--completion-len", "8", "--pairs", "3"])
+    line = json.loads(capsys.readouterr().out)
+    assert len(line["products"]) == len(matmul_shapes.products(cfg)) and line["matmul_bound_mfu"] > 0
+
+
 def test_trl_compare_takes_the_bench_flags(capsys):
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "trl_compare.py")
-    spec = importlib.util.spec_from_file_location("trl_compare", path)
-    trl_compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(trl_compare)
+    trl_compare = _benchmark_script("trl_compare")
     with pytest.raises(SystemExit) as e:
         trl_compare.main(["--help"])
     assert e.value.code == 0

@@ -42,21 +42,30 @@ from dpo_jax.models.layers import attention_mask
 # ModelConfig.attention / config.model.attention. 'fused': the accelerator's kernel where the layout
 # allows (models/attend.py), else as 'auto'.
 ATTENTIONS = ("dense", "blockwise", "auto", "fused")
-BLOCK = 256  # default query and key block (rows / columns of one block's scores; docs/performance.md)
-# 'auto' runs blockwise for query rows at least this long, dense below. Measured on the 2-core CPU
-# train step (docs/performance.md): up to one block (256) blockwise is no faster, up to 9% slower;
-# from 512 on, the skipped blocks make it faster (1.27x at 512, 1.76x at 1024).
-AUTO_MIN_LENGTH = 512
+# The default query and key block, and the row length from which 'auto' runs blockwise (dense below),
+# by platform (`jax.default_backend()`; others as "default"). Measured on the 2-core CPU train step
+# (docs/performance.md, alternating rounds in one process): blocks of 64 skip more of the pairs that
+# the causal rule hides than blocks of 256, and win from T = 256 on (at T = 320 the step is 1.17x
+# dense's, 1.15x with blocks of 32, 1.00x with 128; at T = 128 they equal dense); at T = 1024,
+# 1.60x dense's against 1.45x with blocks of 256. On accelerators a block pair's matmuls should stay large: 256,
+# and dense below 512 (not measured; the fused kernels are the fast path there).
+BLOCK = {"cpu": 64, "default": 256}
+AUTO_MIN_LENGTH = {"cpu": 256, "default": 512}
 NO_WINDOW = jnp.iinfo(jnp.int32).max  # a sliding window that hides nothing
+
+
+def for_platform(table: dict) -> int:
+    """This platform's entry of BLOCK or AUTO_MIN_LENGTH."""
+    return table.get(jax.default_backend(), table["default"])
 
 
 def resolve(kind: str, length: int) -> str:
     """'dense' or 'blockwise' for `kind` in ATTENTIONS at `length` query rows ('auto', and 'fused'
-    where no fused kernel applies: blockwise iff length >= AUTO_MIN_LENGTH)."""
+    where no fused kernel applies: blockwise iff length >= this platform's AUTO_MIN_LENGTH)."""
     if kind not in ATTENTIONS:
         raise ValueError(f"attention must be one of {ATTENTIONS}; got {kind!r}")
     if kind in ("auto", "fused"):
-        return "blockwise" if length >= AUTO_MIN_LENGTH else "dense"
+        return "blockwise" if length >= for_platform(AUTO_MIN_LENGTH) else "dense"
     return kind
 
 
@@ -205,12 +214,13 @@ def blockwise_attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, q_ids, k_ids, scale: fl
     q_ids = (segment_ids_BxT, positions_BxT, branch_ids_BxT) of the queries, k_ids the same [B, S]
     of the keys (the KV cache's when decoding). `sliding_window`: None, an int, or a traced int32
     scalar (per layer under a scan; `NO_WINDOW` hides nothing). Blocks of `block_q` query rows and
-    `block_k` keys (default `BLOCK`, at most T / S); T and S need not divide by them (padded here,
+    `block_k` keys (default this platform's `BLOCK`, at most T / S); T and S need not divide by them (padded here,
     the padding masked). Returns o_BxTxHxE in q's dtype; memory O((T + S) H E + H block^2)."""
     B, T, H, E = q_BxTxHxE.shape
     S, K = k_BxSxKxE.shape[1], k_BxSxKxE.shape[2]
     G = H // K
-    bq, bk = min(block_q or BLOCK, T), min(block_k or BLOCK, S)
+    block = for_platform(BLOCK)
+    bq, bk = min(block_q or block, T), min(block_k or block, S)
     nq, nk = math.ceil(T / bq), math.ceil(S / bk)
     dt = q_BxTxHxE.dtype
     q = (q_BxTxHxE * jnp.asarray(scale, dt)).reshape(B, T, K, G, E)

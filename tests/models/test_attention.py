@@ -155,7 +155,7 @@ def test_memory_is_linear_in_the_row_length():
 
 
 def test_resolve_auto_by_row_length():
-    n = attention.AUTO_MIN_LENGTH
+    n = attention.for_platform(attention.AUTO_MIN_LENGTH)
     assert attention.resolve("auto", n) == "blockwise" and attention.resolve("auto", n - 1) == "dense"
     assert attention.resolve("dense", 10 * n) == "dense" and attention.resolve("blockwise", 1) == "blockwise"
     with pytest.raises(ValueError, match="attention"):
@@ -209,7 +209,7 @@ def _assert_close_tree(tree, ref):
 def test_decoder_blockwise_equals_dense(preset, kw, monkeypatch):
     """Hidden states and every parameter gradient; blocks of 4 over rows of 16. (qwen2 and
     gpt_neox call attention as llama and gpt2 do.)"""
-    monkeypatch.setattr(attention, "BLOCK", 4)
+    monkeypatch.setattr(attention, "BLOCK", {"default": 4})
     cfg = tiny(preset, attention="dense", init_std=0.05, **kw)
     h_dense, g_dense = _forward_and_grads(cfg)
     h, g = _forward_and_grads(dataclasses.replace(cfg, attention="blockwise"))
@@ -220,8 +220,8 @@ def test_decoder_blockwise_equals_dense(preset, kw, monkeypatch):
 def test_decoder_auto_and_kv_cache(monkeypatch):
     """attention='auto' at a row of AUTO_MIN_LENGTH runs blockwise; prefilling 6 tokens into a
     10-slot KV cache (4 slots empty) gives the dense decoder's hidden states and cache."""
-    monkeypatch.setattr(attention, "BLOCK", 4)
-    monkeypatch.setattr(attention, "AUTO_MIN_LENGTH", 6)
+    monkeypatch.setattr(attention, "BLOCK", {"default": 4})
+    monkeypatch.setattr(attention, "AUTO_MIN_LENGTH", {"default": 6})
     toks = jnp.asarray(np.random.default_rng(1).integers(3, 97, (2, 6)), jnp.int32)
     prefill = nnx.jit(lambda model, toks, cache: model(toks, cache=cache, cache_index=0))
     outs = {}
