@@ -34,10 +34,11 @@ import numpy as np
 from flax import nnx
 
 from dpo_jax.models import context_parallel
-from dpo_jax.models.attend import layer_attention
+from dpo_jax.models.attend import backend, layer_attention
 from dpo_jax.models.attention import ATTENTIONS
 from dpo_jax.models.fused_attention import LAYOUTS as ATTENTION_LAYOUTS
-from dpo_jax.models.layers import activation as _act, apply_rope, dense as _dense, norm as _norm, rope_inv_freq
+from dpo_jax.models.layers import (activation as _act, apply_rope, dense as _dense, norm as _norm, rope_inv_freq,
+                                   rope_sin_cos)
 
 __all__ = ["ModelConfig", "RopeScaling", "Decoder", "init_cache", "num_params", "param_shapes", "layer_param_shapes",
            "FAMILIES", "LOGICAL_AXES", "REMAT_POLICIES", "ROPE_TYPES", "ACTIVATIONS", "DTYPES", "ATTENTIONS"]
@@ -405,8 +406,7 @@ class Decoder(nnx.Module):
             x = x + jnp.take(self.pos_embed[...], positions_BxT, axis=0).astype(dt)
             sin = cos = None
         else:
-            ang = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
-            sin, cos = jnp.sin(ang), jnp.cos(ang)
+            sin, cos = rope_sin_cos(positions_BxT, rope_inv_freq(cfg), materialize=backend() == "cpu")
 
         if cache is None:
             k_seg, k_pos, k_br = segment_ids_BxT, positions_BxT, branch_ids_BxT

@@ -1,9 +1,13 @@
 """models/layers.py: the pure layer math against independent references."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from dpo_jax.models.layers import masked_attention
+from dpo_jax.models import transformer
+from dpo_jax.models.layers import masked_attention, rope_sin_cos
+from dpo_jax.models.transformer import Decoder
 
 
 def test_masked_attention_equals_jax_dot_product_attention():
@@ -36,3 +40,26 @@ def test_dense_is_the_einsum_as_one_2d_matmul():
     o, wo = jax.random.normal(ks[2], (2, 3, 4, 5)), jax.random.normal(ks[3], (4, 5, 8))
     np.testing.assert_allclose(dense(o, wo, in_axes=2), jax.numpy.einsum("bthe,hed->btd", o, wo), rtol=1e-5,
                                atol=1e-5)
+
+
+def test_rope_sin_cos_is_computed_once_per_forward_on_cpu(monkeypatch):
+    """Materialized (on CPU), the compiled gradient of a 3-layer, 4-head decoder computes sin and cos
+    once each (in each branch of the conditional); left to XLA:CPU's fusion they are recomputed in
+    every fusion that uses them. The values are the same either way."""
+    positions_BxT = jnp.asarray(np.random.default_rng(0).integers(0, 300, (2, 7)), jnp.int32)
+    inv_freq = np.asarray([1.0, 0.1, 0.01], np.float32)
+    for a, b in zip(rope_sin_cos(positions_BxT, inv_freq, materialize=True),
+                    rope_sin_cos(positions_BxT, inv_freq, materialize=False)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    def sines(platform):
+        monkeypatch.setattr(transformer, "backend", lambda: platform)
+        cfg = transformer.ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
+                                      num_kv_heads=2)
+        graphdef, state = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
+        loss = lambda state, toks: jnp.sum(nnx.merge(graphdef, state)(toks) ** 2)  # noqa: E731
+        hlo = jax.jit(jax.grad(loss)).lower(state, jnp.zeros((2, 16), jnp.int32)).compile().as_text()
+        return hlo.count(" sine("), hlo.count(" cosine(")
+
+    assert sines("cpu") == (2, 2)
+    assert min(sines("gpu")) > 2  # what the conditional prevents
