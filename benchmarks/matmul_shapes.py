@@ -18,7 +18,6 @@ count, is left out).
 import argparse
 import json
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -51,13 +50,7 @@ def time_product(m: int, k: int, n: int, transposed_lhs: bool, repeats: int) -> 
     a = jnp.ones((k, m) if transposed_lhs else (m, k), jnp.float32)
     b = jnp.ones((k, n), jnp.float32)
     f = jax.jit((lambda x, w: x.T @ w) if transposed_lhs else (lambda x, w: x @ w))
-    f(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return best
+    return metrics.best_time(f, a, b, repeats=repeats)
 
 
 def main(argv=None):

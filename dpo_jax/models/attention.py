@@ -47,8 +47,8 @@ ATTENTIONS = ("dense", "blockwise", "auto", "fused")
 # (docs/performance.md, alternating rounds in one process): blocks of 64 skip more of the pairs that
 # the causal rule hides than blocks of 256, and win from T = 256 on (at T = 320 the step is 1.17x
 # dense's, 1.15x with blocks of 32, 1.00x with 128; at T = 128 they equal dense); at T = 1024,
-# 1.60x dense's against 1.45x with blocks of 256. On accelerators a block pair's matmuls should stay large: 256,
-# and dense below 512 (not measured; the fused kernels are the fast path there).
+# 1.60x dense's against 1.45x with blocks of 256. On accelerators a block pair's matmuls should
+# stay large: 256, and dense below 512 (not measured; the fused kernels are the fast path there).
 BLOCK = {"cpu": 64, "default": 256}
 AUTO_MIN_LENGTH = {"cpu": 256, "default": 512}
 NO_WINDOW = jnp.iinfo(jnp.int32).max  # a sliding window that hides nothing
@@ -214,8 +214,8 @@ def blockwise_attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, q_ids, k_ids, scale: fl
     q_ids = (segment_ids_BxT, positions_BxT, branch_ids_BxT) of the queries, k_ids the same [B, S]
     of the keys (the KV cache's when decoding). `sliding_window`: None, an int, or a traced int32
     scalar (per layer under a scan; `NO_WINDOW` hides nothing). Blocks of `block_q` query rows and
-    `block_k` keys (default this platform's `BLOCK`, at most T / S); T and S need not divide by them (padded here,
-    the padding masked). Returns o_BxTxHxE in q's dtype; memory O((T + S) H E + H block^2)."""
+    `block_k` keys (default this platform's `BLOCK`, at most T / S); T and S need not divide by
+    them (padded here, the padding masked). Returns o_BxTxHxE in q's dtype; memory O((T + S) H E + H block^2)."""
     B, T, H, E = q_BxTxHxE.shape
     S, K = k_BxSxKxE.shape[1], k_BxSxKxE.shape[2]
     G = H // K

@@ -65,7 +65,7 @@ def rope_sin_cos(positions_BxT, inv_freq_R2, *, materialize: bool):
     once, inside a conditional whose two branches are this same function (its predicate only has to
     be unknown to the compiler): a fusion boundary. Without one, XLA:CPU recomputes both
     transcendentals inside every fusion that uses them, per head, per layer, forward and backward
-    (the CPU train step 1.06-1.08x faster at T = 128 with it, 1.11-1.14x at T = 320;
+    (the CPU train step 1.05-1.08x faster at T = 128 with it, 1.00-1.14x at T = 320;
     docs/performance.md)."""
     ang_BxTxR2 = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq_R2)
     trig = lambda a: (jnp.sin(a), jnp.cos(a))  # noqa: E731

@@ -75,14 +75,19 @@ def measured_matmul_flops(n: int = 2048, repeats: int = 5, clock=time.perf_count
     import jax.numpy as jnp
 
     a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
+    return 2.0 * n**3 / best_time(jax.jit(lambda x: x @ x), a, repeats=repeats, clock=clock)
+
+
+def best_time(fn, *args, repeats: int = 5, clock=time.perf_counter) -> float:
+    """The shortest of `repeats` timed calls of fn(*args) (blocked until ready), after one untimed
+    call that compiles it."""
+    jax.block_until_ready(fn(*args))
     best = float("inf")
     for _ in range(repeats):
         t = clock()
-        f(a).block_until_ready()
+        jax.block_until_ready(fn(*args))
         best = min(best, clock() - t)
-    return 2.0 * n**3 / best
+    return best
 
 
 class Mean:

@@ -7,7 +7,6 @@ from flax import nnx
 
 from dpo_jax.models import transformer
 from dpo_jax.models.layers import masked_attention, rope_sin_cos
-from dpo_jax.models.transformer import Decoder
 
 
 def test_masked_attention_equals_jax_dot_product_attention():
@@ -56,7 +55,7 @@ def test_rope_sin_cos_is_computed_once_per_forward_on_cpu(monkeypatch):
         monkeypatch.setattr(transformer, "backend", lambda: platform)
         cfg = transformer.ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
                                       num_kv_heads=2)
-        graphdef, state = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
+        graphdef, state = nnx.split(transformer.Decoder(cfg, rngs=nnx.Rngs(0)))
         loss = lambda state, toks: jnp.sum(nnx.merge(graphdef, state)(toks) ** 2)  # noqa: E731
         hlo = jax.jit(jax.grad(loss)).lower(state, jnp.zeros((2, 16), jnp.int32)).compile().as_text()
         return hlo.count(" sine("), hlo.count(" cosine(")
