@@ -33,8 +33,9 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
         param_dtype="float32",  # master weights
         remat="none",           # none | full | dots | dots_all
         scan_min_layers=9,      # scan the layer stack from this depth (shallower: unrolled, faster; 0 = always)
-        attention="auto",       # dense | blockwise (memory linear in the row length) | auto: blockwise from
-                                # models/attention.py AUTO_MIN_LENGTH tokens per row (docs/performance.md) |
+        attention="auto",       # dense | tiled (query tiles over the keys up to them) | blockwise (memory
+                                # linear in the row length) | auto: by row length, models/attention.py
+                                # AUTO_MIN_LENGTH and TILED_MAX_LENGTH (docs/performance.md) |
                                 # fused: cuDNN (GPU) / Pallas splash (TPU) where data.layout allows, else auto
         tokenizer="",           # tokenizer dir; empty = model.path, or the synthetic world's tokenizer
         lora=dict(rank=0, alpha=16.0, targets=("attention", "mlp")),  # rank 0 = full fine-tuning

@@ -1,32 +1,44 @@
-"""host_memory: when the entrypoints re-execute with glibc's huge-page malloc, and that they do."""
+"""host_memory: which glibc tunables the entrypoints re-execute with, that they do, and that the
+heap is then reused without fresh page faults."""
 
 import os
 import subprocess
 import sys
 
+import pytest
+
 from dpo_jax import host_memory
 
 GLIBC = ("glibc", "2.36")
+KEEP = "glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:glibc.malloc.trim_threshold=1099511627776"
+ALL = KEEP + ":glibc.malloc.hugetlb=1"
 
 
-def test_sets_the_tunable_on_a_recent_glibc_with_huge_pages():
-    env = host_memory.hugepage_env({"PATH": "/bin"}, GLIBC, "madvise")
-    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-    assert host_memory.hugepage_env({}, GLIBC, "always")["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+def test_sets_every_tunable_on_a_recent_glibc_with_huge_pages():
+    assert host_memory.malloc_env({"PATH": "/bin"}, GLIBC, "madvise") == {"PATH": "/bin", "GLIBC_TUNABLES": ALL}
+    assert host_memory.malloc_env({}, GLIBC, "always")["GLIBC_TUNABLES"] == ALL
 
 
-def test_keeps_the_users_other_tunables():
-    env = host_memory.hugepage_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, GLIBC, "madvise")
-    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+def test_keeps_the_heap_without_huge_pages_where_the_kernel_or_glibc_has_none():
+    assert host_memory.malloc_env({}, GLIBC, "never")["GLIBC_TUNABLES"] == KEEP
+    assert host_memory.malloc_env({}, GLIBC, "")["GLIBC_TUNABLES"] == KEEP
+    assert host_memory.malloc_env({}, ("glibc", "2.34"), "madvise")["GLIBC_TUNABLES"] == KEEP  # hugetlb: 2.35
+
+
+def test_the_users_tunables_stay_and_win():
+    env = host_memory.malloc_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.cpu.x86_ibt=on"}, GLIBC,
+                                 "madvise")
+    assert env["GLIBC_TUNABLES"] == ("glibc.malloc.arena_max=2:glibc.cpu.x86_ibt=on:glibc.malloc.mmap_max=0:"
+                                     "glibc.malloc.trim_threshold=1099511627776:glibc.malloc.hugetlb=1")
+    assert host_memory.malloc_env({"GLIBC_TUNABLES": ALL}, GLIBC, "madvise") is None  # nothing left to add
+    assert host_memory.malloc_env({"GLIBC_TUNABLES": KEEP}, GLIBC, "never") is None
 
 
 def test_leaves_the_process_alone_when_it_cannot_or_should_not():
-    assert host_memory.hugepage_env({}, ("glibc", "2.34"), "madvise") is None  # tunable added in 2.35
-    assert host_memory.hugepage_env({}, ("", ""), "madvise") is None  # musl, macOS
-    assert host_memory.hugepage_env({}, GLIBC, "never") is None
-    assert host_memory.hugepage_env({}, GLIBC, "") is None
-    assert host_memory.hugepage_env({"DPO_JAX_HUGEPAGES": "0"}, GLIBC, "madvise") is None
-    assert host_memory.hugepage_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, GLIBC, "madvise") is None
+    assert host_memory.malloc_env({}, ("glibc", "2.25"), "madvise") is None  # tunables came in 2.26
+    assert host_memory.malloc_env({}, ("", ""), "madvise") is None  # musl, macOS
+    assert host_memory.malloc_env({}, ("glibc", "x"), "madvise") is None
+    assert host_memory.malloc_env({"DPO_JAX_MALLOC_TUNABLES": "0"}, GLIBC, "madvise") is None
 
 
 def test_thp_mode_reads_the_bracketed_word(tmp_path):
@@ -36,20 +48,63 @@ def test_thp_mode_reads_the_bracketed_word(tmp_path):
     assert host_memory._thp_mode(str(tmp_path / "missing")) == ""
 
 
-def test_reexec_runs_the_same_command_once_with_the_tunable(tmp_path):
+def _clean_env():
+    return {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host_memory.OFF_SWITCH)}
+
+
+def test_reexec_runs_the_same_command_once_with_the_tunables(tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(
         "import os, sys\n"
         "print('start', os.environ.get('GLIBC_TUNABLES', ''), sys.argv[1:], flush=True)\n"
         "from dpo_jax import host_memory\n"
-        "host_memory.reexec_with_hugepages()\n"
+        "host_memory.reexec_with_malloc_tunables()\n"
         "print('after', os.environ.get('GLIBC_TUNABLES', ''), flush=True)\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "DPO_JAX_HUGEPAGES")}
+    env = _clean_env()
     out = subprocess.run([sys.executable, str(script), "--flag=1"], env=env, capture_output=True, text=True,
                          check=True).stdout.split("\n")
-    expected = host_memory.hugepage_env(env, host_memory.platform.libc_ver(), host_memory._thp_mode())
+    expected = host_memory.malloc_env(env, host_memory.platform.libc_ver(), host_memory._thp_mode())
     if expected is None:  # this machine cannot: the process goes on as it is
         assert out[:2] == ["start  ['--flag=1']", "after "]
     else:  # re-executed once, same arguments
-        assert out[:3] == ["start  ['--flag=1']", "start glibc.malloc.hugetlb=1 ['--flag=1']",
-                           "after glibc.malloc.hugetlb=1"]
+        tunables = expected["GLIBC_TUNABLES"]
+        assert out[:3] == ["start  ['--flag=1']", f"start {tunables} ['--flag=1']", f"after {tunables}"]
+
+
+# A thread mallocs 64 MiB, writes every byte, frees it; three times. Prints the page faults of each write.
+_FAULT_PROBE = """
+import ctypes, resource, threading
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+faults = []
+def work():
+    for _ in range(3):
+        p = libc.malloc(64 << 20)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        ctypes.memset(p, 1, 64 << 20)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        libc.free(p)
+t = threading.Thread(target=work)
+t.start()
+t.join()
+print(*faults)
+"""
+
+
+def _write_faults(env) -> list[int]:
+    out = subprocess.run([sys.executable, "-c", _FAULT_PROBE], env=env, capture_output=True, text=True, check=True)
+    return [int(x) for x in out.stdout.split()]
+
+
+def test_with_the_tunables_a_freed_block_is_reused_without_page_faults():
+    """XLA:CPU's temporary buffer, in small: from a worker thread, without the tunables every
+    malloc of a large block is a fresh mapping faulted in again (at least one fault per 2 MiB
+    even on huge pages); with them the second and third writes fault nothing."""
+    env = _clean_env()
+    tuned = host_memory.malloc_env(env, host_memory.platform.libc_ver(), host_memory._thp_mode())
+    if tuned is None:
+        pytest.skip("this machine's libc takes no malloc tunables")
+    plain = _write_faults(env)
+    assert min(plain[1:]) >= 32, plain  # 64 MiB / 2 MiB
+    kept = _write_faults(tuned)
+    assert max(kept[1:]) < 16, kept

@@ -11,7 +11,8 @@ says. In order:
 2. A mesh with `context` > 1 and no KV cache: each device attends with its block of queries over
    the all-gathered keys (`models/context_parallel.py`), with the attention of 3 inside.
 3. `attention.resolve(cfg.attention, T)`: dense (`layers.masked_attention`, each [B, 1, T, S] mask
-   built once for all layers) or blockwise (`attention.blockwise_attention`, masks per block pair).
+   built once for all layers), tiled (`attention.tiled_attention`, each query tile's mask built
+   once for all layers) or blockwise (`attention.blockwise_attention`, masks per block pair).
 """
 
 from __future__ import annotations
@@ -71,20 +72,30 @@ def layer_attention(cfg, T: int, q_ids, k_ids, cached: bool = False):
 
 
 def local_attention(cfg, T: int, q_ids, k_ids):
-    """Dense or blockwise attention (rule 3) on the given queries and keys; T (the whole row) picks."""
+    """Dense, tiled or blockwise attention (rule 3) on the given queries and keys; T (the whole row)
+    picks. Tiled needs the keys of the queries' own rows (no KV cache, no context shards): with
+    other keys it runs blockwise."""
     scale = cfg.head_dim ** -0.5
     window = _windows(cfg)
-    if _attention.resolve(cfg.attention, T) == "blockwise":
+    kind = _attention.resolve(cfg.attention, T)
+    if kind == "tiled" and q_ids[0].shape[1] != k_ids[0].shape[1]:
+        kind = "blockwise"
+    if kind == "blockwise":
         def blockwise(slides, q, k, v):
             w = jnp.where(slides, cfg.sliding_window, _attention.NO_WINDOW) if window == "mixed" else window
             return _attention.blockwise_attention(q, k, v, q_ids, k_ids, scale, sliding_window=w)
 
         return blockwise
-    masks = {slides: attention_mask(*q_ids, *k_ids, sliding_window=cfg.sliding_window if slides else None)
+    build = _attention.tile_masks if kind == "tiled" else (
+        lambda qi, ki, sliding_window: attention_mask(*qi, *ki, sliding_window=sliding_window))
+    masks = {slides: build(q_ids, k_ids, sliding_window=cfg.sliding_window if slides else None)
              for slides in set(cfg.layer_slides)}
 
-    def dense(slides, q, k, v):
-        mask = jnp.where(slides, masks[True], masks[False]) if len(masks) == 2 else next(iter(masks.values()))
-        return masked_attention(q, k, v, mask, scale)
+    def layer_masks(slides):
+        if len(masks) == 1:
+            return next(iter(masks.values()))
+        return jax.tree.map(lambda on, off: jnp.where(slides, on, off), masks[True], masks[False])
 
-    return dense
+    if kind == "tiled":
+        return lambda slides, q, k, v: _attention.tiled_attention(q, k, v, layer_masks(slides), scale)
+    return lambda slides, q, k, v: masked_attention(q, k, v, layer_masks(slides), scale)

@@ -1,4 +1,5 @@
-"""Blockwise (flash-style) attention: the math of `layers.masked_attention` without a [T, S] buffer.
+"""Blockwise (flash-style) and tiled attention: the math of `layers.masked_attention` with less of the
+[T, S] scores: blockwise holds none of them at once, tiled computes only the tiles up to the diagonal.
 
 Queries are cut into blocks of `block_q` rows and keys / values into blocks of `block_k` columns.
 For each query block the key blocks are visited in turn with an online softmax: with running max
@@ -37,35 +38,41 @@ import math
 import jax
 import jax.numpy as jnp
 
-from dpo_jax.models.layers import attention_mask
+from dpo_jax.models.layers import attention_mask, masked_attention
 
 # ModelConfig.attention / config.model.attention. 'fused': the accelerator's kernel where the layout
 # allows (models/attend.py), else as 'auto'.
-ATTENTIONS = ("dense", "blockwise", "auto", "fused")
-# The default query and key block, and the row length from which 'auto' runs blockwise (dense below),
+ATTENTIONS = ("dense", "blockwise", "tiled", "auto", "fused")
+# The default query and key block (and query tile), the row length from which 'auto' leaves dense
+# attention, and the longest row it runs tiled (longer: blockwise, memory linear in the row length),
 # by platform (`jax.default_backend()`; others as "default"). Measured on the 2-core CPU train step
-# (docs/performance.md, alternating rounds in one process): blocks of 64 skip more of the pairs that
-# the causal rule hides than blocks of 256, and win from T = 256 on (at T = 320 the step is 1.17x
-# dense's, 1.15x with blocks of 32, 1.00x with 128; at T = 128 they equal dense); at T = 1024,
-# 1.60x dense's against 1.45x with blocks of 256. On accelerators a block pair's matmuls should
-# stay large: 256, and dense below 512 (not measured; the fused kernels are the fast path there).
+# (docs/performance.md, alternating rounds in one process): tiles of 64 rows beat dense from T = 128
+# (1.02x there, 1.04x at T = 320, 1.37x at T = 1024) and blockwise up to T = 1024 (1.18x at T = 320,
+# 1.17x at T = 1024); tiles of 32 or 160 were slower at T = 320, 107 the same. Blockwise beyond
+# T = 1024 keeps the long-row step's memory linear (a tiled layer keeps about half the dense
+# path's [T, T] probabilities for its backward). On accelerators a block pair's matmuls should stay
+# large: 256, dense below 512 and never tiled (not measured; the fused kernels are the fast path).
 BLOCK = {"cpu": 64, "default": 256}
-AUTO_MIN_LENGTH = {"cpu": 256, "default": 512}
+AUTO_MIN_LENGTH = {"cpu": 128, "default": 512}
+TILED_MAX_LENGTH = {"cpu": 1024, "default": 0}
 NO_WINDOW = jnp.iinfo(jnp.int32).max  # a sliding window that hides nothing
 
 
 def for_platform(table: dict) -> int:
-    """This platform's entry of BLOCK or AUTO_MIN_LENGTH."""
+    """This platform's entry of BLOCK, AUTO_MIN_LENGTH or TILED_MAX_LENGTH."""
     return table.get(jax.default_backend(), table["default"])
 
 
 def resolve(kind: str, length: int) -> str:
-    """'dense' or 'blockwise' for `kind` in ATTENTIONS at `length` query rows ('auto', and 'fused'
-    where no fused kernel applies: blockwise iff length >= this platform's AUTO_MIN_LENGTH)."""
+    """'dense', 'tiled' or 'blockwise' for `kind` in ATTENTIONS at `length` query rows. 'auto', and
+    'fused' where no fused kernel applies: dense below this platform's AUTO_MIN_LENGTH, tiled up to
+    its TILED_MAX_LENGTH, blockwise beyond (memory linear in the row length)."""
     if kind not in ATTENTIONS:
         raise ValueError(f"attention must be one of {ATTENTIONS}; got {kind!r}")
     if kind in ("auto", "fused"):
-        return "blockwise" if length >= for_platform(AUTO_MIN_LENGTH) else "dense"
+        if length < for_platform(AUTO_MIN_LENGTH):
+            return "dense"
+        return "tiled" if length <= for_platform(TILED_MAX_LENGTH) else "blockwise"
     return kind
 
 
@@ -237,3 +244,42 @@ def blockwise_attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, q_ids, k_ids, scale: fl
     mean_v_Bx1xKx1xE = jnp.mean(v_BxSxKxE.astype(jnp.float32), axis=1)[:, None, :, None, :]
     o_BxTxKxGxE = jnp.where(seen_BxTxKxG[..., None], o_BxTxKxGxE, mean_v_Bx1xKx1xE)
     return o_BxTxKxGxE.reshape(B, T, H, E).astype(dt)
+
+
+# ----------------------------------------------------------------------------- causal tiles
+
+
+def tile_masks(q_ids, k_ids, *, sliding_window=None, block: int | None = None):
+    """The masks of `tiled_attention` for queries and keys of one row set (S = T, no KV cache):
+    query tile i (rows [lo, hi), `block` rows; default this platform's BLOCK) sees the keys [0, hi),
+    Bx1x(hi - lo)x(hi) bool each, by the rule of `layers.attention_mask`."""
+    T = q_ids[0].shape[1]
+    if k_ids[0].shape[1] != T:
+        raise ValueError(f"tiled attention needs as many keys as queries (no KV cache); got {T} queries and "
+                         f"{k_ids[0].shape[1]} keys")
+    block = min(block or for_platform(BLOCK), T)
+    return [attention_mask(*(x[:, lo:lo + block] for x in q_ids), *(x[:, :lo + block] for x in k_ids),
+                           sliding_window=sliding_window) for lo in range(0, T, block)]
+
+
+def tiled_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, masks, scale: float):
+    """`layers.masked_attention` over the whole row, computed tile by tile: query tile i attends
+    with the dense path over the keys up to its last row only (`tile_masks`), skipping the key
+    tiles after it. Exact for every layout of data/layouts.py, where a query sees no key after
+    it in its row (the prompt comes first, then each branch, segments one after another; tested
+    in tests/data/test_layouts.py): causal rows do about half the dense work, with no loop and no
+    recomputation (the backward keeps each tile's probabilities: memory about half the dense
+    path's, so 'auto' runs it up to `TILED_MAX_LENGTH` tokens only). A row that sees no key
+    averages all T values, as the dense path does."""
+    B, T, H, E = q_BxTxHxE.shape
+    K = k_BxTxKxE.shape[2]
+    outs, seen = [], []
+    for mask in masks:
+        hi = mask.shape[-1]
+        lo = hi - mask.shape[-2]
+        outs.append(masked_attention(q_BxTxHxE[:, lo:hi], k_BxTxKxE[:, :hi], v_BxTxKxE[:, :hi], mask, scale))
+        seen.append(jnp.any(mask[:, 0], axis=-1))
+    o_BxTxKxGxE = jnp.concatenate(outs, axis=1).reshape(B, T, K, H // K, E)
+    seen_BxT = jnp.concatenate(seen, axis=1)
+    mean_v_Bx1xKx1xE = jnp.mean(v_BxTxKxE.astype(jnp.float32), axis=1)[:, None, :, None, :].astype(o_BxTxKxGxE.dtype)
+    return jnp.where(seen_BxT[:, :, None, None, None], o_BxTxKxGxE, mean_v_Bx1xKx1xE).reshape(B, T, H, E)

@@ -4,7 +4,8 @@ GPT-2 and GPT-NeoX/Pythia, configured by one frozen `ModelConfig`.
 Layer parameters are stacked on a leading `layers` axis and the blocks run under `jax.lax.scan`
 (or an unrolled loop), each block a pure function of its arrays (`_block`). Attention follows the
 rule of docs/design.md (`layers.attention_mask`) for the plain forward and for KV-cached decoding
-alike: dense (`layers.masked_attention`, a [T, S] score buffer per layer), blockwise
+alike: dense (`layers.masked_attention`, a [T, S] score buffer per layer), tiled
+(`attention.tiled_attention`, the tiles up to the diagonal), blockwise
 (`attention.blockwise_attention`, memory linear in T), an accelerator's fused kernel, or sharded
 over the mesh's `context` axis, as `attend.layer_attention` chooses from `ModelConfig.attention`.
 The pure layer math (attention rule, RoPE, norms, attention, projections) is in `layers.py`.
@@ -119,7 +120,7 @@ class ModelConfig:
     scan_layers: bool = True  # lax.scan over the layer stack (when at least scan_min_layers deep)
     scan_min_layers: int = 9  # shallower stacks run unrolled: on CPU the scan's residual stacking costs
     # ~12% of a 4-layer train step (docs/performance.md); deep stacks are scanned for a flat compile time
-    attention: str = "auto"  # dense | blockwise | auto (blockwise from attention.AUTO_MIN_LENGTH query rows) | fused
+    attention: str = "auto"  # dense | tiled | blockwise | auto (by row length, attention.resolve) | fused
     attention_layout: str = "standard"  # the rows' data layout: where attention='fused' may use a kernel (attend.py)
 
     @property

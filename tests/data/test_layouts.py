@@ -137,6 +137,23 @@ def test_every_target_sees_exactly_its_own_prefix(seed):
             assert batch["targets_BxT"][row, i] == completion[k], (name, row, i)
 
 
+def assert_no_query_sees_a_later_key(batch, what=""):
+    """The invariant `models.attention.tiled_attention` relies on: under the attention rule, every
+    key a query sees sits at or before it in its row."""
+    seg, pos, br = (np.asarray(batch[k]) for k in ("segment_ids_BxT", "positions_BxT", "branch_ids_BxT"))
+    sees = ((seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] != 0) & (pos[:, None, :] <= pos[:, :, None])
+            & ((br[:, None, :] == 0) | (br[:, None, :] == br[:, :, None])))
+    later = np.triu(np.ones((seg.shape[1], seg.shape[1]), bool), k=1)
+    assert not (sees & later).any(), f"{what}: a query sees a key after it"
+    assert sees.any(), what  # the rule was applied to real rows
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_no_query_sees_a_key_after_it_in_any_layout(seed):
+    for name, batch in _all_layouts(_random_pairs(5, seed), num_pairs=6).items():
+        assert_no_query_sees_a_later_key(batch, name)
+
+
 def test_unpaired_one_row_per_example():
     good = {"prompt_ids": np.array([1, 2]), "completion_ids": np.array([3, 4]), "label": True}
     bad = {"prompt_ids": np.array([1]), "completion_ids": np.array([5]), "label": False}

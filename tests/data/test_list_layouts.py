@@ -13,6 +13,8 @@ from dpo_jax.data import layouts
 from dpo_jax.data.list_layouts import ListLayoutSpec, list_segment
 from dpo_jax.models.transformer import Decoder, ModelConfig
 
+from tests.data.test_layouts import assert_no_query_sees_a_later_key
+
 CFG = ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
 
 
@@ -106,6 +108,8 @@ def test_layouts_of_lists_agree(logit_slots):
     assert batches["standard"]["tokens_BxT"].shape[0] == 20 and batches["prefix"]["tokens_BxT"].shape[0] == 5
     assert batches["packed"]["tokens_BxT"].shape == (3, 64)
     assert all((layouts.SLOTS_KEY in b) == logit_slots for b in batches.values())
+    for name, b in batches.items():
+        assert_no_query_sees_a_later_key(b, name)
     out = {name: _list_logps(model, b, 4) for name, b in batches.items()}
     for name in ("prefix", "packed"):
         np.testing.assert_allclose(out[name][0], out["standard"][0], rtol=1e-5, atol=1e-5, err_msg=name)

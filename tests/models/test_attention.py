@@ -1,7 +1,7 @@
-"""models/attention.py: blockwise attention equals the dense path (`layers.masked_attention` under
-`layers.attention_mask`) in values and gradients on every layout, with the head groupings, windows
-and KV caches the model families use; the Decoder with attention='blockwise' equals
-attention='dense' end to end; memory grows linearly with the row length."""
+"""models/attention.py: blockwise and tiled attention equal the dense path (`layers.masked_attention`
+under `layers.attention_mask`) in values and gradients on every layout, with the head groupings,
+windows and KV caches the model families use; the Decoder with attention='blockwise' or 'tiled'
+equals attention='dense' end to end; blockwise memory grows linearly with the row length."""
 
 import dataclasses
 import functools
@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from dpo_jax.models import attention
-from dpo_jax.models.attention import blockwise_attention
+from dpo_jax.models.attention import blockwise_attention, tile_masks, tiled_attention
 from dpo_jax.models.layers import attention_mask, masked_attention
 from dpo_jax.models.transformer import Decoder, ModelConfig, init_cache
 
@@ -67,36 +67,59 @@ def _qkv(B, T, S, H, K, E=8, seed=0):
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k"))
 def _dense_and_blockwise(q, k, v, q_ids, k_ids, window, *, block_q, block_k):
-    """(o, (dq, dk, dv)) of the dense path and of the blockwise one; the gradients are those of
-    sum(sin(o) * w), w fixed. `window`: traced int32 (NO_WINDOW: none)."""
+    """(o, (dq, dk, dv)) of the dense path, the blockwise one and (keys of the queries' own rows
+    only) the tiled one with tiles of `block_q`; the gradients are those of sum(sin(o) * w), w
+    fixed. `window`: traced int32 (NO_WINDOW: none)."""
     w = jax.random.normal(jax.random.key(9), q.shape)
     mask = attention_mask(*q_ids, *k_ids, sliding_window=window)
     fns = {"dense": lambda q, k, v: masked_attention(q, k, v, mask, 0.35),
            "blockwise": lambda q, k, v: blockwise_attention(q, k, v, q_ids, k_ids, 0.35, sliding_window=window,
                                                             block_q=block_q, block_k=block_k)}
+    if q.shape[1] == k.shape[1]:
+        tiles = tile_masks(q_ids, k_ids, sliding_window=window, block=block_q)
+        fns["tiled"] = lambda q, k, v: tiled_attention(q, k, v, tiles, 0.35)
     return {name: (fn(q, k, v), jax.grad(lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)) * w), argnums=(0, 1, 2))(q, k, v))
             for name, fn in fns.items()}
 
 
 def _assert_same(out, what=""):
-    (o, grads), (o_ref, grads_ref) = out["blockwise"], out["dense"]
-    np.testing.assert_allclose(o, o_ref, **TOL, err_msg=f"o {what}")
-    for name, g, r in zip("qkv", grads, grads_ref):
-        np.testing.assert_allclose(g, r, **TOL, err_msg=f"d{name} {what}")
+    """Every path of `_dense_and_blockwise` equals the dense one."""
+    o_ref, grads_ref = out["dense"]
+    for kind in set(out) - {"dense"}:
+        o, grads = out[kind]
+        np.testing.assert_allclose(o, o_ref, **TOL, err_msg=f"{kind} o {what}")
+        for name, g, r in zip("qkv", grads, grads_ref):
+            np.testing.assert_allclose(g, r, **TOL, err_msg=f"{kind} d{name} {what}")
 
 
-def test_blockwise_equals_dense_on_every_layout():
-    """Standard rows with padding, prefix-shared rows with branches, packed rows of several
-    segments, with and without a sliding window; grouped heads (H = 4 over K = 2) and blocks that
-    do not divide T = 13."""
+@pytest.mark.parametrize("block", [4, 5, 13])
+def test_blockwise_and_tiled_equal_dense_on_every_layout(block):
+    """Standard rows with padding (a row of padding only: it averages all values), prefix-shared
+    rows with branches, packed rows of several segments, with and without a sliding window;
+    grouped heads (H = 4 over K = 2); blocks and tiles that do not divide T = 13, and one tile."""
     ids = _rows(*ROWS)
     q, k, v = _qkv(len(ROWS), 13, 13, H=4, K=2)
     for window in (attention.NO_WINDOW, 3, 1):
-        out = _dense_and_blockwise(q, k, v, ids, ids, jnp.int32(window), block_q=4, block_k=5)
+        out = _dense_and_blockwise(q, k, v, ids, ids, jnp.int32(window), block_q=block, block_k=5)
+        assert set(out) == {"dense", "blockwise", "tiled"}
         for name, rows in LAYOUTS.items():
             first = ROWS.index(rows[0])
             sl = slice(first, first + len(rows))
             _assert_same(jax.tree.map(lambda x: x[sl], out), f"{name}, window {window}")
+
+
+def test_tiled_attention_needs_the_keys_of_its_own_rows():
+    ids = _rows(_standard(8, 4))
+    with pytest.raises(ValueError, match="as many keys as queries"):
+        tile_masks(tuple(x[:, 4:] for x in ids), ids)
+
+
+def test_tiled_attention_skips_the_tiles_after_the_diagonal():
+    """Tiles of 4 over 13 rows: query tile i computes scores over keys [0, 4 (i + 1)) only, so
+    the scores of the tiled path cover (4 + 8 + 12 + 13) * 4 = 148 of the 169 query-key pairs."""
+    ids = _rows(_standard(13, 0))
+    masks = tile_masks(ids, ids, block=4)
+    assert [m.shape for m in masks] == [(1, 1, 4, 4), (1, 1, 4, 8), (1, 1, 4, 12), (1, 1, 1, 13)]
 
 
 def test_blockwise_over_a_kv_cache_with_one_kv_head():
@@ -154,10 +177,15 @@ def test_memory_is_linear_in_the_row_length():
         assert _largest_intermediate(fn, q, k, v) <= 2 * q.size < scores / 2  # two layers' q at most
 
 
-def test_resolve_auto_by_row_length():
-    n = attention.for_platform(attention.AUTO_MIN_LENGTH)
-    assert attention.resolve("auto", n) == "blockwise" and attention.resolve("auto", n - 1) == "dense"
-    assert attention.resolve("dense", 10 * n) == "dense" and attention.resolve("blockwise", 1) == "blockwise"
+def test_resolve_auto_by_row_length(monkeypatch):
+    monkeypatch.setattr(attention, "AUTO_MIN_LENGTH", {"default": 128})
+    monkeypatch.setattr(attention, "TILED_MAX_LENGTH", {"default": 1024})
+    assert [attention.resolve("auto", n) for n in (127, 128, 1024, 1025)] == ["dense", "tiled", "tiled", "blockwise"]
+    assert attention.resolve("fused", 200) == "tiled"  # where no fused kernel applies
+    monkeypatch.setattr(attention, "TILED_MAX_LENGTH", {"default": 0})  # accelerators: never tiled
+    assert [attention.resolve("auto", n) for n in (127, 128)] == ["dense", "blockwise"]
+    assert attention.resolve("dense", 10_000) == "dense" and attention.resolve("blockwise", 1) == "blockwise"
+    assert attention.resolve("tiled", 10_000) == "tiled"
     with pytest.raises(ValueError, match="attention"):
         attention.resolve("flash", 8)
     with pytest.raises(ValueError, match="attention"):
@@ -206,15 +234,16 @@ def _assert_close_tree(tree, ref):
     ("gpt2", {}),  # one KV head per query head, learned positions
     ("mistral", dict(scan_min_layers=9, remat="full")),  # the window on every layer, unrolled, rematerialized
 ], ids=["llama", "qwen3", "gpt2", "mistral_unrolled_remat"])
-def test_decoder_blockwise_equals_dense(preset, kw, monkeypatch):
-    """Hidden states and every parameter gradient; blocks of 4 over rows of 16. (qwen2 and
-    gpt_neox call attention as llama and gpt2 do.)"""
+def test_decoder_blockwise_and_tiled_equal_dense(preset, kw, monkeypatch):
+    """Hidden states and every parameter gradient; blocks and tiles of 4 over rows of 16. (qwen2
+    and gpt_neox call attention as llama and gpt2 do.)"""
     monkeypatch.setattr(attention, "BLOCK", {"default": 4})
     cfg = tiny(preset, attention="dense", init_std=0.05, **kw)
     h_dense, g_dense = _forward_and_grads(cfg)
-    h, g = _forward_and_grads(dataclasses.replace(cfg, attention="blockwise"))
-    np.testing.assert_allclose(h, h_dense, **TOL)
-    _assert_close_tree(g, g_dense)
+    for kind in ("blockwise", "tiled"):
+        h, g = _forward_and_grads(dataclasses.replace(cfg, attention=kind))
+        np.testing.assert_allclose(h, h_dense, **TOL, err_msg=kind)
+        _assert_close_tree(g, g_dense)
 
 
 def test_decoder_auto_and_kv_cache(monkeypatch):

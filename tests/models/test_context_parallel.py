@@ -58,7 +58,7 @@ def decoder_value_and_grad(cfg, ids, mesh_shape=None):
     return value, grads, str(jax.make_jaxpr(fn)(params))
 
 
-@pytest.mark.parametrize("attention", ["dense", "blockwise"])
+@pytest.mark.parametrize("attention", ["dense", "blockwise", "tiled"])  # tiled: blockwise on each shard
 def test_decoder_with_context_shards_equals_unsharded(attention):
     """Every layout in one batch, GQA, one sliding and one full layer: context=4 (with and without
     tensor=2) gives the unsharded values and parameter gradients to 1e-5."""
