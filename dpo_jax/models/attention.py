@@ -34,11 +34,12 @@ path's softmax over uniformly masked scores gives (never NaN); such rows send no
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from dpo_jax.models.layers import attention_mask, masked_attention
+from dpo_jax.models.layers import attention_bias, attention_mask, masked_attention
 
 # ModelConfig.attention / config.model.attention. 'fused': the accelerator's kernel where the layout
 # allows (models/attend.py), else as 'auto'.
@@ -249,37 +250,51 @@ def blockwise_attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, q_ids, k_ids, scale: fl
 # ----------------------------------------------------------------------------- causal tiles
 
 
-def tile_masks(q_ids, k_ids, *, sliding_window=None, block: int | None = None):
-    """The masks of `tiled_attention` for queries and keys of one row set (S = T, no KV cache):
-    query tile i (rows [lo, hi), `block` rows; default this platform's BLOCK) sees the keys [0, hi),
-    Bx1x(hi - lo)x(hi) bool each, by the rule of `layers.attention_mask`."""
+class Tile(NamedTuple):
+    """One query tile of `tiled_attention`: its scores' additive bias over the keys [0, end of the
+    tile) (`layers.attention_bias` of the rule's mask, Bx1xQxS float32) and which of its rows see
+    some key (BxQ bool)."""
+
+    bias_Bx1xQxS: jax.Array
+    seen_BxQ: jax.Array
+
+
+def tile_masks(q_ids, k_ids, *, sliding_window=None, block: int | None = None) -> list[Tile]:
+    """The tiles of `tiled_attention` for queries and keys of one row set (S = T, no KV cache):
+    query tile i (rows [lo, hi), `block` rows; default this platform's BLOCK) sees the keys [0, hi)
+    by the rule of `layers.attention_mask`. Built once for all layers, as the dense mask is."""
     T = q_ids[0].shape[1]
     if k_ids[0].shape[1] != T:
         raise ValueError(f"tiled attention needs as many keys as queries (no KV cache); got {T} queries and "
                          f"{k_ids[0].shape[1]} keys")
     block = min(block or for_platform(BLOCK), T)
-    return [attention_mask(*(x[:, lo:lo + block] for x in q_ids), *(x[:, :lo + block] for x in k_ids),
-                           sliding_window=sliding_window) for lo in range(0, T, block)]
+    tiles = []
+    for lo in range(0, T, block):
+        mask = attention_mask(*(x[:, lo:lo + block] for x in q_ids), *(x[:, :lo + block] for x in k_ids),
+                              sliding_window=sliding_window)
+        tiles.append(Tile(attention_bias(mask), jnp.any(mask[:, 0], axis=-1)))
+    return tiles
 
 
-def tiled_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, masks, scale: float):
+def tiled_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, tiles: list[Tile], scale: float):
     """`layers.masked_attention` over the whole row, computed tile by tile: query tile i attends
     with the dense path over the keys up to its last row only (`tile_masks`), skipping the key
     tiles after it. Exact for every layout of data/layouts.py, where a query sees no key after
     it in its row (the prompt comes first, then each branch, segments one after another; tested
     in tests/data/test_layouts.py): causal rows do about half the dense work, with no loop and no
     recomputation (the backward keeps each tile's probabilities: memory about half the dense
-    path's, so 'auto' runs it up to `TILED_MAX_LENGTH` tokens only). A row that sees no key
-    averages all T values, as the dense path does."""
+    path's, so 'auto' runs it up to `TILED_MAX_LENGTH` tokens only). The mask enters as an additive
+    bias (a cheaper backward); a row that sees no key averages all T values, as the dense path
+    does, and sends no gradient to q or k."""
     B, T, H, E = q_BxTxHxE.shape
     K = k_BxTxKxE.shape[2]
-    outs, seen = [], []
-    for mask in masks:
-        hi = mask.shape[-1]
-        lo = hi - mask.shape[-2]
-        outs.append(masked_attention(q_BxTxHxE[:, lo:hi], k_BxTxKxE[:, :hi], v_BxTxKxE[:, :hi], mask, scale))
-        seen.append(jnp.any(mask[:, 0], axis=-1))
+    outs = []
+    for tile in tiles:
+        hi = tile.bias_Bx1xQxS.shape[-1]
+        lo = hi - tile.bias_Bx1xQxS.shape[-2]
+        outs.append(masked_attention(q_BxTxHxE[:, lo:hi], k_BxTxKxE[:, :hi], v_BxTxKxE[:, :hi], tile.bias_Bx1xQxS,
+                                     scale))
     o_BxTxKxGxE = jnp.concatenate(outs, axis=1).reshape(B, T, K, H // K, E)
-    seen_BxT = jnp.concatenate(seen, axis=1)
+    seen_BxT = jnp.concatenate([tile.seen_BxQ for tile in tiles], axis=1)
     mean_v_Bx1xKx1xE = jnp.mean(v_BxTxKxE.astype(jnp.float32), axis=1)[:, None, :, None, :].astype(o_BxTxKxGxE.dtype)
     return jnp.where(seen_BxT[:, :, None, None, None], o_BxTxKxGxE, mean_v_Bx1xKx1xE).reshape(B, T, H, E)

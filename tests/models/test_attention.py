@@ -16,7 +16,7 @@ from flax import nnx
 
 from dpo_jax.models import attention
 from dpo_jax.models.attention import blockwise_attention, tile_masks, tiled_attention
-from dpo_jax.models.layers import attention_mask, masked_attention
+from dpo_jax.models.layers import attention_bias, attention_mask, masked_attention
 from dpo_jax.models.transformer import Decoder, ModelConfig, init_cache
 
 from tests.models.test_transformer import tiny
@@ -117,9 +117,29 @@ def test_tiled_attention_needs_the_keys_of_its_own_rows():
 def test_tiled_attention_skips_the_tiles_after_the_diagonal():
     """Tiles of 4 over 13 rows: query tile i computes scores over keys [0, 4 (i + 1)) only, so
     the scores of the tiled path cover (4 + 8 + 12 + 13) * 4 = 148 of the 169 query-key pairs."""
-    ids = _rows(_standard(13, 0))
-    masks = tile_masks(ids, ids, block=4)
-    assert [m.shape for m in masks] == [(1, 1, 4, 4), (1, 1, 4, 8), (1, 1, 4, 12), (1, 1, 1, 13)]
+    ids = _rows(_standard(9, 4))
+    tiles = tile_masks(ids, ids, block=4)
+    assert [t.bias_Bx1xQxS.shape for t in tiles] == [(1, 1, 4, 4), (1, 1, 4, 8), (1, 1, 4, 12), (1, 1, 1, 13)]
+    mask = np.asarray(attention_mask(*ids, *ids))
+    for i, t in enumerate(tiles):  # the additive form of the rule's mask on the tile; padding rows see nothing
+        rows, keys = slice(4 * i, 4 * i + 4), slice(0, 4 * i + 4)
+        np.testing.assert_array_equal(np.asarray(t.bias_Bx1xQxS) == 0, mask[:, :, rows, keys])
+        assert set(np.unique(t.bias_Bx1xQxS)) <= {0.0, np.finfo(np.float32).min}
+        np.testing.assert_array_equal(t.seen_BxQ, mask[:, 0, rows].any(-1))
+    assert not np.asarray(tiles[-1].seen_BxQ).any() and np.asarray(tiles[1].seen_BxQ).all()
+
+
+def test_an_additive_bias_gives_the_masked_scores_exactly():
+    """`layers.masked_attention` with `attention_bias(mask)` equals it with the bool mask bit for
+    bit on rows that see some key."""
+    ids = _rows(*ROWS)
+    q, k, v = _qkv(len(ROWS), 13, 13, H=4, K=2, seed=4)
+    mask = attention_mask(*ids, *ids)
+    seen = np.asarray(mask[:, 0].any(-1))
+    o_mask = np.asarray(masked_attention(q, k, v, mask, 0.35))
+    o_bias = np.asarray(masked_attention(q, k, v, attention_bias(mask), 0.35))
+    np.testing.assert_array_equal(o_bias[seen], o_mask[seen])
+    assert not seen.all()  # the padded rows were there
 
 
 def test_blockwise_over_a_kv_cache_with_one_kv_head():
