@@ -32,7 +32,7 @@ import time
 from dpo_jax import host_memory
 
 if __name__ == "__main__":  # before the heavy imports: the process may be re-executed
-    host_memory.reexec_with_malloc_tunables()
+    host_memory.reexec_with_malloc_tunables(keep_heap=True)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from flax import nnx  # noqa: E402
