@@ -242,9 +242,14 @@ def blockwise_attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, q_ids, k_ids, scale: fl
     o, lse = _flash(q_NqxBxKxGxQxE, k_NkxBxKxCxE, v_NkxBxKxCxE, q_ids, k_ids, window)
     o_BxTxKxGxE = o.transpose(1, 0, 4, 2, 3, 5).reshape(B, nq * bq, K, G, E)[:, :T]
     seen_BxTxKxG = jnp.isfinite(lse.transpose(1, 0, 4, 2, 3).reshape(B, nq * bq, K, G)[:, :T])
+    return _average_unseen_rows(o_BxTxKxGxE, seen_BxTxKxG[..., None], v_BxSxKxE).reshape(B, T, H, E).astype(dt)
+
+
+def _average_unseen_rows(o_BxTxKxGxE, seen, v_BxSxKxE):
+    """o where `seen` (broadcast to o), else the mean of all S values of the row's key/value head:
+    what the dense path's softmax over uniformly masked scores gives."""
     mean_v_Bx1xKx1xE = jnp.mean(v_BxSxKxE.astype(jnp.float32), axis=1)[:, None, :, None, :]
-    o_BxTxKxGxE = jnp.where(seen_BxTxKxG[..., None], o_BxTxKxGxE, mean_v_Bx1xKx1xE)
-    return o_BxTxKxGxE.reshape(B, T, H, E).astype(dt)
+    return jnp.where(seen, o_BxTxKxGxE, mean_v_Bx1xKx1xE.astype(o_BxTxKxGxE.dtype))
 
 
 # ----------------------------------------------------------------------------- causal tiles
@@ -296,5 +301,4 @@ def tiled_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, tiles: list[Tile], scale: f
                                      scale))
     o_BxTxKxGxE = jnp.concatenate(outs, axis=1).reshape(B, T, K, H // K, E)
     seen_BxT = jnp.concatenate([tile.seen_BxQ for tile in tiles], axis=1)
-    mean_v_Bx1xKx1xE = jnp.mean(v_BxTxKxE.astype(jnp.float32), axis=1)[:, None, :, None, :].astype(o_BxTxKxGxE.dtype)
-    return jnp.where(seen_BxT[:, :, None, None, None], o_BxTxKxGxE, mean_v_Bx1xKx1xE).reshape(B, T, H, E)
+    return _average_unseen_rows(o_BxTxKxGxE, seen_BxT[:, :, None, None, None], v_BxTxKxE).reshape(B, T, H, E)
