@@ -102,7 +102,8 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
 
     # --- log-probs (dpo_jax/logprobs.py): tiles of positions x vocabulary, never [B, T, V] float32 logits
     c.logprobs = dict(
-        chunk_size=1024,        # positions per tile
+        chunk_size=1024,        # positions per tile of vocab_chunk_size columns (a narrower vocabulary:
+                                # proportionally more, logprobs.positions_per_tile)
         vocab_chunk_size=8192,  # vocabulary entries per tile
     )
 

@@ -248,6 +248,13 @@ def _chunked_bwd(vocab_chunk_size, residuals, g_KxR):
 _chunked_logps.defvjp(_chunked_fwd, _chunked_bwd)
 
 
+def positions_per_tile(chunk_size: int, vocab_chunk_size: int, vocab: int) -> int:
+    """Rmax of `token_logps`: chunk_size positions per tile of vocab_chunk_size columns, and
+    proportionally more when the whole vocabulary is narrower, so that a tile never holds more
+    than chunk_size x vocab_chunk_size float32 logits."""
+    return chunk_size * vocab_chunk_size // min(vocab, vocab_chunk_size)
+
+
 def token_logps(
     hidden,
     unembed_DxV,
@@ -261,14 +268,16 @@ def token_logps(
 
     hidden: [N, D] or [B, T, D] (any leading shape), float32 or bfloat16; unembed_DxV: [D, V];
     targets: int, hidden's leading shape, values in [0, V) (others give NaN); bias_V: optional [V].
-    Positions are cut into ceil(N / chunk_size) chunks of R <= chunk_size rows (chunk k takes rows
-    k, k + K, k + 2K, ..., so a batch sharding of the positions stays on the rows of every chunk);
-    the vocabulary into contiguous chunks of Vc = vocab_chunk_size columns (plus a tail).
+    The vocabulary is cut into contiguous chunks of Vc = min(V, vocab_chunk_size) columns (plus a
+    tail); the positions into ceil(N / Rmax) chunks of R <= Rmax rows, Rmax = chunk_size *
+    vocab_chunk_size // Vc, so a tile holds at most chunk_size x vocab_chunk_size logits whatever V
+    (a vocabulary narrower than vocab_chunk_size takes more positions per tile). Chunk k takes rows
+    k, k + K, k + 2K, ..., so a batch sharding of the positions stays on the rows of every chunk.
     Forward: per position chunk, an online log-sum-exp over vocabulary chunks. Backward (custom
     VJP, logits recomputed): per vocabulary chunk, a scan over position chunks. Live memory beyond
     inputs and gradients: a few [R, Vc] float32 tiles, [D, Vc] float32, and a float32 [N, D]
-    accumulator for d hidden. When one tile holds everything (N <= chunk_size, V <=
-    vocab_chunk_size), its float32 softmax is kept from the forward for the backward.
+    accumulator for d hidden. When one tile holds everything (N <= Rmax, V <= vocab_chunk_size),
+    its float32 softmax is kept from the forward for the backward.
     Gradients w.r.t. hidden, unembed and bias come back in their dtypes.
     Both chunk sizes must be Python ints (static under jit).
     """
@@ -277,8 +286,8 @@ def token_logps(
     vocab_chunk_size = _positive_int("vocab_chunk_size", vocab_chunk_size)
     lead, d = hidden.shape[:-1], hidden.shape[-1]
     n = math.prod(lead)
-    num_chunks = max(1, -(-n // chunk_size))
-    rows = -(-n // num_chunks)  # <= chunk_size; pads fewer than num_chunks rows
+    num_chunks = max(1, -(-n // positions_per_tile(chunk_size, vocab_chunk_size, unembed_DxV.shape[1])))
+    rows = -(-n // num_chunks)  # <= positions_per_tile; pads fewer than num_chunks rows
     pad = num_chunks * rows - n
     h_NxD = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0)))
     t_N = jnp.pad(targets.reshape(n).astype(jnp.int32), (0, pad))

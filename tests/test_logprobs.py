@@ -10,6 +10,7 @@ from dpo_jax.logprobs import (
     SequenceLogps,
     completion_logps,
     naive_token_logps,
+    positions_per_tile,
     sequence_logps,
     token_logps,
 )
@@ -48,6 +49,7 @@ SHAPES = [
     ((3, 6), 12, 50, 100, 1000),
     ((64,), 8, 11, 10, 4),
     ((5,), 4, 300, 2, 64),
+    ((40,), 8, 16, 4, 64),  # V < vocab_chunk_size: 16 positions per tile, three chunks of 14
 ]
 
 
@@ -145,6 +147,29 @@ def test_compiles_once_for_a_fixed_shape():
     hidden, unembed, _, targets, _ = _inputs(0, (2, 6), 8, 20)
     with pytest.raises(AssertionError):  # the guard is live: a new shape retraces
         loss_and_grads(hidden, unembed, targets)
+
+
+@pytest.mark.parametrize("chunk,vchunk,v,rows", [
+    (1024, 8192, 32000, 1024),  # a full vocabulary tile: chunk_size positions
+    (1024, 8192, 8192, 1024),
+    (1024, 8192, 4096, 2048),  # half as wide: twice the positions
+    (1024, 8192, 3000, 2796),
+    (3, 10, 37, 3),
+])
+def test_a_tile_holds_at_most_chunk_size_times_vocab_chunk_size_logits(chunk, vchunk, v, rows):
+    assert positions_per_tile(chunk, vchunk, v) == rows
+    assert rows * min(v, vchunk) <= chunk * vchunk < (rows + 1) * min(v, vchunk)
+
+
+def test_a_narrow_vocabulary_keeps_more_positions_in_one_tile():
+    """N = 1280 positions of a 4096-entry vocabulary fit one tile of the default sizes (1024 x 8192
+    logits): no scan over position chunks, and the softmax is kept for the backward; N = 2049 does not."""
+    def jaxpr(n):
+        h, w, t = jnp.zeros((n, 8)), jnp.zeros((8, 4096)), jnp.zeros((n,), jnp.int32)
+        return str(jax.make_jaxpr(jax.grad(lambda h: jnp.sum(token_logps(h, w, t))))(h))
+
+    assert "scan" not in jaxpr(1280)
+    assert "scan" in jaxpr(2049)
 
 
 @pytest.mark.parametrize(
