@@ -37,6 +37,8 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
                                 # linear in the row length) | auto: by row length, models/attention.py
                                 # AUTO_MIN_LENGTH and TILED_MAX_LENGTH (docs/performance.md) |
                                 # fused: cuDNN (GPU) / Pallas splash (TPU) where data.layout allows, else auto
+        attention_block=0,      # query/key block of blockwise, query tile of tiled; 0 = models/attention.py
+                                # BLOCK of the platform (64 on CPU, 256 elsewhere)
         tokenizer="",           # tokenizer dir; empty = model.path, or the synthetic world's tokenizer
         lora=dict(rank=0, alpha=16.0, targets=("attention", "mlp")),  # rank 0 = full fine-tuning
     )

@@ -67,7 +67,8 @@ _ARCH = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_layers
          "tie_embeddings")
 # BenchConfig field -> the training config key it sets.
 TRAINING_KEYS = {**{f: f"model.arch.{f}" for f in _ARCH},
-                 **{f: f"model.{f}" for f in ("dtype", "param_dtype", "remat", "scan_min_layers", "attention")},
+                 **{f: f"model.{f}" for f in ("dtype", "param_dtype", "remat", "scan_min_layers", "attention",
+                                               "attention_block")},
                  **{f: f"data.{f}" for f in ("layout", "logit_slots", "min_bucket", "pack_length",
                                               "prefix_min_saving")},
                  **{f: f"logprobs.{f}" for f in ("chunk_size", "vocab_chunk_size")},
@@ -95,6 +96,7 @@ class BenchConfig:
     remat: str = _BASE.model.remat
     scan_min_layers: int = _BASE.model.scan_min_layers  # stacks this deep are scanned (0: all), others unrolled
     attention: str = _BASE.model.attention  # dense | blockwise | auto | fused (model.attention)
+    attention_block: int = _BASE.model.attention_block  # 0: the platform's attention.BLOCK
     layout: str = _BASE.data.layout  # standard | prefix | packed
     logit_slots: bool = _BASE.data.logit_slots  # logits only at completion positions (--no-logit-slots: all)
     min_bucket: int = _BASE.data.min_bucket  # rows padded to powers of two from here up to data.max_length

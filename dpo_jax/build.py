@@ -149,9 +149,10 @@ def logit_bias(config, vocab_size: int) -> Optional[np.ndarray]:
 
 
 def attention_kw(config) -> dict:
-    """The model's attention settings: config.model.attention, and the rows' layout (data.layout), which
-    says where attention='fused' may run an accelerator's kernel (`models/attend.py`)."""
-    return dict(attention=config.model.attention, attention_layout=config.data.layout)
+    """The model's attention settings: config.model.attention and attention_block, and the rows' layout
+    (data.layout), which says where attention='fused' may run an accelerator's kernel (`models/attend.py`)."""
+    return dict(attention=config.model.attention, attention_block=config.model.attention_block,
+                attention_layout=config.data.layout)
 
 
 def _load_kw(config, mesh) -> dict:

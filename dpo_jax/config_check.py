@@ -103,6 +103,7 @@ def validate(config) -> None:
     _choice("model.remat", config.model.remat, REMAT_POLICIES)
     _choice("model.attention", config.model.attention, transformer.ATTENTIONS)
     _positive("model.scan_min_layers", config.model.scan_min_layers, zero_ok=True)
+    _positive("model.attention_block", config.model.attention_block, zero_ok=True)
     _choice("data.layout", config.data.layout, layouts.LAYOUTS)  # before the model, which reads it
     if not config.model.path:
         _choice("model.arch.family", config.model.arch.family, FAMILIES)

@@ -47,8 +47,8 @@ SFT_NEUTRAL = ("loss.", "reference.", "eval.", "model.lora.", "train.steps", "tr
 # exactly one of SFT_NEUTRAL and SFT_CHANGING (tests/configs/test_base_keys.py); a key in neither
 # counts as SFT-changing.
 SFT_CHANGING = ("seed", "model.path", "model.arch.", "model.dtype", "model.param_dtype", "model.remat",
-                "model.scan_min_layers", "model.attention", "model.tokenizer", "data.source", "data.name",
-                "data.format",
+                "model.scan_min_layers", "model.attention", "model.attention_block", "model.tokenizer",
+                "data.source", "data.name", "data.format",
                 "data.train_split", "data.eval_split", "data.eval_fraction", "data.eval_source", "data.max_length",
                 "data.max_prompt_length", "data.truncation_mode", "data.layout", "data.prefix_min_saving",
                 "data.logit_slots", "data.min_bucket", "data.pack_length", "data.num_threads", "data.strict",

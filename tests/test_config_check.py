@@ -106,7 +106,7 @@ def test_family_checked_only_for_random_init():
     ("optim", "lr", 0.0, "> 0"), ("optim", "grad_accum", 0, "> 0"), ("optim", "warmup_steps", -1, ">= 0"),
     ("train", "steps", -1, ">= 0"), ("train", "log_every", 0, "> 0"), ("train", "eval_every", -5, ">= 0"),
     ("train", "keep_checkpoints", -1, ">= 0"), ("train", "max_skipped_steps", -1, ">= 0"), ("sft", "steps", -1, ">= 0"), ("sft", "warmup_steps", -1, ">= 0"),
-    ("sft", "batch_size", 0, "> 0"), ("train", "peak_flops", -1.0, ">= 0"),
+    ("sft", "batch_size", 0, "> 0"), ("train", "peak_flops", -1.0, ">= 0"), ("model", "attention_block", -1, ">= 0"),
 ])
 def test_numbers_out_of_range(section, key, bad, bound):
     raises(config(**{section: {key: bad}}), f"config.{section}.{key}={bad!r}", bound)

@@ -17,6 +17,8 @@ says. In order:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -78,15 +80,17 @@ def local_attention(cfg, T: int, q_ids, k_ids):
     scale = cfg.head_dim ** -0.5
     window = _windows(cfg)
     kind = _attention.resolve(cfg.attention, T)
+    block = cfg.attention_block or None  # None: this platform's attention.BLOCK
     if kind == "tiled" and q_ids[0].shape[1] != k_ids[0].shape[1]:
         kind = "blockwise"
     if kind == "blockwise":
         def blockwise(slides, q, k, v):
             w = jnp.where(slides, cfg.sliding_window, _attention.NO_WINDOW) if window == "mixed" else window
-            return _attention.blockwise_attention(q, k, v, q_ids, k_ids, scale, sliding_window=w)
+            return _attention.blockwise_attention(q, k, v, q_ids, k_ids, scale, sliding_window=w, block_q=block,
+                                                  block_k=block)
 
         return blockwise
-    build = _attention.tile_masks if kind == "tiled" else (
+    build = functools.partial(_attention.tile_masks, block=block) if kind == "tiled" else (
         lambda qi, ki, sliding_window: attention_mask(*qi, *ki, sliding_window=sliding_window))
     masks = {slides: build(q_ids, k_ids, sliding_window=cfg.sliding_window if slides else None)
              for slides in set(cfg.layer_slides)}

@@ -122,6 +122,7 @@ class ModelConfig:
     # ~12% of a 4-layer train step (docs/performance.md); deep stacks are scanned for a flat compile time
     attention: str = "auto"  # dense | tiled | blockwise | auto (by row length, attention.resolve) | fused
     attention_layout: str = "standard"  # the rows' data layout: where attention='fused' may use a kernel (attend.py)
+    attention_block: int = 0  # query and key block of blockwise attention, query tile of tiled; 0: attention.BLOCK
 
     @property
     def scanned(self) -> bool:
@@ -155,6 +156,9 @@ class ModelConfig:
         if self.position == "rope" and (self.rotary_dim % 2 or self.rotary_dim == 0):
             raise ValueError(f"ModelConfig.rotary_fraction * head_dim must be a positive even number; "
                              f"got {self.rotary_fraction} * {self.head_dim}")
+        if not isinstance(self.attention_block, int) or self.attention_block < 0:
+            raise ValueError(f"ModelConfig.attention_block must be an integer >= 0 (0: this platform's "
+                             f"attention.BLOCK); got {self.attention_block!r}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"ModelConfig.sliding_window must be positive or None; got {self.sliding_window}")
         if self.sliding_layers is not None and len(self.sliding_layers) != self.num_layers:

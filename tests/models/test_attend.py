@@ -102,10 +102,10 @@ def test_fused_falls_back_where_no_kernel_applies(on, case):
         assert "pallas_call" not in _assert_equal_to_dense(cfg, layout)
 
 
-def test_the_run_config_passes_the_data_layout():
+def test_the_run_config_passes_the_data_layout_and_the_block():
     from dpo_jax import build
     from configs import base
 
     config = base.get_config()
-    config.model.attention, config.data.layout = "fused", "packed"
-    assert build.attention_kw(config) == dict(attention="fused", attention_layout="packed")
+    config.model.attention, config.model.attention_block, config.data.layout = "fused", 32, "packed"
+    assert build.attention_kw(config) == dict(attention="fused", attention_block=32, attention_layout="packed")

@@ -266,6 +266,30 @@ def test_decoder_blockwise_and_tiled_equal_dense(preset, kw, monkeypatch):
         _assert_close_tree(g, g_dense)
 
 
+def test_attention_block_sets_the_blocks_and_the_tiles():
+    """ModelConfig.attention_block (config.model.attention_block) replaces the platform's BLOCK: over
+    rows of 16, blockwise and tiled with blocks of 4 and 8 equal dense, and tiled runs T / block
+    tiles, one exp each (the scanned layer's body is traced once); 0 keeps BLOCK; < 0 is refused."""
+    cfg = tiny("llama", attention="dense", init_std=0.05)
+    h_dense, g_dense = _forward_and_grads(cfg)
+    toks, pos, seg, br = _batch()
+
+    def exps(cfg):
+        model = Decoder(cfg, rngs=nnx.Rngs(0))
+        fwd = lambda model: model(toks, positions_BxT=pos, segment_ids_BxT=seg, branch_ids_BxT=br)  # noqa: E731
+        return str(jax.make_jaxpr(lambda s: fwd(nnx.merge(nnx.graphdef(model), s)))(nnx.state(model))).count(" exp ")
+
+    for block in (4, 8):
+        for kind in ("blockwise", "tiled"):
+            h, g = _forward_and_grads(dataclasses.replace(cfg, attention=kind, attention_block=block))
+            np.testing.assert_allclose(h, h_dense, **TOL, err_msg=f"{kind} {block}")
+            _assert_close_tree(g, g_dense)
+        assert exps(dataclasses.replace(cfg, attention="tiled", attention_block=block)) == toks.shape[1] // block
+    assert exps(dataclasses.replace(cfg, attention="tiled")) == 1  # BLOCK 64 on the CPU: one tile of 16
+    with pytest.raises(ValueError, match="attention_block"):
+        dataclasses.replace(cfg, attention_block=-1)
+
+
 def test_decoder_auto_and_kv_cache(monkeypatch):
     """attention='auto' at a row of AUTO_MIN_LENGTH runs blockwise; prefilling 6 tokens into a
     10-slot KV cache (4 slots empty) gives the dense decoder's hidden states and cache."""
