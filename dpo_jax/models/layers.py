@@ -140,14 +140,23 @@ def masked_attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, mask_Bx1xTxS, scale: float
     return o.astype(q_BxTxHxE.dtype).transpose(0, 3, 1, 2, 4).reshape(B, T, H, E)
 
 
-def dense(x, w, in_axes: int = 1):
+def dense(x, w, in_axes: int = 1, *, float32_product: bool = True):
     """x [..., I1..Ik] @ w [I1..Ik, O...] (k = in_axes) as ONE 2-D matmul over the flattened rows,
-    accumulated in float32 and returned in x's dtype. Same math as the einsum; on XLA:CPU the
-    backward of a 3-D einsum such as "btd,df->btf" materializes transposed copies of the [B*T, F]
-    activations and runs about 2x slower. Asking for the float32 accumulation explicitly (what a
-    bfloat16 matmul does anyway) keeps XLA:CPU from holding float32 copies of a bfloat16 stack's
-    outputs: 0.5 GB less in the long-row step of docs/performance.md."""
+    returned in x's dtype (accumulated in float32 either way). Same math as the einsum; on XLA:CPU
+    the backward of a 3-D einsum such as "btd,df->btf" materializes transposed copies of the [B*T, F]
+    activations and runs about 2x slower.
+
+    `float32_product`: ask for the float32 product and round it to x's dtype. XLA:CPU runs a bfloat16
+    matmul in float32 anyway, and asking keeps it from holding float32 copies of a bfloat16 stack's
+    outputs (0.5 GB less in the long-row step of docs/performance.md), so the decoder asks on the
+    CPU only. Elsewhere the product's cotangent would come back float32 and the backward's matmuls
+    (two thirds of training's) would take float32 operands on GPU (bfloat16 x float32 on TPU);
+    without it they take x's dtype, as the forward's do."""
     lead, inner = x.shape[:x.ndim - in_axes], x.shape[x.ndim - in_axes:]
     k = math.prod(inner)
-    y = jnp.matmul(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=jnp.float32).astype(x.dtype)
+    x_MxK, w_KxN = x.reshape(-1, k), w.reshape(k, -1)
+    if float32_product:
+        y = jnp.matmul(x_MxK, w_KxN, preferred_element_type=jnp.float32).astype(x.dtype)
+    else:
+        y = jnp.matmul(x_MxK, w_KxN.astype(x.dtype))
     return y.reshape(*lead, *w.shape[in_axes:])

@@ -38,7 +38,7 @@ from dpo_jax.models import context_parallel
 from dpo_jax.models.attend import backend, layer_attention
 from dpo_jax.models.attention import ATTENTIONS
 from dpo_jax.models.fused_attention import LAYOUTS as ATTENTION_LAYOUTS
-from dpo_jax.models.layers import (activation as _act, apply_rope, dense as _dense, norm as _norm, rope_inv_freq,
+from dpo_jax.models.layers import (activation as _act, apply_rope, dense as _dense_2d, norm as _norm, rope_inv_freq,
                                    rope_sin_cos)
 
 __all__ = ["ModelConfig", "RopeScaling", "Decoder", "init_cache", "num_params", "param_shapes", "layer_param_shapes",
@@ -185,6 +185,7 @@ def _block(cfg: ModelConfig, x_BxTxD, p: dict, attend, sin, cos, kv_cache=None, 
     Returns (x, (k, v) or None)."""
     dt = x_BxTxD.dtype
     w = {k: v.astype(dt) for k, v in p.items()}
+    _dense = functools.partial(_dense_2d, float32_product=backend() == "cpu")  # layers.dense
     bias = lambda name: w.get(name)  # noqa: E731
     add = lambda y, b: y if b is None else y + b  # noqa: E731
 
@@ -370,15 +371,17 @@ class Decoder(nnx.Module):
             setattr(owner, name, _param(values[path], axes))
 
     def unembedding(self):
-        """(W_DxV, bias_V or None): the lm_head, or the transposed tied embedding."""
+        """(W_DxV, bias_V or None): the lm_head, or the transposed tied embedding, in the compute dtype
+        as every layer's weights are (bfloat16 compute over float32 master weights runs the log-probs'
+        matmuls in bfloat16, accumulated in float32; the gradient reaches the weights in their dtype)."""
         w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-        return w, None
+        return w.astype(self.cfg.dtype), None
 
     def logits(self, hidden_BxTxD):
         """hidden @ W_DxV in the compute dtype, accumulated and returned in float32."""
         w, b = self.unembedding()
         dt = jnp.dtype(self.cfg.dtype)
-        out = jnp.einsum("btd,dv->btv", hidden_BxTxD.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
+        out = jnp.einsum("btd,dv->btv", hidden_BxTxD.astype(dt), w, preferred_element_type=jnp.float32)
         return out if b is None else out + b.astype(jnp.float32)
 
     def __call__(self, tokens_BxT, *, positions_BxT=None, segment_ids_BxT=None, branch_ids_BxT=None,

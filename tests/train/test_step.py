@@ -16,6 +16,7 @@ from dpo_jax.train import loop, step
 from dpo_jax.train import state as train_state
 from dpo_jax.data import layouts
 from dpo_jax.models.transformer import Decoder, ModelConfig
+from tests.models.test_layers import lowered_dots
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
 
@@ -167,6 +168,34 @@ def test_logit_bias_masks_tokens_in_every_log_prob():
     np.testing.assert_allclose(np.asarray(got.chosen), want, rtol=2e-5)
     plain = step.model_logps(dataclasses.replace(cfg, logit_bias_V=None), state.params, batch)
     assert np.all(np.asarray(got.chosen) > np.asarray(plain.chosen))  # mass of the masked ids went to the rest
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["lm_head", "tied"])
+def test_bfloat16_compute_runs_the_log_probs_matmuls_in_bfloat16(tie):
+    """dtype bfloat16 over float32 master weights: the unembedding enters the log-probs in bfloat16
+    (every [D, V] product of the gradient takes bfloat16 operands, as the layers' forward products
+    do; they took float32 before), its gradient comes back float32, and the log-probs stay within
+    bfloat16 rounding of float32's."""
+    cfg32 = dataclasses.replace(CFG, vocab_size=72, tie_embeddings=tie)  # V = 72: no other dimension
+    batch = make_batches(steps=1)[0]
+    out = {}
+    for name, cfg in (("float32", cfg32), ("bfloat16", dataclasses.replace(cfg32, dtype="bfloat16"))):
+        model = Decoder(cfg, rngs=nnx.Rngs(0))
+        assert model.unembedding()[0].dtype == jnp.dtype(name)
+        graphdef, params = nnx.split(model)
+        params = nnx.to_pure_dict(params)
+        scfg = step.StepConfig(graphdef=graphdef, objective=losses.Objective(("sigmoid",)), tx=optax.sgd(1.0),
+                               lr=lambda s: 1.0, chunk_size=64, vocab_chunk_size=128)  # one vocabulary chunk
+        fn = lambda p: jnp.sum(step.model_logps(scfg, p, batch).chosen)  # noqa: E731
+        value, grads = jax.value_and_grad(fn)(params)
+        out[name] = float(value)
+        assert (grads["embed"] if tie else grads["lm_head"]).dtype == jnp.float32
+        unembed = {(lhs[1], rhs[1]) for lhs, rhs, _ in lowered_dots(jax.grad(fn), params)
+                   if "72" in lhs[0].split("x") + rhs[0].split("x")}
+        want = {"float32": "f32", "bfloat16": "bf16"}[name]
+        assert unembed == {(want, want)}, (name, unembed)
+    assert out["bfloat16"] != out["float32"]
+    np.testing.assert_allclose(out["bfloat16"], out["float32"], rtol=2e-2)
 
 
 def test_all_finite_looks_at_floating_leaves_only():
