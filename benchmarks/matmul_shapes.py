@@ -13,6 +13,16 @@ rate over the 2048^2 rate; and `matmul_bound_mfu`, the model FLOPs of these prod
 of their times, over the 2048^2 rate: the MFU of a step that did nothing but run its projection
 and unembedding matmuls at their isolated speed (attention, whose pairs the model FLOPs also
 count, is left out).
+
+The attention's products are timed the same way (`attention_products`, dense or tiled attention as
+`model.attention` resolves at T on this platform): per query tile of Q rows over its S keys, batched
+over the rows' key/value heads with the G query heads of each in the rows, the scores q k^T
+([G Q, E] x [E, S]) and the value product p v ([G Q, S] x [S, E]) run in the policy's and the
+reference's forward and once more each in the backward (dp = do v^T, dq = ds k), and dv = p^T do,
+dk = ds^T q ([S, G Q] x [G Q, E], the left operand transposed) once each. `bound_mfu` adds them
+and the causal pairs' model FLOPs (`metrics.step_flops`: 16 L H E per pair, the tiles' masked
+products are work the model FLOPs do not count): the MFU of a step that ran all its matmuls at
+their isolated speed and nothing else.
 """
 
 import argparse
@@ -23,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from dpo_jax import bench, build
+from dpo_jax.models import attention
 from dpo_jax.train import metrics
 
 
@@ -45,11 +56,34 @@ def products(cfg: bench.BenchConfig) -> list[tuple[str, int, int, int, int]]:
     return out
 
 
-def time_product(m: int, k: int, n: int, transposed_lhs: bool, repeats: int) -> float:
-    """Best wall time of x @ w (x given [k, m] and transposed in the product when transposed_lhs)."""
-    a = jnp.ones((k, m) if transposed_lhs else (m, k), jnp.float32)
-    b = jnp.ones((k, n), jnp.float32)
-    f = jax.jit((lambda x, w: x.T @ w) if transposed_lhs else (lambda x, w: x @ w))
+def attention_products(cfg: bench.BenchConfig) -> tuple[list[tuple[str, int, int, int, int, int]], float]:
+    """(name, batch, M, K, N, calls per step) of every batched product x[batch, M, K] @ w[batch, K, N]
+    of one step's attention (dense or tiled, as `model.attention` resolves at the row length T on
+    this platform), and the model FLOPs of its causal pairs (`metrics.step_flops`' share)."""
+    model = build.model_config(cfg.training_config(), cfg.vocab_size)
+    T, E, L = cfg.prompt_len + cfg.completion_len, model.head_dim, model.num_layers
+    G, batch = model.num_heads // model.num_kv_heads, 2 * cfg.pairs * model.num_kv_heads
+    kind = attention.resolve(model.attention, T)
+    if kind not in ("dense", "tiled"):
+        raise ValueError(f"attention {kind!r} at T = {T}: only dense and tiled attention are listed")
+    tile = min(model.attention_block or attention.for_platform(attention.BLOCK), T) if kind == "tiled" else T
+    out = []
+    for lo in range(0, T, tile):
+        Q, S = min(tile, T - lo), min(lo + tile, T)
+        out.append((f"scores:{Q}x{S}", batch, G * Q, E, S, 3 * L))  # q k^T twice forward, do v^T backward
+        out.append((f"values:{Q}x{S}", batch, G * Q, S, E, 3 * L))  # p v twice forward, ds k backward
+        out.append((f"kv_grad:{Q}x{S}", batch, S, G * Q, E, 2 * L))  # p^T do and ds^T q
+    pairs = 2 * cfg.pairs * T * (T + 1) // 2
+    return out, 16.0 * L * model.num_heads * E * pairs
+
+
+def time_product(m: int, k: int, n: int, transposed_lhs: bool, repeats: int, batch: int = 0) -> float:
+    """Best wall time of x @ w (x given [k, m] and transposed in the product when transposed_lhs),
+    batched over a leading axis of `batch` when it is > 0."""
+    lead = (batch,) if batch else ()
+    a = jnp.ones(lead + ((k, m) if transposed_lhs else (m, k)), jnp.float32)
+    b = jnp.ones(lead + (k, n), jnp.float32)
+    f = jax.jit((lambda x, w: jnp.swapaxes(x, -1, -2) @ w) if transposed_lhs else (lambda x, w: x @ w))
     return metrics.best_time(f, a, b, repeats=repeats)
 
 
@@ -67,8 +101,19 @@ def main(argv=None):
                      "of_peak": round(rate / peak, 3)})
         flops += 2.0 * m * k * n * calls
         seconds += t * calls
+    attention_rows, attention_s = [], 0.0
+    listed, attention_flops = attention_products(cfg)
+    for name, b, m, k, n, calls in listed:
+        t = time_product(m, k, n, name.startswith("kv_grad"), args.repeats, batch=b)
+        rate = 2.0 * b * m * k * n / t
+        attention_rows.append({"product": name, "batch_mkn": [b, m, k, n], "calls": calls,
+                               "gflops": round(rate / 1e9, 1), "of_peak": round(rate / peak, 3)})
+        attention_s += t * calls
     print(json.dumps({"peak_gflops": round(peak / 1e9, 1), "step_matmul_s": round(seconds, 4),
-                      "matmul_bound_mfu": round(flops / seconds / peak, 3), "products": rows}), flush=True)
+                      "matmul_bound_mfu": round(flops / seconds / peak, 3),
+                      "attention_matmul_s": round(attention_s, 4),
+                      "bound_mfu": round((flops + attention_flops) / (seconds + attention_s) / peak, 3),
+                      "products": rows, "attention_products": attention_rows}), flush=True)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,10 @@ a machine whose load changes slows all of them alike. Per variant: the median ov
 wall time per step, of the process CPU time per step (user + system, all threads: on a loaded
 machine a steadier measure of the work), and of the minor page faults per step (fresh memory
 touched); `mfu` against the median of the rounds' dense float32 matmul rate, and `cpu_mfu`, model
-FLOPs per CPU second over the matmul's FLOPs per CPU second. One JSON line per variant or piece.
+FLOPs per CPU second over the matmul's FLOPs per CPU second. For each variant after the first,
+`mfu_over_first`: the median over rounds of its MFU over the first variant's in the same round
+(`round_ratios`; the rounds' values in `mfu_over_first_rounds`), a ratio that a slow drift of the
+machine's speed moves less than the ratio of the two medians. One JSON line per variant or piece.
 """
 
 import argparse
@@ -51,6 +54,11 @@ def override(cfg: bench.BenchConfig, text: str) -> bench.BenchConfig:
         kw[key] = (value if kind == "str" else value not in ("0", "false", "False") if kind == "bool"
                    else float(value) if kind == "float" else int(value))
     return dataclasses.replace(cfg, **kw)
+
+
+def round_ratios(first_s: list[float], first_flops: float, this_s: list[float], this_flops: float) -> list[float]:
+    """Per round, this variant's model FLOPs per second over the first variant's in the same round."""
+    return [(this_flops / t) / (first_flops / t0) for t0, t in zip(first_s, this_s)]
 
 
 def pieces(timer: bench.StepTimer) -> dict:
@@ -119,6 +127,11 @@ def main(argv=None):
             fl, tokens, real = flops[name]
             row.update(tokens_per_s=tokens / s, real_tokens_per_s=real / s, model_flops_per_s=fl / s,
                        mfu=fl / s / peak, cpu_mfu=fl / c / cpu_peak)
+            first = names[0]
+            if name != first and first in flops:
+                ratios = round_ratios(wall[first], flops[first][0], wall[name], fl)
+                row.update(mfu_over_first=statistics.median(ratios),
+                           mfu_over_first_rounds=[round(x, 4) for x in ratios])
         print(json.dumps(row), flush=True)
 
 

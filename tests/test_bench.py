@@ -199,6 +199,24 @@ def test_matmul_shapes_are_the_model_flops_of_projections_and_unembedding(family
                         "--vocab-size", "40", "--prompt-len", "24", "--completion-len", "8", "--pairs", "3"])
     line = json.loads(capsys.readouterr().out)
     assert len(line["products"]) == len(matmul_shapes.products(cfg)) and line["matmul_bound_mfu"] > 0
+    assert len(line["attention_products"]) == 3 and line["bound_mfu"] > 0  # T = 32: dense, one tile
+
+
+def test_matmul_shapes_lists_each_attention_tile_and_counts_the_causal_pairs():
+    """Tiles of 8 rows over T = 32 keys: tile i multiplies 8 query rows by the 8 (i + 1) keys up to
+    it, 4 products of 4 L H E FLOPs per (query, key) in the forward (policy and reference) and 8 in
+    the backward; the model FLOPs count the T (T + 1) / 2 causal pairs per row (metrics' rule)."""
+    matmul_shapes = _benchmark_script("matmul_shapes")
+    cfg = bench.BenchConfig(prompt_len=24, completion_len=8, pairs=3, hidden_size=32, intermediate_size=48,
+                            num_heads=4, num_kv_heads=2, vocab_size=40, num_layers=2, attention="tiled",
+                            attention_block=8)
+    listed, model_flops = matmul_shapes.attention_products(cfg)
+    assert [name for name, *_ in listed[:3]] == ["scores:8x8", "values:8x8", "kv_grad:8x8"] and len(listed) == 12
+    L, H, E, rows, T = 2, 4, 8, 6, 32
+    tile_pairs = 8 * (8 + 16 + 24 + 32)
+    assert sum(2 * b * m * k * n * calls for _, b, m, k, n, calls in listed) == 16 * L * H * E * rows * tile_pairs
+    ids = (np.ones((rows, T)), np.broadcast_to(np.arange(T), (rows, T)), np.zeros((rows, T)))
+    assert model_flops == 16 * L * H * E * metrics.attention_pairs(*ids)
 
 
 def test_trl_compare_takes_the_bench_flags(capsys):
@@ -211,3 +229,10 @@ def test_trl_compare_takes_the_bench_flags(capsys):
     with pytest.raises(SystemExit) as e:  # TRL runs float32 with a frozen reference
         trl_compare.main(["--ref-mode", "none"])
     assert e.value.code == 2
+
+
+def test_step_variants_ratio_is_per_round_mfu_over_the_first_variants():
+    """A round in which both variants slowed alike gives the same ratio as the others."""
+    step_variants = _benchmark_script("step_variants")
+    ratios = step_variants.round_ratios([0.2, 0.4, 0.2], 50.0, [0.5, 1.0, 0.4], 100.0)
+    assert ratios == pytest.approx([0.8, 0.8, 1.0])
