@@ -71,12 +71,14 @@ def word_tokenizer(vocab_size: int, out_dir: str):
 
 
 def check(cfg: bench.BenchConfig, compare: tuple[str, ...] = ("trl",)) -> None:
-    """The peers run here as float32 with a frozen reference; the benchmark must match."""
+    """The peers run here as float32 DPO (the sigmoid loss) with a frozen reference; the benchmark must match."""
     unknown = [p for p in compare if p not in PEERS]
     if unknown or not compare:
         raise ValueError(f"--compare takes a comma-separated list of {PEERS}; got {','.join(compare)!r}")
     if cfg.ref_mode != "frozen" or cfg.dtype != "float32" or cfg.param_dtype != "float32":
         raise ValueError("the peer comparison needs --ref-mode frozen, --dtype float32 and --param-dtype float32")
+    if cfg.loss not in ("", "sigmoid"):
+        raise ValueError(f"the peers run DPO's sigmoid loss; got --loss {cfg.loss!r}")
     if "tunix" in compare:
         tunix_compare.check(cfg)
 

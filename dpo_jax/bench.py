@@ -10,9 +10,10 @@ with the model, data, log-prob, reference and seed keys its fields name) plus sy
 timing. From that config, as a training run builds them: the random decoder
 (`build.model_config`), the batch layout (`build.data_config(...).layout_spec()`, with
 `data.max_length` = the longest sequence rounded up to a multiple of `--min-bucket`), the optimizer
-(`optim.make_optimizer(config.optim)`, AdamW at lr 1e-6), the loss, and the step
-(`train_state.init_state` + `loop.compiled_steps`). The pairs are random tokens
-(`synthetic_examples`). After `--warmup` steps (every distinct batch shape compiled), `--repeats`
+(`optim.make_optimizer(config.optim)`, AdamW at lr 1e-6), the loss (`--loss`: any loss of pairs in the
+registry, or several joined by '+'; by default sigmoid, or simpo with `--ref-mode none`), its running
+statistics if it has some (beta_dpo), and the step (`train_state.init_state` +
+`loop.compiled_steps`). The pairs are random tokens (`synthetic_examples`). After `--warmup` steps (every distinct batch shape compiled), `--repeats`
 rounds of `--steps` steps are timed (dispatched back to back, blocked at the end of each round);
 the median round is reported.
 
@@ -50,7 +51,7 @@ from flax import nnx  # noqa: E402
 from ml_collections import config_dict  # noqa: E402
 
 from configs import base, common  # noqa: E402
-from dpo_jax import build, config_check, sharding  # noqa: E402
+from dpo_jax import build, config_check, losses, sharding  # noqa: E402
 from dpo_jax.train import loop, metrics, optim, step  # noqa: E402
 from dpo_jax.train import state as train_state  # noqa: E402
 from dpo_jax.data import layouts  # noqa: E402
@@ -72,7 +73,7 @@ TRAINING_KEYS = {**{f: f"model.arch.{f}" for f in _ARCH},
                  **{f: f"data.{f}" for f in ("layout", "logit_slots", "min_bucket", "pack_length",
                                               "prefix_min_saving")},
                  **{f: f"logprobs.{f}" for f in ("chunk_size", "vocab_chunk_size")},
-                 "pairs": "data.batch_size", "ref_mode": "reference.mode", "seed": "seed",
+                 "pairs": "data.batch_size", "ref_mode": "reference.mode", "loss": "loss.name", "seed": "seed",
                  "context": "mesh.shape.context"}
 
 
@@ -110,6 +111,7 @@ class BenchConfig:
     lengths: str = ""  # "uniform:LO:HI": each sequence (prompt + completion) length ~ U{LO..HI}
     pairs: int = 8  # pairs per batch (data.batch_size)
     ref_mode: str = "frozen"  # frozen | precomputed | none (reference.mode)
+    loss: str = ""  # loss.name, a loss of pairs ('+' joins several); '': sigmoid, or simpo with ref_mode none
     naive_logits: bool = False
     steps: int = 10
     repeats: int = 3
@@ -132,6 +134,8 @@ class BenchConfig:
                 raise ValueError(f"--{_flag(name)} must be >= 1; got {getattr(self, name)}")
         if self.lengths:
             parse_lengths(self.lengths)
+        if self.loss:
+            check_loss(self.loss, self.ref_mode)
 
     def longest_sequence(self) -> int:
         return parse_lengths(self.lengths)[1] if self.lengths else self.prompt_len + self.completion_len
@@ -148,9 +152,21 @@ class BenchConfig:
         config.data.max_length = self.max_length()
         arch = config.model.arch
         arch.max_position_embeddings = max(arch.max_position_embeddings, config.data.max_length)
-        config.loss.name = "simpo" if self.ref_mode == "none" else "sigmoid"
+        config.loss.name = self.loss or ("simpo" if self.ref_mode == "none" else "sigmoid")
         config.optim.lr = LR
         return config
+
+
+def check_loss(name: str, ref_mode: str) -> None:
+    """`--loss`: registered losses of pairs ('+' joins several) that `--ref-mode` can train."""
+    pair_losses = ", ".join(sorted(losses.LOSSES))
+    for part in name.split("+"):
+        if part in losses.LIST_LOSSES:
+            raise ValueError(f"--loss {name!r}: {part!r} is a loss of ranked lists; the benchmark builds pairs "
+                             f"(losses of pairs: {pair_losses})")
+        if part not in losses.LOSSES:
+            raise ValueError(f"--loss {name!r}: unknown loss {part!r}; losses of pairs: {pair_losses}")
+    step.check_ref_mode(ref_mode, losses.Objective(tuple(name.split("+"))), has_lora=False, loss_name=name)
 
 
 def _flag(name: str) -> str:
@@ -242,9 +258,11 @@ def build_step(cfg: BenchConfig, config, batch_keys: tuple[str, ...], mesh):
     policy = transformer.Decoder(model_cfg, rngs=nnx.Rngs(config.seed))
     reference = build.reference(config, policy) if config.reference.mode == "frozen" else None
     tx, lr = optim.make_optimizer(config.optim, config.train.steps)
+    objective = config_check.objective(config)
     state, state_sh, graphdef = train_state.init_state(policy, reference, tx, mesh, config.seed,
-                                                       rules=sharding.check_rules(config.mesh.rules))
-    step_cfg = step.StepConfig(graphdef=graphdef, objective=config_check.objective(config), tx=tx, lr=lr,
+                                                       rules=sharding.check_rules(config.mesh.rules),
+                                                       loss_state=objective.init_state())
+    step_cfg = step.StepConfig(graphdef=graphdef, objective=objective, tx=tx, lr=lr,
                                ref_mode=config.reference.mode, grad_accum=config.optim.grad_accum,
                                chunk_size=config.logprobs.chunk_size,
                                vocab_chunk_size=config.logprobs.vocab_chunk_size, naive_logits=cfg.naive_logits)

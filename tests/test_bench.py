@@ -120,6 +120,37 @@ def test_naive_logits_step_equals_the_chunked_step(setup):
         np.testing.assert_allclose(naive[key], chunked[key], rtol=1e-5, err_msg=key)
 
 
+def test_bench_trains_the_loss_it_is_given(capsys):
+    """--loss ipo: at the start the policy is the reference, so every margin is 0 and IPO's loss is
+    (0 - 1 / (2 beta))^2 = 25 at beta 0.1 (sigmoid's would be log 2); the trainer's key maps to the flag."""
+    assert bench.main(TOY + ["--config.loss.name=ipo"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["config"]["loss"] == "ipo"
+    np.testing.assert_allclose(out["loss"], 25.0, rtol=1e-3)
+
+
+def test_bench_keeps_the_running_statistics_of_a_loss_that_has_them():
+    cfg, _ = bench.parse_args(TOY + ["--loss", "beta_dpo"])
+    timer = bench.StepTimer(cfg)
+    before = jax.tree.map(np.asarray, timer.state.loss_state)
+    timer.run_steps(2)
+    after = jax.tree.map(np.asarray, timer.state.loss_state)
+    assert jax.tree.structure(after) == jax.tree.structure(before) and jax.tree.leaves(after)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(after))
+    assert int(timer.state.step) == 2 and float(timer.metrics["nonfinite"]) == 0.0
+
+
+@pytest.mark.parametrize("loss, ref_mode, message", [
+    ("plackett_luce", "frozen", "loss of ranked lists; the benchmark builds pairs"),
+    ("sigmoid+lipo_lambda", "frozen", "'lipo_lambda' is a loss of ranked lists"),
+    ("dpo_typo", "frozen", "unknown loss 'dpo_typo'"),
+    ("ipo", "none", "reference.mode='none' is only for reference-free losses"),
+])
+def test_bench_rejects_a_loss_it_cannot_train(loss, ref_mode, message):
+    with pytest.raises(ValueError, match=message):
+        bench.BenchConfig(loss=loss, ref_mode=ref_mode)
+
+
 def test_bench_config_fields_are_cli_flags():
     cfg, _ = bench.parse_args(["--layout", "packed", "--scan-min-layers", "0", "--no-logit-slots",
                                "--vocab-size", "128"])
@@ -134,7 +165,7 @@ def test_bench_fields_are_training_config_keys():
     config = base.get_config()
     for field, key in bench.TRAINING_KEYS.items():
         section, _, name = key.rpartition(".")
-        assert name == field or field in ("pairs", "ref_mode"), (field, key)
+        assert name == field or field in ("pairs", "ref_mode", "loss"), (field, key)
         assert name in (config[section] if section else config), f"{key} is not a key of configs/base.py"
         assert hasattr(bench.BenchConfig(), field)
 
@@ -229,6 +260,10 @@ def test_trl_compare_takes_the_bench_flags(capsys):
     with pytest.raises(SystemExit) as e:  # TRL runs float32 with a frozen reference
         trl_compare.main(["--ref-mode", "none"])
     assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:  # and DPO's sigmoid loss
+        trl_compare.main(["--loss", "ipo"])
+    assert e.value.code == 2
+    assert "the peers run DPO's sigmoid loss; got --loss 'ipo'" in capsys.readouterr().err
 
 
 def test_step_variants_ratio_is_per_round_mfu_over_the_first_variants():
