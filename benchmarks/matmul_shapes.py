@@ -93,27 +93,27 @@ def main(argv=None):
     args, rest = ap.parse_known_args(argv)
     cfg, _ = bench.parse_args(rest)
     peak = metrics.measured_matmul_flops(repeats=args.repeats)
-    rows, flops, seconds = [], 0.0, 0.0
-    for name, m, k, n, calls in products(cfg):
-        t = time_product(m, k, n, name.endswith(":dw"), args.repeats)
-        rate = 2.0 * m * k * n / t
-        rows.append({"product": name, "mkn": [m, k, n], "calls": calls, "gflops": round(rate / 1e9, 1),
-                     "of_peak": round(rate / peak, 3)})
-        flops += 2.0 * m * k * n * calls
-        seconds += t * calls
-    attention_rows, attention_s = [], 0.0
+
+    def timed(name, calls, m, k, n, transposed_lhs, batch=0):
+        """(JSON row, seconds per step) of one product, timed alone."""
+        t = time_product(m, k, n, transposed_lhs, args.repeats, batch=batch)
+        rate = 2.0 * max(batch, 1) * m * k * n / t
+        shape = {"batch_mkn": [batch, m, k, n]} if batch else {"mkn": [m, k, n]}
+        return {"product": name, **shape, "calls": calls, "gflops": round(rate / 1e9, 1),
+                "of_peak": round(rate / peak, 3)}, t * calls
+
+    listed = products(cfg)
+    rows, times = zip(*(timed(name, calls, m, k, n, name.endswith(":dw")) for name, m, k, n, calls in listed))
+    flops, seconds = sum(2.0 * m * k * n * calls for _, m, k, n, calls in listed), sum(times)
     listed, attention_flops = attention_products(cfg)
-    for name, b, m, k, n, calls in listed:
-        t = time_product(m, k, n, name.startswith("kv_grad"), args.repeats, batch=b)
-        rate = 2.0 * b * m * k * n / t
-        attention_rows.append({"product": name, "batch_mkn": [b, m, k, n], "calls": calls,
-                               "gflops": round(rate / 1e9, 1), "of_peak": round(rate / peak, 3)})
-        attention_s += t * calls
+    attention_rows, times = zip(*(timed(name, calls, m, k, n, name.startswith("kv_grad"), batch=b)
+                                  for name, b, m, k, n, calls in listed))
+    attention_s = sum(times)
     print(json.dumps({"peak_gflops": round(peak / 1e9, 1), "step_matmul_s": round(seconds, 4),
                       "matmul_bound_mfu": round(flops / seconds / peak, 3),
                       "attention_matmul_s": round(attention_s, 4),
                       "bound_mfu": round((flops + attention_flops) / (seconds + attention_s) / peak, 3),
-                      "products": rows, "attention_products": attention_rows}), flush=True)
+                      "products": list(rows), "attention_products": list(attention_rows)}), flush=True)
 
 
 if __name__ == "__main__":

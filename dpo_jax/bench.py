@@ -13,9 +13,9 @@ timing. From that config, as a training run builds them: the random decoder
 (`optim.make_optimizer(config.optim)`, AdamW at lr 1e-6), the loss (`--loss`: any loss of pairs in the
 registry, or several joined by '+'; by default sigmoid, or simpo with `--ref-mode none`), its running
 statistics if it has some (beta_dpo), and the step (`train_state.init_state` +
-`loop.compiled_steps`). The pairs are random tokens (`synthetic_examples`). After `--warmup` steps (every distinct batch shape compiled), `--repeats`
-rounds of `--steps` steps are timed (dispatched back to back, blocked at the end of each round);
-the median round is reported.
+`loop.compiled_steps`). The pairs are random tokens (`synthetic_examples`). After `--warmup` steps
+(every distinct batch shape compiled), `--repeats` rounds of `--steps` steps are timed (dispatched
+back to back, blocked at the end of each round); the median round is reported.
 
 Tokens, per step: `tokens` = input tokens as TRL counts them, sum over pairs of 2n + a + b (prompt
 n counted twice, completions a and b), in every layout, so the layouts compare on the same work;
@@ -160,13 +160,14 @@ class BenchConfig:
 def check_loss(name: str, ref_mode: str) -> None:
     """`--loss`: registered losses of pairs ('+' joins several) that `--ref-mode` can train."""
     pair_losses = ", ".join(sorted(losses.LOSSES))
-    for part in name.split("+"):
+    parts = tuple(name.split("+"))
+    for part in parts:
         if part in losses.LIST_LOSSES:
             raise ValueError(f"--loss {name!r}: {part!r} is a loss of ranked lists; the benchmark builds pairs "
                              f"(losses of pairs: {pair_losses})")
         if part not in losses.LOSSES:
             raise ValueError(f"--loss {name!r}: unknown loss {part!r}; losses of pairs: {pair_losses}")
-    step.check_ref_mode(ref_mode, losses.Objective(tuple(name.split("+"))), has_lora=False, loss_name=name)
+    step.check_ref_mode(ref_mode, losses.Objective(parts), has_lora=False, loss_name=name)
 
 
 def _flag(name: str) -> str:
